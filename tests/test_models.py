@@ -1,0 +1,341 @@
+import pickle
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+from sklearn_craft.models import (
+    MaxFeatureMap,
+    lightcnn9,
+    load_weights,
+    mobilenet_v1,
+    mobilenet_v2,
+    resnet18,
+    vgg16,
+)
+from sklearn_craft.models.lightcnn import MFMLayer
+
+
+# Small versions of every architecture: (constructor, kwargs, input shape of one example).
+SMALL = {
+    "vgg16": (vgg16, {"input_size": 32, "width_mult": 0.125}, (3, 32, 32)),
+    "vgg16_bn": (vgg16, {"input_size": (64, 48), "width_mult": 0.125, "batch_norm": True}, (3, 64, 48)),
+    "resnet18": (resnet18, {"width_mult": 0.125}, (3, 40, 40)),
+    "mobilenet_v1": (mobilenet_v1, {"width_mult": 0.25}, (3, 64, 64)),
+    "mobilenet_v2": (mobilenet_v2, {"width_mult": 0.25}, (3, 64, 64)),
+    "lightcnn9": (lightcnn9, {"input_size": 36, "width_mult": 0.25}, (1, 36, 36)),
+}
+
+
+def _convs(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def _on_meta(constructor, **kwargs):
+    """Build a full-size network without allocating or initialising its weights."""
+    with torch.device("meta"):
+        return constructor(**kwargs)
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("num_classes", [1, 7])
+def test_output_shape_follows_num_classes(name, num_classes):
+    constructor, kwargs, shape = SMALL[name]
+    model = constructor(num_classes=num_classes, **kwargs).eval()
+    assert model(torch.rand(3, *shape)).shape == (3, num_classes)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_every_leaf_module_runs_once_per_forward(name):
+    # The pooler hooks activation modules: a module called twice would mix two responses.
+    constructor, kwargs, shape = SMALL[name]
+    model = constructor(num_classes=3, **kwargs).eval()
+    calls = {}
+    for module_name, module in model.named_modules():
+        if next(module.children(), None) is None:
+            module.register_forward_hook(lambda *_, n=module_name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    model(torch.rand(2, *shape))
+    assert calls and set(calls.values()) == {1}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_in_channels(name):
+    constructor, kwargs, shape = SMALL[name]
+    model = constructor(num_classes=2, in_channels=5, **kwargs).eval()
+    assert _convs(model)[0][1].in_channels == 5
+    assert model(torch.rand(2, 5, *shape[1:])).shape == (2, 2)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_symbolically_traceable(name):
+    constructor, kwargs, shape = SMALL[name]
+    model = constructor(num_classes=3, **kwargs).eval()
+    x = torch.rand(2, *shape)
+    assert torch.equal(torch.fx.symbolic_trace(model)(x), model(x))
+
+
+@pytest.mark.parametrize("batch_norm, last_conv", [(False, "features.28"), (True, "features.40")])
+def test_vgg16_layout(batch_norm, last_conv):
+    model = _on_meta(vgg16, batch_norm=batch_norm)
+    convs = _convs(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(convs) == 13 and len(linears) == 3
+    assert convs[-1][0] == last_conv
+    assert [c.out_channels for _, c in convs] == [64, 64, 128, 128, 256, 256, 256] + [512] * 6
+    assert isinstance(model.classifier[0], nn.Flatten)
+    assert [model.classifier[i] for i in (1, 4, 7)] == linears
+    assert linears[0].in_features == 512 * 7 * 7 and linears[-1].out_features == 2622
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == (13 if batch_norm else 0)
+
+
+def test_vgg16_parameter_count_is_vgg_face():
+    widths = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    convs = sum(9 * c_in * c_out + c_out for c_in, c_out in zip(widths[:-1], widths[1:]))
+    fcs = (25088 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 2622 + 2622)
+    assert _count(_on_meta(vgg16)) == convs + fcs
+
+
+@pytest.mark.parametrize("input_size, flat", [(32, 1), (112, 3 * 3), ((100, 70), 3 * 2), (224, 7 * 7)])
+def test_vgg16_first_linear_follows_input_size(input_size, flat):
+    model = vgg16(num_classes=4, input_size=input_size, width_mult=0.0625).eval()
+    channels = _convs(model)[-1][1].out_channels
+    assert model.classifier[1].in_features == channels * flat
+    size = (input_size, input_size) if isinstance(input_size, int) else input_size
+    assert model(torch.rand(1, 3, *size)).shape == (1, 4)
+
+
+def test_resnet18_matches_torchvision_layout():
+    model = _on_meta(resnet18)
+    assert _count(model) == 11689512  # torchvision.models.resnet18()
+    names = set(model.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.1.bn2.num_batches_tracked"} <= names
+    assert {f"layer{i}.0.downsample.0.weight" for i in (2, 3, 4)} <= names
+    assert not any(n.startswith("layer1.0.downsample") for n in names)
+    assert len(_convs(model)) == 20
+    block = model.layer2[0]
+    assert block.relu1 is not block.relu2
+
+
+def test_resnet18_residual_is_added():
+    model = resnet18(num_classes=2, width_mult=0.125).eval()
+    block = model.layer1[0]
+    x = torch.rand(2, block.conv1.in_channels, 8, 8)
+    branch = block.bn2(block.conv2(block.relu1(block.bn1(block.conv1(x)))))
+    assert torch.allclose(block(x), torch.relu(branch + x))
+
+
+def test_mobilenet_v1_is_depthwise_separable():
+    alpha = 0.5
+    model = mobilenet_v1(num_classes=40, width_mult=alpha)
+    widths = [64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
+    strides = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
+    assert model.features[0][0].out_channels == int(32 * alpha) and model.features[0][0].stride == (2, 2)
+    assert len(model.features) == 14
+    for block, width, stride in zip(model.features[1:], widths, strides):
+        depthwise, pointwise = block[0], block[3]
+        assert depthwise.groups == depthwise.in_channels == depthwise.out_channels
+        assert depthwise.kernel_size == (3, 3) and depthwise.stride == (stride, stride)
+        assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1
+        assert pointwise.in_channels == depthwise.out_channels and pointwise.out_channels == int(width * alpha)
+    assert model.classifier.in_features == 512
+    assert model.features(torch.rand(1, 3, 64, 64)).shape == (1, 512, 2, 2)  # stride 32
+
+
+def test_mobilenet_v1_parameter_count():
+    widths = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
+    expected = 3 * 32 * 9 + 2 * 32
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        expected += 9 * c_in + 2 * c_in + c_in * c_out + 2 * c_out
+    expected += 1024 * 1000 + 1000
+    assert _count(_on_meta(mobilenet_v1)) == expected
+
+
+def test_mobilenet_v2_matches_torchvision_layout():
+    model = _on_meta(mobilenet_v2)
+    assert _count(model) == 3504872  # torchvision.models.mobilenet_v2()
+    names = set(model.state_dict())
+    expected = {"features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.2.running_var",
+                "features.2.conv.1.0.weight", "features.2.conv.3.weight", "features.18.0.weight",
+                "classifier.1.weight"}
+    assert expected <= names
+    assert sum(block.use_res_connect for block in model.features[1:-1]) == 10
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+
+
+def test_lightcnn9_matches_reference_layout():
+    model = _on_meta(lightcnn9)
+    # LightCNN-9 without its classifier has 5,480,864 parameters (Wu et al., network_9layers).
+    assert _count(model) - _count(model.fc2) == 5480864
+    assert model.fc2.out_features == 79077 and model.fc1.filter.in_features == 128 * 8 * 8
+    names = set(model.state_dict())
+    assert {"features.0.filter.weight", "features.2.conv_a.filter.weight", "features.7.conv.filter.bias",
+            "fc1.filter.weight", "fc2.weight"} <= names
+    mfm_layers = [m for m in model.modules() if isinstance(m, MFMLayer)]
+    assert len(mfm_layers) == 10 and len(_convs(model)) == 9
+    assert sum(isinstance(m, MaxFeatureMap) for m in model.modules()) == 10
+
+
+@pytest.mark.parametrize("input_size, side", [(128, 8), (100, 7), (17, 2)])
+def test_lightcnn9_fc1_follows_input_size(input_size, side):
+    model = lightcnn9(num_classes=3, input_size=input_size, width_mult=0.125).eval()
+    channels = _convs(model)[-1][1].out_channels // 2
+    assert model.fc1.filter.in_features == channels * side * side
+    assert model(torch.rand(2, 1, input_size, input_size)).shape == (2, 3)
+
+
+def test_max_feature_map_takes_max_of_halves():
+    mfm = MaxFeatureMap()
+    x = torch.randn(2, 6, 3, 3)
+    out = mfm(x)
+    assert out.shape == (2, 3, 3, 3)
+    for i in range(3):
+        assert torch.equal(out[:, i], torch.maximum(x[:, i], x[:, 3 + i]))
+    flat = torch.randn(4, 10)
+    assert torch.equal(mfm(flat), torch.maximum(flat[:, :5], flat[:, 5:]))
+
+
+def test_max_feature_map_follows_channel_pruning():
+    layer = MFMLayer(3, 4)
+    x = torch.randn(2, 3, 5, 5)
+    keep = [0, 2]  # MFM outputs kept -> convolution filters i and C + i
+    filters = keep + [4 + i for i in keep]
+    pruned = nn.Conv2d(3, 4, 3, padding=1)
+    pruned.weight.data = layer.filter.weight.data[filters].clone()
+    pruned.bias.data = layer.filter.bias.data[filters].clone()
+    layer.filter = pruned
+    with torch.no_grad():
+        full = MaxFeatureMap()(nn.functional.conv2d(x, layer.filter.weight, layer.filter.bias, padding=1))
+        assert torch.equal(layer(x), full)
+    assert layer(x).shape == (2, 2, 5, 5)
+
+
+def test_max_feature_map_rejects_odd_channels():
+    with pytest.raises(ValueError, match="even number of channels, got 3"):
+        MaxFeatureMap()(torch.randn(1, 3, 2, 2))
+
+
+def test_mfm_linear_variant():
+    layer = MFMLayer(12, 5, linear=True)
+    assert isinstance(layer.filter, nn.Linear) and layer.filter.out_features == 10
+    x = torch.randn(3, 12)
+    y = layer.filter(x)
+    assert torch.equal(layer(x), torch.maximum(y[:, :5], y[:, 5:]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_classes": 0}, ValueError, "num_classes must be >= 1"),
+        ({"num_classes": 2.0}, TypeError, "num_classes must be an int"),
+        ({"in_channels": True}, TypeError, "in_channels must be an int"),
+        ({"width_mult": 0}, ValueError, "width_mult must be > 0"),
+        ({"width_mult": "1"}, TypeError, "width_mult must be a real number"),
+        ({"input_size": 16}, ValueError, "at least 32 pixels"),
+        ({"input_size": (64, 64, 3)}, TypeError, "pair of ints"),
+        ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vgg16(**kwargs)
+
+
+def _small_resnet(num_classes=2):
+    torch.manual_seed(0)
+    return resnet18(num_classes=num_classes, width_mult=0.125)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": sd, "epoch": 3},
+        lambda sd: {"net_state_dict": sd, "acc": 0.9},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["raw", "state_dict", "net_state_dict", "module_prefix"],
+)
+def test_load_weights_round_trip(tmp_path, wrap):
+    source = _small_resnet()
+    path = tmp_path / "weights.pt"
+    torch.save(wrap(source.state_dict()), path)
+    target = resnet18(num_classes=2, width_mult=0.125)
+    assert load_weights(target, path) is target
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_load_weights_lists_missing_unexpected_and_shapes(tmp_path):
+    state = _small_resnet(num_classes=3).state_dict()
+    del state["layer1.0.conv1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)
+    target = _small_resnet(num_classes=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        load_weights(target, path)
+    message = str(info.value)
+    assert "missing keys (1): layer1.0.conv1.weight" in message
+    assert "unexpected keys (1): extra.weight" in message
+    assert "fc.weight (3, 64) in the file, (2, 64) in the model" in message and "fc.bias" in message
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_load_weights_not_strict_loads_what_matches(tmp_path):
+    source = _small_resnet(num_classes=3)
+    path = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), path)
+    target = resnet18(num_classes=2, width_mult=0.125)
+    fc_before = target.fc.weight.clone()
+    with pytest.warns(UserWarning, match="fc.weight"):
+        load_weights(target, path, strict=False)
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
+    assert torch.equal(target.fc.weight, fc_before)
+
+
+def test_load_weights_transform(tmp_path):
+    source = _small_resnet()
+    path = tmp_path / "weights.pt"
+    torch.save({f"backbone.{k}": v for k, v in source.state_dict().items()}, path)
+    target = resnet18(num_classes=2, width_mult=0.125)
+    load_weights(target, path, transform=lambda sd: {k.removeprefix("backbone."): v for k, v in sd.items()})
+    assert torch.equal(target.fc.weight, source.fc.weight)
+
+
+_UNPICKLED = []
+
+
+def _record_unpickling():
+    _UNPICKLED.append(True)
+    return {}
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_record_unpickling, ())
+
+
+def test_load_weights_never_unpickles_code(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": _Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_weights(_small_resnet(), path)
+    assert not _UNPICKLED
+
+
+def test_load_weights_rejects_non_state_dicts(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"epoch": 3, "conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=r"not a state dict: entries \['epoch'\]"):
+        load_weights(_small_resnet(), path)
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match="holds a list"):
+        load_weights(_small_resnet(), path)
+    with pytest.raises(TypeError, match="path must be a str"):
+        load_weights(_small_resnet(), _small_resnet().state_dict())

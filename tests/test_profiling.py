@@ -1,0 +1,215 @@
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from sklearn_craft.models import lightcnn9, mobilenet_v1, mobilenet_v2, resnet18, vgg16
+from sklearn_craft.profiling import (
+    compare_models,
+    count_flops,
+    count_parameters,
+    measure_latency,
+    model_size_bytes,
+)
+
+
+def _small_net():
+    """Conv (stride 2, padding 1) -> BN -> ReLU -> depthwise conv -> grouped 1x1 conv -> Flatten -> Linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),  # 9x11 -> 5x6
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8, bias=False),  # 5x6 -> 3x4
+        nn.Conv2d(8, 6, 1, groups=2),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 4, 5),
+    )
+
+
+SMALL_ARCHITECTURES = {
+    "vgg16_bn": (lambda: vgg16(num_classes=3, input_size=32, width_mult=0.125, batch_norm=True), (3, 32, 32)),
+    "resnet18": (lambda: resnet18(num_classes=3, width_mult=0.125), (3, 48, 40)),
+    "mobilenet_v1": (lambda: mobilenet_v1(num_classes=3, width_mult=0.25), (3, 64, 64)),
+    "mobilenet_v2": (lambda: mobilenet_v2(num_classes=3, width_mult=0.25), (3, 48, 48)),
+    "lightcnn9": (lambda: lightcnn9(num_classes=3, input_size=40, width_mult=0.25), (1, 40, 40)),
+}
+
+
+def test_flops_equal_analytic_count():
+    expected = [
+        8 * 3 * 3 * 3 * 5 * 6,  # out x in x k x k x H_out x W_out
+        0,
+        0,
+        8 * 1 * 3 * 3 * 3 * 4,  # depthwise: in / groups = 1
+        6 * (8 // 2) * 1 * 1 * 3 * 4,
+        0,
+        72 * 5,
+    ]
+    table = count_flops(_small_net(), (3, 9, 11), by_layer=True)
+    assert table["flops"].tolist() == expected
+    assert count_flops(_small_net(), (3, 9, 11)) == sum(expected)
+
+
+def test_flops_of_1d_and_transposed_convolutions():
+    model = nn.Sequential(nn.Conv1d(4, 6, 3), nn.Unflatten(2, (2, 4)), nn.ConvTranspose2d(6, 2, 2, stride=2, groups=2))
+    # Conv1d: 6 x 4 x 3 x 8 outputs; transposed: each of the 6 x 2 x 4 inputs meets 2/2 x 2 x 2 weights.
+    assert count_flops(model, (4, 10)) == 6 * 4 * 3 * 8 + (6 * 2 * 4) * 1 * 2 * 2
+
+
+@pytest.mark.parametrize("name", SMALL_ARCHITECTURES)
+def test_flops_are_half_of_flop_counter_mode(name):
+    constructor, shape = SMALL_ARCHITECTURES[name]
+    model = constructor().eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.rand(1, *shape))
+    assert count_flops(model, shape) == counter.get_total_flops() // 2
+
+
+def test_flop_table_lists_leaf_calls_in_forward_order():
+    model = resnet18(num_classes=3, width_mult=0.125)
+    table = count_flops(model, (3, 32, 32), by_layer=True)
+    assert list(table.columns) == ["layer", "type", "output_shape", "flops"]
+    assert table["layer"].iloc[0] == "conv1" and table["layer"].iloc[-1] == "fc"
+    block = table[table["layer"].str.startswith("layer2.0.")]["layer"].tolist()
+    assert block == [f"layer2.0.{n}" for n in ("conv1", "bn1", "relu1", "conv2", "bn2", "downsample.0", "downsample.1", "relu2")]
+    conv1 = table.set_index("layer").loc["conv1"]
+    assert conv1["type"] == "Conv2d" and conv1["output_shape"] == (8, 16, 16)
+    assert conv1["flops"] == 8 * 3 * 7 * 7 * 16 * 16
+    assert table["flops"].sum() == count_flops(model, (3, 32, 32))
+
+
+def test_profiling_leaves_model_unchanged():
+    model = _small_net().train()
+    model[1].eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    count_flops(model, (3, 9, 11))
+    measure_latency(model, (3, 9, 11), repeats=2, warmup=0)
+    compare_models(model, model, (3, 9, 11), repeats=1, warmup=0)
+    assert [m.training for m in model.modules()] == [True, True, False, True, True, True, True, True]
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    for key, value in model.state_dict().items():
+        assert value.device.type == "cpu" and torch.equal(value, state[key]), key
+
+
+class _DataDependent(nn.Module):
+    """Cannot run on the meta device (reads a value), so count_flops falls back to a real pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = x * (2.0 if float(x.mean()) > 1e9 else 1.0)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_flops_without_meta_support():
+    assert count_flops(_DataDependent(), (2, 6, 6)) == 4 * 2 * 9 * 4 * 4 + 4 * 3
+
+
+def test_flops_warns_when_no_layer_module_is_seen():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return F.linear(x, self.weight)
+
+    with pytest.warns(UserWarning, match="no nn.Conv or nn.Linear module"):
+        assert count_flops(Functional(), (4,)) == 0
+
+
+def test_parameters_and_size():
+    model = _small_net()
+    parameters = (8 * 3 * 9 + 8) + 2 * 8 + 8 * 9 + (6 * 4 + 6) + (72 * 5 + 5)
+    assert count_parameters(model) == parameters
+    # Buffers: BatchNorm running mean and var (float32) and its int64 batch counter.
+    assert model_size_bytes(model) == 4 * parameters + 4 * 2 * 8 + 8
+    assert model_size_bytes(model.double()) == 8 * parameters + 8 * 2 * 8 + 8
+
+
+def test_shared_parameters_counted_once():
+    linear = nn.Linear(4, 4)
+    model = nn.Sequential(linear, nn.ReLU(), linear)
+    assert count_parameters(model) == 20 and model_size_bytes(model) == 80
+
+
+class _Recorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((tuple(x.shape), torch.get_num_threads(), self.training, torch.is_inference_mode_enabled()))
+        return self.conv(x)
+
+
+def test_latency_runs_in_eval_under_inference_mode_and_restores_threads():
+    model = _Recorder().train()
+    torch.set_num_threads(2)
+    seconds = measure_latency(model, (3, 8, 8), repeats=5, warmup=2, threads=1, batch_size=4)
+    assert isinstance(seconds, float) and seconds > 0
+    assert model.calls == [((4, 3, 8, 8), 1, False, True)] * 7
+    assert torch.get_num_threads() == 2 and model.training
+
+
+def test_latency_divides_by_batch_size(monkeypatch):
+    ticks = iter(range(100))
+    monkeypatch.setattr("sklearn_craft.profiling.time.perf_counter", lambda: 3.0 * next(ticks))
+    assert measure_latency(_Recorder(), (3, 4, 4), repeats=3, warmup=1, batch_size=6) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"repeats": 0}, ValueError, "repeats must be >= 1"),
+        ({"warmup": -1}, ValueError, "warmup must be >= 0"),
+        ({"threads": 0}, ValueError, "threads must be >= 1"),
+        ({"batch_size": 2.0}, TypeError, "batch_size must be an int"),
+        ({"input_shape": 3}, TypeError, "input_shape must be a non-empty tuple"),
+        ({"input_shape": (3, 0, 8)}, ValueError, "input_shape must hold positive ints"),
+    ],
+)
+def test_latency_bad_arguments(kwargs, error, match):
+    arguments = {"input_shape": (3, 8, 8), **kwargs}
+    with pytest.raises(error, match=match):
+        measure_latency(_Recorder(), arguments.pop("input_shape"), **arguments)
+
+
+def test_latency_needs_a_cpu_model():
+    model = _Recorder().to("meta")
+    with pytest.raises(ValueError, match="must be on the CPU"):
+        measure_latency(model, (3, 8, 8))
+
+
+def test_compare_models_report():
+    original = _small_net()
+    pruned = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=4, bias=False),
+        nn.Conv2d(4, 2, 1, groups=2),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 4, 5),
+    )
+    report = compare_models(original, pruned, (3, 9, 11), repeats=3, warmup=1)
+    assert list(report.index) == ["parameters", "size_bytes", "flops", "latency_s"]
+    assert list(report.columns) == ["original", "pruned", "reduction_pct"]
+    for model, column in ((original, "original"), (pruned, "pruned")):
+        assert report.loc["parameters", column] == count_parameters(model)
+        assert report.loc["size_bytes", column] == model_size_bytes(model)
+        assert report.loc["flops", column] == count_flops(model, (3, 9, 11))
+        assert report.loc["latency_s", column] > 0
+    expected = 100 * (1 - report["pruned"] / report["original"])
+    pd.testing.assert_series_equal(report["reduction_pct"], expected, check_names=False)
+    assert list(compare_models(original, pruned, (3, 9, 11), latency=False).index) == ["parameters", "size_bytes", "flops"]
+    with pytest.raises(TypeError, match="pruned must be a torch.nn.Module"):
+        compare_models(original, "model", (3, 9, 11))
