@@ -1,0 +1,731 @@
+"""Removing output channels from a torch network, and cutting a network after a layer.
+
+This is the only module of sklearn_craft that edits networks and the only one that imports
+Torch-Pruning. Channel dependencies (Conv -> BatchNorm -> activation -> Conv, depthwise
+convolutions, residual additions, concatenations, Flatten -> Linear) are tracked by Torch-Pruning's
+``DependencyGraph``; :class:`_ChannelGraph` wraps it and fills the gaps of version 1.6.1 that
+matter for face networks:
+
+* Max-Feature-Map (LightCNN): Torch-Pruning counts the channels of ``torch.max(x[:, :C], x[:, C:])``
+  as 2C, so a following Flatten -> Linear loses H·W/2 input features per channel instead of H·W,
+  and it reads ``split``/``chunk`` sizes from an autograd attribute that torch >= 2 renamed;
+* a frozen model (no parameter requiring grad) or a call under ``torch.no_grad`` leaves autograd
+  nothing to trace, and pruned parameters come back with ``requires_grad=True``;
+* a group must be pruned with indices in its current numbering: here every coupled group is
+  pruned in one call, so indices always refer to the original channels.
+
+See ``docs/surgery.rst`` for the rules (what is removed, coupling, scaling).
+"""
+
+import copy
+import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import fx, nn
+from torch_pruning.dependency import index_mapping
+
+from .pooling import find_responses
+
+__all__ = ["coupled_groups", "merge_keep", "prune_channels", "truncate"]
+
+
+def _check_model(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_example_input(example_input):
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(
+            f"example_input must be a torch.Tensor batch the model accepts, got {type(example_input).__name__}"
+        )
+
+
+def _check_conv_name(model, name, argument):
+    """Raise unless ``name`` names an nn.Conv2d of ``model``."""
+    modules = dict(model.named_modules())
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    if name not in modules:
+        raise ValueError(
+            f"{argument} names {name!r}, which is not a module of the model; its Conv2d layers are {convs}"
+        )
+    if not isinstance(modules[name], nn.Conv2d):
+        raise ValueError(f"{argument} must name nn.Conv2d modules, got {name!r}, a {type(modules[name]).__name__}")
+
+
+def _check_indices(name, indices, n_channels):
+    """``keep[name]`` as a sorted list of ints, each in [0, n_channels) and given once."""
+    if isinstance(indices, (set, frozenset)):
+        indices = sorted(indices)
+    array = np.asarray(indices)
+    if array.ndim != 1:
+        raise ValueError(f"keep[{name!r}] must be a 1-D sequence of channel indices, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"keep[{name!r}] is empty: at least one channel of {name!r} must be kept")
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"keep[{name!r}] must hold integer channel indices, got dtype {array.dtype}")
+    outside = sorted({int(i) for i in array if not 0 <= i < n_channels})
+    if outside:
+        raise ValueError(f"keep[{name!r}] must hold indices in [0, {n_channels}), got {outside}")
+    values, counts = np.unique(array, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"keep[{name!r}] repeats channel indices {values[counts > 1].tolist()}")
+    return values.tolist()
+
+
+def _check_mapping(value, argument):
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{argument} must be a dict of conv name -> channel indices, got {type(value).__name__}")
+
+
+def _copy(model, class_name=None):
+    """Deep copy of ``model``; a GraphModule keeps its class name (deepcopy alone drops it)."""
+    # A copy made in inference mode would hold inference tensors, which autograd cannot trace.
+    with torch.inference_mode(False):
+        copied = copy.deepcopy(model)
+    if isinstance(model, fx.GraphModule):
+        training = copied.training
+        copied = fx.GraphModule(copied, copied.graph, class_name=class_name or type(model).__name__)
+        copied.training = training
+    return copied
+
+
+@contextmanager
+def _traceable(model, example_input):
+    """Eval mode, every parameter requiring grad, grad enabled; yields a traceable copy of the input.
+
+    Torch-Pruning reads the network from the autograd graph of one forward pass: under
+    ``torch.no_grad``/``inference_mode``, or when no parameter requires grad, there is none.
+    Training flags and ``requires_grad`` are restored by name, because pruning replaces parameters.
+    """
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            for parameter in model.parameters():
+                parameter.requires_grad_(True)
+            # A clone made outside inference mode is an ordinary tensor autograd can record.
+            yield example_input.detach().clone()
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
+        for module, training in modes:
+            module.training = training
+
+
+def _record_calls(model, example_input):
+    """Leaf modules in the order they run on ``example_input``, with input and output shapes."""
+    calls = []
+
+    def record(module, args, output):
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        calls.append(
+            (
+                module,
+                None if first is None else tuple(first.shape),
+                tuple(output.shape) if isinstance(output, torch.Tensor) else None,
+            )
+        )
+
+    leaves = [module for module in model.modules() if next(module.children(), None) is None]
+    handles = [module.register_forward_hook(record) for module in leaves]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _halving_modules(calls):
+    """Parameter-free leaf modules mapping 2C channels to C, each run once: Max-Feature-Map candidates.
+
+    Returns module -> C and the set of their classes (a class with an instance that does not
+    halve is left out).
+    """
+    runs = {}
+    for module, shape_in, shape_out in calls:
+        runs.setdefault(module, []).append((shape_in, shape_out))
+    halving, other_classes = {}, set()
+    for module, shapes in runs.items():
+        (shape_in, shape_out), *more = shapes
+        if (
+            not more
+            and next(module.parameters(), None) is None
+            and shape_in is not None
+            and shape_out is not None
+            and len(shape_in) == len(shape_out) >= 2
+            and shape_in[1] == 2 * shape_out[1]
+            and shape_in[:1] + shape_in[2:] == shape_out[:1] + shape_out[2:]
+        ):
+            halving[module] = shape_out[1]
+        else:
+            other_classes.add(type(module))
+    classes = {type(module) for module in halving} - other_classes
+    return {module: c for module, c in halving.items() if type(module) in classes}, classes
+
+
+#: Torch-Pruning node types that renumber channels: only through them can two channels of one conv be coupled.
+_REMAPPING = {
+    tp.ops.OPTYPE.SPLIT,
+    tp.ops.OPTYPE.SLICE,
+    tp.ops.OPTYPE.UNBIND,
+    tp.ops.OPTYPE.CONCAT,
+    tp.ops.OPTYPE.CUSTOMIZED,
+}
+
+
+class _MaxFeatureMapPruner(tp.pruner.BasePruningFunc):
+    """Torch-Pruning handler of a Max-Feature-Map module: C output channels fed by 2C.
+
+    The module has nothing to prune; its role is to report C, from which Torch-Pruning sizes the
+    Flatten -> Linear that may follow (it would otherwise count the 2C channels of the slices
+    inside). Input and output pruning are the same function, so the coupling flows through:
+    the slices or split inside map conv channels i and C + i onto output channel i.
+    """
+
+    TARGET_MODULES = None
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+
+    def prune_out_channels(self, layer, idxs):
+        self.channels[layer] -= len(idxs)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer):
+        return self.channels[layer]
+
+    def get_in_channels(self, layer):
+        return 2 * self.channels[layer]
+
+
+class _ChannelGraph:
+    """Torch-Pruning's DependencyGraph of ``model`` (traced on ``example_input``), gaps filled.
+
+    Build it inside :func:`_traceable`. ``order`` lists the conv names in the order they first run.
+    """
+
+    def __init__(self, model, example_input):
+        self.names = {module: name for name, module in model.named_modules()}
+        calls = _record_calls(model, example_input)
+        self.order = list(dict.fromkeys(self.names[m] for m, _, _ in calls if isinstance(m, nn.Conv2d)))
+        self.convs = {name: model.get_submodule(name) for name in self.order}
+        self._remapped, self._halving = {}, {}
+        channels, classes = _halving_modules(calls)
+        pruner = _MaxFeatureMapPruner(channels)
+        self.graph = tp.DependencyGraph().build_dependency(
+            model,
+            example_inputs=example_input,
+            customized_pruners={cls: pruner for cls in classes},
+            verbose=False,
+        )
+        self._fix_split_sizes()
+
+    def _fix_split_sizes(self):
+        # Torch-Pruning 1.6.1 looks for `_saved_self_sizes`, which torch >= 2 calls
+        # `_saved_self_sym_sizes`, and then guesses split sizes from the consumers: wrong when
+        # a flatten follows (an MFM written with chunk before Flatten -> Linear).
+        for node in self.graph.module2node.values():
+            grad_fn = node.grad_fn
+            if node.type != tp.ops.OPTYPE.SPLIT or not hasattr(grad_fn, "_saved_split_size"):
+                continue
+            shape = grad_fn._saved_self_sym_sizes
+            if grad_fn._saved_dim % len(shape) != 1:
+                continue
+            size, total = grad_fn._saved_split_size, shape[1]
+            node.module.split_sizes = [min(size, total - start) for start in range(0, total, size)]
+
+    def _group(self, conv, idxs):
+        """Torch-Pruning group removing output channels ``idxs`` of ``conv``, from fresh index mappings."""
+        for node in self.graph.module2node.values():
+            if node.type == tp.ops.OPTYPE.SPLIT and node.module.split_sizes is not None:
+                # Torch-Pruning's split pruner updates the sizes but stores the new offsets on itself.
+                node.module.offsets = np.cumsum([0, *node.module.split_sizes]).tolist()
+            for dep in node.dependencies:
+                dep.index_mapping = [None, None]
+        index_mapping.update_index_mapping(self.graph)
+        group = self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(idxs))
+        for dep, _ in group:
+            module = dep.target.module
+            depthwise = tp.ops.module2type(module) == tp.ops.OPTYPE.DEPTHWISE_CONV
+            if isinstance(module, nn.Conv2d) and module.groups > 1 and not depthwise:
+                raise ValueError(
+                    f"{self.names[module]!r} is a grouped convolution (groups={module.groups}), which "
+                    "Torch-Pruning cannot prune exactly; only depthwise convolutions are supported"
+                )
+        return group
+
+    def _members(self, group):
+        """Conv name -> output channels the group removes from it."""
+        return {
+            self.names[dep.target.module]: sorted(set(idxs))
+            for dep, idxs in group
+            if isinstance(dep.target.module, nn.Conv2d) and self.graph.is_out_channel_pruning_fn(dep.handler)
+        }
+
+    def groups(self):
+        """Lists of conv names whose output channels are coupled one to one, in forward order."""
+        groups, seen = [], set()
+        for name in self.order:
+            if name in seen:
+                continue
+            conv = self.convs[name]
+            pruning = self._group(conv, range(conv.out_channels))
+            members = self._members(pruning)
+            partial = [m for m, idxs in members.items() if m in seen or len(idxs) != self.convs[m].out_channels]
+            if partial:
+                raise ValueError(
+                    f"the output channels of {name!r} are coupled with only part of those of {partial} "
+                    "(for instance a concatenation feeding a depthwise convolution); such networks are not supported"
+                )
+            group = [m for m in self.order if m in members]
+            seen.update(group)
+            groups.append(group)
+            self._remapped[group[0]] = any(dep.target.type in _REMAPPING for dep, _ in pruning)
+            self._halving[group[0]] = sorted(
+                {self.names[dep.target.module] for dep, _ in pruning if dep.target.type == tp.ops.OPTYPE.CUSTOMIZED}
+            )
+        return groups
+
+    def paired(self, name):
+        """Whether output channels i and C + i of group root ``name`` are coupled (a Max-Feature-Map follows).
+
+        Call :meth:`groups` first: only a group that passes through an op renumbering channels
+        (split, slice, concatenation, Max-Feature-Map) can pair them, and the probe is costly.
+        """
+        n = self.convs[name].out_channels
+        if n < 2 or not self._remapped[name]:
+            return False
+        members = self._members(self._group(self.convs[name], range(n // 2)))
+        if members.get(name) != list(range(n)) and self._halving[name]:
+            raise ValueError(
+                f"{self._halving[name]} halve the channels of {name!r} but are not a Max-Feature-Map "
+                "Torch-Pruning can follow (torch.max of the two halves, taken by slicing, split or chunk)"
+            )
+        return members.get(name) == list(range(n))
+
+    def prune(self, group, removed):
+        """Remove output channels ``removed`` from every conv of ``group`` in one Torch-Pruning call."""
+        pruning = self._group(self.convs[group[0]], removed)
+        members = self._members(pruning)
+        expected = {name: removed for name in group}
+        if members != expected:
+            raise ValueError(
+                f"Torch-Pruning couples the channels of {group} differently than expected: removing "
+                f"{removed} of {group[0]!r} would remove {members}; this architecture is not supported"
+            )
+        pruning.prune()
+
+
+def _scale_target(graph, conv):
+    """The module whose weight and bias scale conv's pre-activation: its BatchNorm if that alone reads it."""
+    node = graph.graph.module2node[conv]
+    consumers = {out.module for out in node.outputs}
+    if len(consumers) == 1:
+        (consumer,) = consumers
+        if isinstance(consumer, nn.modules.batchnorm._BatchNorm):
+            if not consumer.affine:
+                raise ValueError(
+                    f"scale cannot be applied to {graph.names[conv]!r}: the BatchNorm after it has no affine parameters"
+                )
+            return consumer
+    return conv
+
+
+def _apply_scale(graph, scale, keep):
+    """Multiply the pre-activation output of kept channels by ``scale`` (ETL Eq. 5), before pruning."""
+    for name, multipliers in scale.items():
+        if name not in keep:
+            raise ValueError(f"scale names {name!r}, which is not in keep; scale applies to kept channels")
+        indices = keep[name]
+        indices = np.asarray(sorted(indices) if isinstance(indices, (set, frozenset)) else indices).tolist()
+        if isinstance(multipliers, torch.Tensor):
+            multipliers = multipliers.detach().cpu().numpy()
+        try:
+            factors = np.asarray(multipliers, dtype=float)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"scale[{name!r}] must be a sequence of numbers, got {multipliers!r}") from error
+        if factors.shape != (len(indices),):
+            raise ValueError(
+                f"scale[{name!r}] must hold one multiplier per index of keep[{name!r}] "
+                f"({len(indices)}), got shape {factors.shape}"
+            )
+        if not np.isfinite(factors).all():
+            raise ValueError(f"scale[{name!r}] must hold finite numbers, got {factors.tolist()}")
+        conv = graph.convs[name]
+        vector = torch.ones(conv.out_channels, dtype=torch.float64)
+        vector[indices] = torch.as_tensor(factors, dtype=torch.float64)
+        target = _scale_target(graph, conv)
+        with torch.no_grad():
+            for parameter in (target.weight, target.bias):
+                if parameter is not None:
+                    shape = (-1,) + (1,) * (parameter.dim() - 1)
+                    parameter.mul_(vector.to(parameter).view(shape))
+
+
+def _fix_stored_split_size(model, name, old_half, new_half):
+    """Update the ``out_channels`` int of the module owning conv ``name``, if it stores the MFM split.
+
+    The reference LightCNN code splits with ``torch.split(x, self.out_channels, 1)`` in the module
+    that holds the convolution; that int is invisible to the dependency graph.
+    """
+    owner = model.get_submodule(name.rpartition(".")[0])
+    stored = getattr(owner, "out_channels", None)
+    if isinstance(stored, int) and stored == old_half:
+        owner.out_channels = new_half
+
+
+def coupled_groups(model, example_input):
+    """Group the convolutions whose output channels are coupled.
+
+    Two convolutions are coupled when removing output channel i of one forces removing output
+    channel i of the other: their outputs are added (the convolutions feeding one residual
+    stream, including 1x1 projection shortcuts), or one is a depthwise convolution, whose
+    channel i is computed from channel i of its input only. Coupling is read from the autograd
+    graph of one forward pass on ``example_input`` (Torch-Pruning's ``DependencyGraph``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network. It is not modified: training flags and ``requires_grad`` are restored.
+    example_input : torch.Tensor
+        A batch the model accepts, for instance ``torch.zeros(1, 3, 224, 224)``.
+
+    Returns
+    -------
+    groups : list of list of str
+        Every ``nn.Conv2d`` that runs on ``example_input`` appears in exactly one group
+        (alone when coupled with nothing); groups and their members in forward order.
+
+    Raises
+    ------
+    ValueError
+        If some convolution's channels are coupled with only part of another's (for instance
+        through a concatenation feeding a depthwise convolution), or a grouped, non-depthwise
+        convolution is coupled with others.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_craft.models import resnet18
+    >>> from sklearn_craft.surgery import coupled_groups
+    >>> groups = coupled_groups(resnet18(width_mult=0.125), torch.zeros(1, 3, 32, 32))
+    >>> len(groups), sum(len(group) for group in groups)
+    (12, 20)
+    >>> groups[0]
+    ['conv1', 'layer1.0.conv2', 'layer1.1.conv2']
+    """
+    _check_model(model)
+    _check_example_input(example_input)
+    with _traceable(model, example_input) as x:
+        return _ChannelGraph(model, x).groups()
+
+
+def merge_keep(keep, groups, n_channels):
+    """Make per-layer channel selections consistent with the coupling of ``groups``.
+
+    Rule: a channel shared by a group of coupled convolutions is kept when *any* member keeps it
+    (union), so every member of the group ends up with the same channels. A member missing from
+    ``keep`` keeps all its channels, so the whole group is then left intact (with a warning):
+    only layers named in ``keep`` ever lose channels.
+
+    Parameters
+    ----------
+    keep : dict of str to sequence of int
+        Conv name -> indices of the output channels to keep (order ignored).
+    groups : list of list of str
+        Coupled convolutions, as returned by :func:`coupled_groups`. Layers of ``keep`` in no
+        group are taken as coupled with nothing.
+    n_channels : dict of str to int
+        Conv name -> number of output channels, for every layer of ``keep``.
+
+    Returns
+    -------
+    merged : dict of str to list of int
+        For every layer of ``keep``, the sorted indices of the channels it keeps.
+
+    Raises
+    ------
+    ValueError
+        If ``keep`` names a layer missing from ``n_channels``, holds an empty list, repeated
+        or out-of-range indices, a layer appears in two groups, or the members of a group have
+        different channel counts.
+
+    Examples
+    --------
+    >>> from sklearn_craft.surgery import merge_keep
+    >>> merge_keep({"a": [0, 2], "b": [3], "c": [1]}, [["a", "b"], ["c"]], {"a": 4, "b": 4, "c": 2})
+    {'a': [0, 2, 3], 'b': [0, 2, 3], 'c': [1]}
+    """
+    _check_mapping(keep, "keep")
+    if not isinstance(n_channels, Mapping):
+        raise TypeError(f"n_channels must be a dict of conv name -> channel count, got {type(n_channels).__name__}")
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in groups):
+        raise TypeError(f"groups must be a list of lists of conv names, got {groups!r}")
+    group_of = {}
+    for group in groups:
+        for name in group:
+            if name in group_of:
+                raise ValueError(f"groups must be disjoint, but {name!r} appears in {group_of[name]} and {list(group)}")
+            group_of[name] = list(group)
+    unknown = [name for name in keep if name not in n_channels]
+    if unknown:
+        raise ValueError(f"n_channels must give the channel count of every layer of keep, missing {unknown}")
+    checked = {name: _check_indices(name, indices, n_channels[name]) for name, indices in keep.items()}
+
+    merged, incomplete = {}, {}
+    for name in keep:
+        group = group_of.get(name, [name])
+        missing = [member for member in group if member not in keep]
+        if missing:
+            incomplete[name] = missing
+            merged[name] = list(range(n_channels[name]))
+            continue
+        sizes = {member: n_channels[member] for member in group}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"coupled layers must have equal channel counts, got {sizes}")
+        merged[name] = sorted(set().union(*(checked[member] for member in group)))
+    if incomplete:
+        warnings.warn(
+            f"{list(incomplete)} keep all their channels: they are coupled with layers missing from keep "
+            f"({sorted(set().union(*map(set, incomplete.values())))})",
+            UserWarning,
+            stacklevel=2,
+        )
+    return merged
+
+
+def prune_channels(model, keep, example_input, scale=None):
+    """Return a copy of ``model`` without the output channels that ``keep`` drops.
+
+    Every parameter that depends on a removed channel follows: the convolution's filters and
+    bias, its BatchNorm, per-channel activations (PReLU), the input channels of the next
+    convolutions, depthwise convolutions (channel i follows channel i of their input), residual
+    additions, concatenations, Max-Feature-Map pairs and Flatten -> Linear (the block of H·W
+    input features of a removed channel). Coupled channels are resolved first with
+    :func:`merge_keep` (kept when any coupled layer keeps them), and a Max-Feature-Map keeps
+    its output channel i, hence both convolution channels i and C + i that feed it, when
+    either is kept. Kept channels keep their original relative order.
+
+    Parameters are replaced, so build optimizers after surgery. Parameters keep their
+    ``requires_grad`` flags and modules their training flags.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network; it is deep-copied and never modified.
+    keep : dict of str to sequence of int
+        Conv (``nn.Conv2d``) module name -> indices of its output channels to keep. Layers not
+        named keep all their channels.
+    example_input : torch.Tensor
+        A batch the model accepts (one small image is enough), traced to find dependencies.
+    scale : dict of str to sequence of float, default=None
+        Conv name -> one multiplier per index of ``keep[name]`` (same order), the LASSO
+        coefficients of ETL Eq. 5. The multiplier scales the convolution's pre-activation
+        output: the weight and bias of the BatchNorm when one alone reads the convolution,
+        else the convolution's weight and bias. Through ReLU (and Max-Feature-Map) a positive
+        multiplier scales the response, a negative one does not (ReLU(-x) != -ReLU(x)).
+        Channels kept only through coupling are not scaled.
+
+    Returns
+    -------
+    pruned : torch.nn.Module
+        The pruned copy, of the same class as ``model``.
+
+    Raises
+    ------
+    TypeError
+        If ``model``, ``keep``, ``example_input`` or ``scale`` has the wrong type.
+    ValueError
+        If ``keep`` names an unknown module, a module that is not an ``nn.Conv2d`` or does not
+        run on ``example_input``, holds an empty list or repeated or out-of-range indices;
+        if ``scale`` does not match ``keep``; or if the architecture couples channels in a
+        way that cannot be pruned exactly.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_craft.surgery import prune_channels
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> pruned = prune_channels(model, {"0": [1, 5, 6]}, torch.zeros(1, 3, 16, 16))
+    >>> pruned[0].out_channels, pruned[1].num_features, pruned[3].in_channels
+    (3, 3, 3)
+    >>> model[0].out_channels
+    8
+    """
+    _check_model(model)
+    _check_mapping(keep, "keep")
+    _check_example_input(example_input)
+    if scale is not None:
+        _check_mapping(scale, "scale")
+    for name in keep:
+        _check_conv_name(model, name, "keep")
+
+    pruned = _copy(model)
+    with _traceable(pruned, example_input) as x:
+        graph = _ChannelGraph(pruned, x)
+        silent = [name for name in keep if name not in graph.convs]
+        if silent:
+            raise ValueError(f"keep names {silent}, which do not run on example_input")
+        n_channels = {name: conv.out_channels for name, conv in graph.convs.items()}
+        groups = graph.groups()
+        merged = merge_keep(keep, groups, n_channels)
+        if scale is not None:
+            _apply_scale(graph, scale, keep)
+        for group in groups:
+            if any(name not in merged for name in group):
+                continue
+            n = n_channels[group[0]]
+            kept = set(merged[group[0]])
+            half = n // 2 if graph.paired(group[0]) else None
+            if half is not None:
+                kept = {i % half + offset for i in kept for offset in (0, half)}
+            removed = [i for i in range(n) if i not in kept]
+            if not removed:
+                continue
+            graph.prune(group, removed)
+            if half is not None:
+                for name in group:
+                    _fix_stored_split_size(pruned, name, half, len(kept) // 2)
+        try:
+            with torch.no_grad():
+                pruned(x)
+        # Whatever the pruned forward raises (shape mismatch, a stale stored size), the cause is
+        # a dependency the graph did not show: report it rather than return a broken network.
+        except Exception as error:
+            raise ValueError(
+                f"the pruned {type(model).__name__} does not run on example_input ({error}); Torch-Pruning "
+                "missed a channel dependency of this architecture. A Max-Feature-Map must read its split "
+                "point from its input, e.g. torch.max(x[:, :C], x[:, C:]) with C = x.shape[1] // 2"
+            ) from error
+    return pruned
+
+
+class _ResponseTracer(fx.Tracer):
+    """torch.fx tracer that keeps the response module as one call, even when it is a custom module."""
+
+    def __init__(self, response):
+        super().__init__()
+        self.response = response
+
+    def is_leaf_module(self, module, qualname):
+        return qualname == self.response or super().is_leaf_module(module, qualname)
+
+
+def _truncated_graph_module(model, layer, response):
+    """torch.fx GraphModule of ``model`` returning the first output of ``response`` after ``layer``."""
+    try:
+        graph = _ResponseTracer(response).trace(model)
+    # torch.fx fails on data-dependent Python in many ways (TraceError, TypeError, ...).
+    except Exception as error:
+        raise ValueError(
+            f"truncate needs a model torch.fx can trace, and {type(model).__name__} cannot be traced: {error}"
+        ) from error
+    downstream, output = set(), None
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target == layer and not downstream:
+            downstream.add(node)
+        elif any(source in downstream for source in node.all_input_nodes):
+            downstream.add(node)
+        if node in downstream and node.op == "call_module" and node.target == response:
+            output = node
+            break
+    if output is None:
+        raise ValueError(
+            f"the response {response!r} of layer {layer!r} is not computed in the traced graph of the model"
+        )
+    nodes = list(graph.nodes)
+    nodes[-1].args = (output,)
+    # Everything run after the response goes, including checks such as torch._assert that dead
+    # code elimination keeps because they are impure.
+    for node in reversed(nodes[nodes.index(output) + 1 : -1]):
+        graph.erase_node(node)
+    shared = fx.GraphModule(model, graph)
+    shared.graph.eliminate_dead_code()
+    # The copy unshares the parameters and takes only what the remaining graph uses.
+    return _copy(shared, class_name=f"Truncated{type(model).__name__}")
+
+
+def truncate(model, layer, example_input):
+    """Return a copy of ``model`` ending at the response of convolution ``layer``.
+
+    The response is the output of the module :func:`sklearn_craft.pooling.find_responses` picks
+    for ``layer`` (the activation after ``Conv -> [BatchNorm]``); everything computed after it
+    (later layers, pooling, classifier) is dropped. The network is traced with torch.fx, the
+    response becomes the graph's output, dead code is removed, and only the parameters of the
+    kept part are copied into the returned ``torch.fx.GraphModule``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network, traceable by ``torch.fx.symbolic_trace``; never modified.
+    layer : str
+        Name of an ``nn.Conv2d`` of ``model``.
+    example_input : torch.Tensor
+        A batch the model accepts; the truncated model's output on it is checked against the
+        response recorded in the full model.
+
+    Returns
+    -------
+    truncated : torch.fx.GraphModule
+        Maps an input batch to the N×C×H×W response map of ``layer``, with the training flags
+        of ``model``'s modules.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
+    ValueError
+        If ``layer`` is not an ``nn.Conv2d`` of ``model`` or ``model`` cannot be traced by torch.fx.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_craft.surgery import truncate
+    >>> model = nn.Sequential(
+    ...     nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(576, 2)
+    ... )
+    >>> head = truncate(model, "0", torch.zeros(1, 3, 16, 16))
+    >>> head(torch.zeros(2, 3, 16, 16)).shape
+    torch.Size([2, 8, 14, 14])
+    """
+    _check_model(model)
+    _check_example_input(example_input)
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be the name of an nn.Conv2d, got {type(layer).__name__}")
+    _check_conv_name(model, layer, "layer")
+    response = find_responses(model, [layer], example_input=example_input)[layer]
+    modes = {name: module.training for name, module in model.named_modules()}
+    recorded = []
+    try:
+        model.eval()
+        truncated = _truncated_graph_module(model, layer, response)
+        # Registered after the copy, which would otherwise carry the hook along.
+        handle = model.get_submodule(response).register_forward_hook(lambda m, i, o: recorded.append(o))
+        try:
+            with torch.no_grad():
+                model(example_input)
+                result = truncated(example_input)
+        finally:
+            handle.remove()
+    finally:
+        for name, module in model.named_modules():
+            module.training = modes[name]
+    if result.shape != recorded[0].shape or not torch.allclose(result, recorded[0], rtol=1e-5, atol=1e-6):
+        raise ValueError(f"could not isolate the response {response!r} of layer {layer!r} in {type(model).__name__}")
+    # The GraphModule keeps the model's module paths, so flags are restored by name.
+    for name, module in truncated.named_modules():
+        module.training = modes.get(name, model.training)
+    return truncated
