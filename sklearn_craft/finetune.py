@@ -1,0 +1,253 @@
+"""Fine-tuning of a (pruned) network on the labelled data of a new task.
+
+The last step of ETL (section 3.5 of the ETL paper): after the unselected filters are cut out,
+the sparse model is trained on the secondary task. This module is the training loop only; the
+pruner decides the loss from the target type and builds the optimiser after surgery (surgery
+replaces parameters, so an optimiser built before it would update orphaned tensors).
+"""
+
+import copy
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions, validate_parameter_constraints
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._data import as_image_dataset, iter_batches
+
+#: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
+FINETUNE_DEFAULTS = {
+    "epochs": 10,
+    "lr": 1e-3,
+    "batch_size": 64,
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "validation_fraction": 0.0,
+    "early_stopping": None,
+}
+
+_LOSSES = {
+    "mse": nn.MSELoss,
+    "cross_entropy": nn.CrossEntropyLoss,
+    "bce": nn.BCEWithLogitsLoss,
+}
+
+_CONSTRAINTS = {
+    "epochs": [Interval(Integral, 1, None, closed="left")],
+    "lr": [Interval(Real, 0, None, closed="neither")],
+    "batch_size": [Interval(Integral, 1, None, closed="left")],
+    "optimizer": [StrOptions({"sgd", "adam"})],
+    "weight_decay": [Interval(Real, 0, None, closed="left")],
+    "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+    "early_stopping": [Interval(Integral, 1, None, closed="left"), None],
+}
+
+
+def check_finetune_params(params):
+    """Validate a dict of fine-tuning options and fill in the defaults.
+
+    Parameters
+    ----------
+    params : dict
+        Any subset of the keys of :data:`FINETUNE_DEFAULTS`: ``epochs`` (int >= 1), ``lr``
+        (float > 0), ``batch_size`` (int >= 1), ``optimizer`` (``"sgd"`` with momentum 0.9, or
+        ``"adam"``), ``weight_decay`` (float >= 0), ``validation_fraction`` (float in [0, 1)) and
+        ``early_stopping`` (None, or the patience in epochs; needs ``validation_fraction > 0``).
+
+    Returns
+    -------
+    params : dict
+        A new dict with every key of :data:`FINETUNE_DEFAULTS`.
+
+    Raises
+    ------
+    TypeError
+        If ``params`` is not a dict.
+    ValueError
+        If a key is unknown or a value is out of range.
+
+    Examples
+    --------
+    >>> from sklearn_craft.finetune import check_finetune_params
+    >>> check_finetune_params({"epochs": 3})["epochs"], check_finetune_params({})["optimizer"]
+    (3, 'adam')
+    """
+    if not isinstance(params, dict):
+        raise TypeError(f"finetune must be None or a dict, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(FINETUNE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"finetune has unknown keys {unknown}; allowed keys are {sorted(FINETUNE_DEFAULTS)}")
+    merged = {**FINETUNE_DEFAULTS, **params}
+    validate_parameter_constraints(_CONSTRAINTS, merged, caller_name="finetune")
+    if merged["early_stopping"] is not None and merged["validation_fraction"] == 0:
+        raise ValueError(
+            "finetune['early_stopping'] needs finetune['validation_fraction'] > 0, "
+            f"got validation_fraction={merged['validation_fraction']!r}"
+        )
+    return merged
+
+
+def finetune(
+    model,
+    X,
+    y,
+    *,
+    loss,
+    epochs=10,
+    lr=1e-3,
+    batch_size=64,
+    optimizer="adam",
+    weight_decay=0.0,
+    validation_fraction=0.0,
+    early_stopping=None,
+    device="cpu",
+    preprocess=None,
+    random_state=None,
+    progress=False,
+):
+    """Train ``model`` in place on images ``X`` and targets ``y``.
+
+    Every parameter whose ``requires_grad`` is True is trained (frozen parameters stay frozen).
+    With ``early_stopping`` the weights of the epoch with the lowest validation loss are restored
+    at the end. The model is left in eval mode.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network to train; it is modified in place (pass a copy to keep the original).
+    X : array-like, torch.Tensor or torch.utils.data.Dataset
+        Images, in any form accepted by :func:`sklearn_craft._data.as_image_dataset`.
+    y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        Targets in the form the loss expects: class indices for ``"cross_entropy"``, 0/1 values for
+        ``"bce"`` and real values for ``"mse"``. A 1-D ``y`` is matched to a model output of shape
+        (n, 1).
+    loss : {"mse", "cross_entropy", "bce"}
+        Mean squared error, cross-entropy on logits, or binary cross-entropy on logits.
+    epochs : int, default=10
+        Number of passes over the training part of the data.
+    lr : float, default=1e-3
+        Learning rate.
+    batch_size : int, default=64
+        Images per optimisation step.
+    optimizer : {"sgd", "adam"}, default="adam"
+        Adam, or SGD with momentum 0.9.
+    weight_decay : float, default=0.0
+        L2 penalty of the optimiser.
+    validation_fraction : float in [0, 1), default=0.0
+        Fraction of the samples (drawn at random) held out to compute a validation loss after each
+        epoch.
+    early_stopping : int or None, default=None
+        Stop when the validation loss has not improved for this many epochs.
+    device : str or torch.device, default="cpu"
+        Device on which the model is trained; the model stays there.
+    preprocess : callable or None, default=None
+        Applied to every batch of images (float tensors in [0, 1]) before the model sees it, as in
+        :class:`~sklearn_craft.pooling.ActivationPooler`, e.g. ``preset("mobilefacenet").preprocess``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the split, the shuffling and torch's random generator (dropout) so that two calls with
+        the same integer give the same weights. The global torch seed is left untouched.
+    progress : bool, default=False
+        Show a tqdm progress bar over epochs.
+
+    Returns
+    -------
+    history : pandas.DataFrame
+        One row per epoch run: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without validation).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from sklearn_craft.finetune import finetune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    >>> X = np.random.RandomState(0).rand(20, 1, 8, 8).astype("float32")
+    >>> history = finetune(net, X, np.zeros((20, 2)), loss="mse", epochs=2, random_state=0)
+    >>> list(history.columns), len(history)
+    (['epoch', 'train_loss', 'val_loss'], 2)
+    """
+    settings = {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "validation_fraction": validation_fraction,
+        "early_stopping": early_stopping,
+    }
+    check_finetune_params(settings)
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+    dataset = as_image_dataset(X)
+    target = torch.as_tensor(np.array(y), dtype=torch.long if loss == "cross_entropy" else torch.float32)
+    n_samples = len(dataset)
+    if target.shape[0] != n_samples:
+        raise ValueError(f"y must have one row per image ({n_samples}), got {target.shape[0]} rows")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model has no parameter with requires_grad=True, so there is nothing to fine-tune")
+
+    seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_samples, generator=generator)
+    n_val = int(np.ceil(validation_fraction * n_samples)) if validation_fraction > 0 else 0
+    if n_val >= n_samples:
+        raise ValueError(
+            f"validation_fraction={validation_fraction!r} leaves no training sample out of {n_samples}"
+        )
+    val_idx, train_idx = order[:n_val], order[n_val:]
+
+    model.to(device)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
+    criterion = _LOSSES[loss]()
+
+    rows = []
+    best_loss, best_state, stale = np.inf, None, 0
+    # fork_rng keeps the user's global torch seed untouched while dropout draws from ours.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for epoch in tqdm(range(1, epochs + 1), desc="fine-tuning", disable=not progress):
+            model.train()
+            shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
+            train_loss = _run_epoch(model, criterion, dataset, target, shuffled, batch_size, device, preprocess, opt)
+            val_loss = np.nan
+            if n_val:
+                model.eval()
+                with torch.no_grad():
+                    val_loss = _run_epoch(model, criterion, dataset, target, val_idx, batch_size, device, preprocess)
+            rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            if early_stopping is None:
+                continue
+            if val_loss < best_loss:
+                best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= early_stopping:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss"])
+
+
+def _run_epoch(model, criterion, dataset, target, indices, batch_size, device, preprocess, opt=None):
+    """Mean loss over ``indices`` in batches; one optimisation step per batch when ``opt`` is given."""
+    total = 0.0
+    batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, indices=indices.numpy())
+    for start, xb in zip(range(0, len(indices), batch_size), batches):
+        output = model(xb)
+        yb = target[indices[start : start + batch_size]].to(device)
+        if not isinstance(criterion, nn.CrossEntropyLoss):
+            yb = yb.reshape(output.shape)
+        batch_loss = criterion(output, yb)
+        if opt is not None:
+            opt.zero_grad()
+            batch_loss.backward()
+            opt.step()
+        total += batch_loss.item() * len(xb)
+    return total / len(indices)

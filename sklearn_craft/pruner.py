@@ -1,0 +1,635 @@
+"""CraftPruner: one-shot CRAFT / ETL pruning of a pretrained network for a new task.
+
+The pipeline of the ETL paper (section 3.5 and Algorithm 1) and of the Low-cost TL paper
+(section 4): pool every convolution's filter responses over the new task's data
+(:mod:`~sklearn_craft.pooling`), select the filters of each layer at the knee of its LASSO
+characteristic curve (:mod:`~sklearn_craft.selection`), cut the other filters out of the network
+in one shot (:mod:`~sklearn_craft.surgery`), attach a head, optionally fine-tune
+(:mod:`~sklearn_craft.finetune`) and measure the savings (:mod:`~sklearn_craft.profiling`).
+This module only composes them.
+"""
+
+import copy
+import itertools
+import time
+from collections import OrderedDict
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
+from sklearn.linear_model import RidgeClassifierCV, RidgeCV
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from ._data import as_image_dataset, input_channels, iter_batches
+from .finetune import check_finetune_params, finetune
+from .pooling import ActivationPooler
+from .profiling import compare_models
+from .selection import LassoFilterSelector, encode_target
+from .surgery import coupled_groups, merge_keep, prune_channels, truncate
+
+_CLASSIFICATION = ("binary", "multiclass", "multilabel-indicator")
+#: Ridge penalties tried (by efficient leave-one-out) for every satellite, on standardized features.
+_SATELLITE_ALPHAS = np.logspace(-3, 3, 13)
+#: Share of the samples held out to score each layer's satellite (``satellite_scores_``).
+_SCORE_FRACTION = 0.25
+#: LassoFilterSelector parameters the pruner sets itself.
+_RESERVED_SELECTOR_PARAMS = ("gamma", "groups", "memory")
+
+
+def _satellite(target_type):
+    """Unfitted satellite estimator: standardisation then a ridge model with a linear decision."""
+    if target_type in _CLASSIFICATION:
+        linear = RidgeClassifierCV(alphas=_SATELLITE_ALPHAS)
+    else:
+        linear = RidgeCV(alphas=_SATELLITE_ALPHAS)
+    return make_pipeline(StandardScaler(), linear)
+
+
+def _decision(satellite, features):
+    """The satellite's linear output: ``decision_function`` of a classifier, ``predict`` of a regressor."""
+    if hasattr(satellite, "decision_function"):
+        return satellite.decision_function(features)
+    return satellite.predict(features)
+
+
+def _linear_head(satellite):
+    """An ``nn.Linear`` computing ``_decision(satellite, features)`` (scaler folded into the weights)."""
+    scaler, linear = satellite[0], satellite[-1]
+    coef = np.atleast_2d(linear.coef_)
+    intercept = np.atleast_1d(linear.intercept_)
+    weight = coef / scaler.scale_
+    bias = intercept - weight @ scaler.mean_
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight))
+        layer.bias.copy_(torch.as_tensor(bias))
+    return layer
+
+
+def _on_cpu(model):
+    """``model`` when all its tensors are on the CPU (where latency is measured), else a CPU copy."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if all(tensor.device.type == "cpu" for tensor in tensors):
+        return model
+    return copy.deepcopy(model).cpu()
+
+
+class _Stopwatch:
+    """Accumulates wall-clock seconds per fit stage."""
+
+    def __init__(self):
+        self.seconds = {}
+        self._stage, self._start = None, None
+
+    def start(self, stage):
+        self.stop()
+        self._stage, self._start = stage, time.perf_counter()
+
+    def stop(self):
+        if self._stage is not None:
+            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + time.perf_counter() - self._start
+            self._stage = None
+
+
+class CraftPruner(TransformerMixin, BaseEstimator):
+    """Prune a pretrained network for a new task with cross-task aware filters (CRAFT / ETL).
+
+    ``fit`` pools the global-average response of every filter of the chosen convolutions over the
+    task's images (once, cached by ``memory``), selects each layer's filters at the knee of its
+    LASSO characteristic curve at tolerance ``gamma``, cuts all other filters out of a copy of
+    the network in one shot (Algorithm 1 of the ETL paper, channels coupled by residual
+    additions or depthwise convolutions being kept when any coupled layer selects them), attaches
+    a head, optionally fine-tunes and measures the savings. The model passed in is never modified.
+
+    Targets are read like :func:`sklearn_craft.selection.encode_target` reads them: floats are
+    regressed (1-D or several outputs), integer or string labels are binary or multi-class
+    classes, and a 0/1 matrix is a multi-label target. Cast integer targets to float to regress
+    on them.
+
+    **Satellites.** For every pooled layer, ``satellites_[layer]`` is a scikit-learn pipeline
+    ``StandardScaler -> RidgeCV`` (regression) or ``StandardScaler -> RidgeClassifierCV``
+    (classification: one ±1 ridge regression per class or label, a one-vs-rest linear decision
+    that handles binary, multi-class and multi-label targets alike, in closed form) fitted on the
+    pooled responses of that layer's LASSO-selected filters ``selected_[layer]`` in the original
+    network. The satellite of ``head_layer_`` is the exception (below).
+
+    **Heads.**
+
+    - ``head="satellite"``: the network is cut after the response of ``head_layer_`` (the last
+      pooled layer, or with ``truncate="best"`` the layer whose satellite scores best on held-out
+      samples, step 1 of the Low-cost TL paper's pruning) and ends with global average pooling,
+      Flatten and a Linear layer. Cutting earlier layers changes ``head_layer_``'s responses, so
+      its satellite is refitted on the *pruned* network's own pooled responses (all its kept
+      filters, ``keep_[head_layer_]``, i.e. ``transform(X)``), and the Linear layer computes
+      exactly that satellite's decision function (scaler folded into the weights). Before
+      fine-tuning, ``pruned_model_(x)`` equals ``_decision(satellites_[head_layer_],
+      transform(x))``: a class's ridge score for classification, the prediction for regression.
+    - ``head="original"``: the original layers after the convolutions (the classifier) are kept,
+      their inputs pruned (Algorithm 1, lines 9-10). Its outputs must match the task: one per
+      regression output, 1 or 2 for a binary target, one per class or label otherwise (replace
+      the last layer before passing the model, e.g. ``model.fc = nn.Linear(512, 3)``). Without
+      fine-tuning its predictions are those of the original layers, so this head is meant to be
+      used with ``finetune``.
+
+    **Outputs.** ``predict`` maps the network outputs to targets: the outputs themselves for
+    regression; for a binary target ``classes_[1]`` where the single output is > 0 (or the
+    arg-max of two outputs); the arg-max class for multi-class; 1 where an output is > 0 for
+    multi-label (a probability above 0.5 after fine-tuning with binary cross-entropy).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The pretrained network, traceable by torch.fx; never modified (deep-copied for surgery).
+    gamma : float in [0, 1], default=0.01
+        Largest allowed increase in held-out RMSE at the knee of each layer's characteristic
+        curve, as a fraction of its range (ETL Eq. 4). Larger values keep fewer filters;
+        ``0`` keeps every filter.
+    layers : "conv", list of str or callable, default="conv"
+        Convolutions to pool and prune (see :class:`~sklearn_craft.pooling.ActivationPooler`).
+        Convolutions not chosen keep all their filters.
+    head : {"satellite", "original"}, default="satellite"
+        Output layers of the pruned network (see above).
+    truncate : {None, "best"}, default=None
+        ``"best"`` drops the convolutions after the layer whose satellite scores best on
+        held-out samples (``satellite_scores_``; ties go to the earlier layer); None cuts after
+        the last pooled layer. Needs ``head="satellite"``.
+    finetune : dict or None, default=None
+        None keeps the pruned weights; a dict (keys ``epochs``, ``lr``, ``batch_size``,
+        ``optimizer``, ``weight_decay``, ``validation_fraction``, ``early_stopping``, see
+        :func:`sklearn_craft.finetune.check_finetune_params`) trains the whole pruned network
+        with mean squared error (regression), cross-entropy (multi-class, or binary with two
+        outputs) or binary cross-entropy on logits (binary with one output, multi-label).
+    scale_filters : bool, default=False
+        Multiply every selected filter's pre-activation by its LASSO coefficient at the knee (ETL
+        Eq. 5), or by the L2 norm of its coefficients over the encoded targets when there are
+        several. Off by default: a negative coefficient does not flip a response through ReLU
+        (ReLU(-x) != -ReLU(x)), it replaces it by another one.
+    selector_params : dict or None, default=None
+        Further parameters of :class:`~sklearn_craft.selection.LassoFilterSelector` (``alphas``,
+        ``eps``, ``validation_fraction``, ``cv``, ``standardize``, ``n_jobs``); ``gamma``,
+        ``groups`` and ``memory`` are set by the pruner.
+    device : str or torch.device, default="cpu"
+        Where forward passes and fine-tuning run; ``pruned_model_`` lives there.
+    batch_size : int, default=64
+        Images per forward pass when pooling, predicting and transforming.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the LASSO validation split, the satellites' held-out split and fine-tuning. Fix it
+        for ``memory`` to reuse the LASSO paths across fits.
+    memory : None, str or joblib.Memory, default=None
+        Cache of the pooled responses and of the LASSO paths, which do not depend on ``gamma``:
+        a grid search over ``gamma`` pools each training set once.
+    progress : bool, default=False
+        Show tqdm progress bars (pooling, fine-tuning).
+    preprocess : callable or None, default=None
+        Applied to every batch of images (float tensors in [0, 1]) before the network sees it,
+        when pooling, fine-tuning and predicting, e.g. ``preset("mobilefacenet").preprocess``
+        (see :func:`sklearn_craft.models.preset`). ``pruned_model_`` itself expects preprocessed
+        input, like the original network.
+
+    Attributes
+    ----------
+    pruned_model_ : torch.nn.Module
+        The pruned network, in eval mode. With ``head="satellite"`` an ``nn.Sequential`` of
+        ``body`` (the cut network), ``pool``, ``flatten`` and ``head`` (the Linear layer).
+    head_layer_ : str
+        The convolution whose pooled responses ``transform`` returns: the layer the satellite head
+        reads, or the last pooled layer with ``head="original"``.
+    layers_ : list of str
+        Pooled convolutions, in forward order.
+    selected_ : dict of str to ndarray
+        Layer -> indices of the filters LASSO selected (knee of its characteristic curve).
+    keep_ : dict of str to list of int
+        Layer -> indices of the filters left in ``pruned_model_`` (``selected_`` merged over
+        coupled layers with :func:`sklearn_craft.surgery.merge_keep`), for the layers it still
+        has. A convolution followed by a Max-Feature-Map also keeps the partner (i ± C/2) of every
+        listed channel (see :func:`sklearn_craft.surgery.prune_channels`).
+    satellites_ : dict of str to sklearn.pipeline.Pipeline
+        Layer -> fitted linear model on the pooled responses of ``selected_[layer]`` in the
+        original network; for ``head_layer_`` (satellite head) on ``transform(X)`` instead.
+    satellite_scores_ : pandas.Series
+        Layer -> score (R² or accuracy) on held-out samples of a satellite fitted on the others.
+    selector_ : LassoFilterSelector
+        The fitted selector, on the pooled responses of ``layers_`` (``coef_`` holds the knee
+        coefficients).
+    curves_, knees_ : pandas.DataFrame
+        Characteristic curves and knees of every layer, ``selector_.curves_`` and
+        ``selector_.knees_`` (column ``group`` is the layer).
+    classes_ : ndarray
+        Class labels (binary and multi-class) or label indices (multi-label); absent for
+        regression.
+    target_type_ : str
+        ``"continuous"``, ``"continuous-multioutput"``, ``"binary"``, ``"multiclass"`` or
+        ``"multilabel-indicator"``.
+    n_outputs_ : int
+        Number of outputs of ``pruned_model_``.
+    history_ : pandas.DataFrame or None
+        Fine-tuning losses per epoch (see :func:`sklearn_craft.finetune.finetune`).
+    report_ : pandas.DataFrame
+        Original vs pruned network (:func:`sklearn_craft.profiling.compare_models`): rows
+        ``parameters``, ``size_bytes``, ``flops``, ``latency_s`` (CPU, per image); columns
+        ``original``, ``pruned``, ``reduction_pct``.
+    timings_ : pandas.Series
+        Seconds spent in each stage of ``fit``: ``pooling``, ``selection``, ``satellites``,
+        ``surgery`` (with the pooling of the pruned network that refits the satellite head),
+        ``finetune`` (when run) and ``report``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torch import nn
+    >>> from sklearn_craft.pruner import CraftPruner
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU())
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.random((120, 1, 16, 16), dtype=np.float32)
+    >>> y = X[:, 0, :8].mean(axis=(1, 2)) - X[:, 0, 8:].mean(axis=(1, 2))
+    >>> pruner = CraftPruner(net, gamma=0.1, random_state=0).fit(X, y)
+    >>> pruner.head_layer_, pruner.pruned_model_.head.in_features == len(pruner.keep_["2"])
+    ('2', True)
+    >>> pruner.predict(X[:3]).shape, list(pruner.report_.index)
+    ((3,), ['parameters', 'size_bytes', 'flops', 'latency_s'])
+    """
+
+    _parameter_constraints = {
+        "model": [nn.Module],
+        "gamma": [Interval(Real, 0, 1, closed="both")],
+        "layers": [StrOptions({"conv"}), list, tuple, callable],
+        "head": [StrOptions({"satellite", "original"})],
+        "truncate": [StrOptions({"best"}), None],
+        "finetune": [dict, None],
+        "scale_filters": ["boolean"],
+        "selector_params": [dict, None],
+        "device": [str, torch.device],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+        "memory": [None, str, HasMethods(["cache"])],
+        "progress": ["boolean"],
+        "preprocess": [callable, None],
+    }
+
+    def __init__(
+        self,
+        model,
+        gamma=0.01,
+        layers="conv",
+        head="satellite",
+        truncate=None,
+        finetune=None,
+        scale_filters=False,
+        selector_params=None,
+        device="cpu",
+        batch_size=64,
+        random_state=None,
+        memory=None,
+        progress=False,
+        preprocess=None,
+    ):
+        self.model = model
+        self.gamma = gamma
+        self.layers = layers
+        self.head = head
+        self.truncate = truncate
+        self.finetune = finetune
+        self.scale_filters = scale_filters
+        self.selector_params = selector_params
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.memory = memory
+        self.progress = progress
+        self.preprocess = preprocess
+
+    def _check_options(self):
+        """Validate what ``_parameter_constraints`` cannot express; return the fine-tuning settings."""
+        if self.truncate == "best" and self.head != "satellite":
+            raise ValueError(f"truncate='best' needs head='satellite' (it drops the original head), got head={self.head!r}")
+        reserved = sorted(set(self.selector_params or {}) & set(_RESERVED_SELECTOR_PARAMS))
+        if reserved:
+            raise ValueError(f"selector_params must not set {reserved}: CraftPruner sets {list(_RESERVED_SELECTOR_PARAMS)}")
+        return None if self.finetune is None else check_finetune_params(self.finetune)
+
+    def _pooler(self, model, layers, memory=None):
+        return ActivationPooler(
+            model,
+            layers=layers,
+            batch_size=self.batch_size,
+            device=self.device,
+            preprocess=self.preprocess,
+            progress=self.progress,
+            memory=memory,
+        )
+
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X, y):
+        """Select filters, cut the network, attach the head, fine-tune and measure.
+
+        Parameters
+        ----------
+        X : ndarray, torch.Tensor or torch.utils.data.Dataset
+            Images: N×C×H×W float, N×H×W×C ``uint8`` (scaled to [0, 1]), a tensor N×C×H×W or a
+            Dataset of ``x`` or ``(x, y)`` items (see :func:`sklearn_craft._data.as_image_dataset`).
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Continuous targets, class labels or a 0/1 multi-label matrix.
+
+        Returns
+        -------
+        self : CraftPruner
+            The fitted pruner.
+        """
+        finetune_params = self._check_options()
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
+        dataset = as_image_dataset(X, n_channels=input_channels(self.model))
+        Y, target_type, classes = encode_target(y)
+        if len(Y) != len(dataset):
+            raise ValueError(f"y must have one row per image ({len(dataset)}), got {len(Y)} rows")
+        n_outputs = 1 if target_type == "binary" else Y.shape[1]
+        example = next(iter_batches(dataset, 1))
+        if self.head == "original":
+            self._check_original_outputs(example, target_type, n_outputs)
+        seeds = check_random_state(self.random_state).randint(np.iinfo(np.int32).max, size=3)
+        clock = _Stopwatch()
+
+        clock.start("pooling")
+        pooler = self._pooler(self.model, self.layers, self.memory).fit(X)
+        features = pooler.transform(X)
+        layers = pooler.layers_
+        widths = [pooler.n_channels_[layer] for layer in layers]
+        starts = dict(zip(layers, np.cumsum([0, *widths[:-1]])))
+
+        clock.start("selection")
+        selector = LassoFilterSelector(
+            gamma=self.gamma,
+            groups=np.repeat(np.asarray(layers, dtype=object), widths),
+            memory=self.memory,
+            random_state=seeds[0],
+            **(self.selector_params or {}),
+        ).fit(features, y)
+        selected = {
+            layer: np.flatnonzero(selector.support_[starts[layer] : starts[layer] + width])
+            for layer, width in zip(layers, widths)
+        }
+        selected = self._choose_filters(selected)
+
+        clock.start("satellites")
+        satellites, scores = self._fit_satellites(features, y, target_type, layers, starts, selected, seeds[1])
+        head_layer = layers[-1]
+        if self.truncate == "best":
+            head_layer = scores.idxmax()
+
+        clock.start("surgery")
+        network = truncate(self.model, head_layer, example) if self.head == "satellite" else self.model
+        convs = {name: module for name, module in network.named_modules() if isinstance(module, nn.Conv2d)}
+        remaining = {layer: selected[layer] for layer in layers if layer in convs}
+        keep = merge_keep(
+            remaining,
+            coupled_groups(network, example),
+            {name: conv.out_channels for name, conv in convs.items()},
+        )
+        scale = None
+        if self.scale_filters:
+            scale = self._filter_scales(selector.coef_, remaining, starts)
+        pruned = prune_channels(network, remaining, example, scale=scale).to(self.device)
+        if self.head == "satellite":
+            head_features = self._pooler(pruned, [head_layer]).fit(X).transform(X)
+            satellites[head_layer] = _satellite(target_type).fit(head_features, y)
+            pruned = nn.Sequential(
+                OrderedDict(
+                    body=pruned,
+                    pool=nn.AdaptiveAvgPool2d(1),
+                    flatten=nn.Flatten(),
+                    head=_linear_head(satellites[head_layer]),
+                )
+            ).to(self.device)
+        pruned.eval()
+        width = self._output_width(pruned, example)
+
+        history = None
+        if finetune_params is not None:
+            clock.start("finetune")
+            target, loss = self._training_target(Y, target_type, width)
+            history = finetune(
+                pruned,
+                dataset,
+                target,
+                loss=loss,
+                device=self.device,
+                preprocess=self.preprocess,
+                random_state=seeds[2],
+                progress=self.progress,
+                **finetune_params,
+            )
+
+        clock.start("report")
+        report = compare_models(_on_cpu(self.model), _on_cpu(pruned), tuple(example.shape[1:]))
+        clock.stop()
+
+        # Attributes are set only now, so that a failing fit leaves no half-fitted estimator.
+        self.pruned_model_ = pruned
+        self.head_layer_ = head_layer if self.head == "satellite" else layers[-1]
+        self.layers_ = list(layers)
+        self.selected_ = selected
+        self.selector_ = selector
+        self.keep_ = keep
+        self.satellites_ = satellites
+        self.satellite_scores_ = scores
+        self.curves_ = selector.curves_
+        self.knees_ = selector.knees_
+        if target_type in _CLASSIFICATION:
+            self.classes_ = classes if classes is not None else np.arange(Y.shape[1])
+        elif hasattr(self, "classes_"):
+            del self.classes_
+        self.target_type_ = target_type
+        self.n_outputs_ = width
+        self.history_ = history
+        self.report_ = report
+        self.timings_ = pd.Series(clock.seconds, name="seconds")
+        return self
+
+    def _choose_filters(self, selected):
+        """Filters kept in every pooled layer, given LASSO's choice (an extension point for subclasses).
+
+        The default keeps LASSO's choice. A subclass may return other indices, e.g. as many
+        filters per layer ranked by another criterion (the L1 norm of their weights, or chance),
+        so that selection rules are compared with everything else identical: satellites, surgery,
+        head, fine-tuning and report all use the returned indices, which become ``selected_``.
+        With ``scale_filters=True`` a filter LASSO did not select gets its knee coefficient, 0.
+
+        Parameters
+        ----------
+        selected : dict of str to ndarray
+            Layer -> sorted indices of the filters LASSO selected at the knee.
+
+        Returns
+        -------
+        selected : dict of str to ndarray
+            Layer -> sorted indices of the filters to keep, for the same layers.
+        """
+        return selected
+
+    def _check_original_outputs(self, example, target_type, n_outputs):
+        """Raise unless the original network's outputs fit the task (``head="original"``)."""
+        width = self._output_width(self.model, example)
+        allowed = (1, 2) if target_type == "binary" else (n_outputs,)
+        if width not in allowed:
+            raise ValueError(
+                f"head='original' needs a model with {' or '.join(map(str, allowed))} outputs for this "
+                f"{target_type} target, got {width}; replace its last layer or use head='satellite'"
+            )
+
+    @staticmethod
+    def _output_width(model, example):
+        """Number of outputs per example of ``model``, run in eval mode (its flags are restored)."""
+        modes = [(module, module.training) for module in model.modules()]
+        parameter = next(model.parameters(), None)
+        model.eval()
+        try:
+            with torch.inference_mode():
+                output = model(example if parameter is None else example.to(parameter.device))
+        finally:
+            for module, training in modes:
+                module.training = training
+        return int(np.prod(output.shape[1:]))
+
+    def _fit_satellites(self, features, y, target_type, layers, starts, selected, seed):
+        """Satellite per layer on its selected filters, and each layer's held-out score."""
+        y = np.asarray(y)
+        stratify = y if target_type in ("binary", "multiclass") and np.unique(y, return_counts=True)[1].min() >= 2 else None
+        try:
+            train, test = train_test_split(np.arange(len(y)), test_size=_SCORE_FRACTION, random_state=seed, stratify=stratify)
+        except ValueError:
+            train, test = train_test_split(np.arange(len(y)), test_size=_SCORE_FRACTION, random_state=seed)
+        satellites, scores = {}, {}
+        for layer in layers:
+            columns = features[:, starts[layer] + selected[layer]]
+            held_out = _satellite(target_type).fit(columns[train], y[train])
+            scores[layer] = held_out.score(columns[test], y[test])
+            satellites[layer] = _satellite(target_type).fit(columns, y)
+        return satellites, pd.Series(scores, name="score")
+
+    @staticmethod
+    def _filter_scales(coef, remaining, starts):
+        """ETL Eq. 5 multipliers of the selected filters: the knee coefficient (its L2 norm over targets)."""
+        coef = np.atleast_2d(coef)
+        magnitude = coef[0] if len(coef) == 1 else np.linalg.norm(coef, axis=0)
+        return {layer: magnitude[starts[layer] + indices] for layer, indices in remaining.items()}
+
+    @staticmethod
+    def _training_target(Y, target_type, width):
+        """Fine-tuning targets and loss name for a network with ``width`` outputs."""
+        if target_type in ("continuous", "continuous-multioutput"):
+            return Y, "mse"
+        if target_type == "multilabel-indicator" or (target_type == "binary" and width == 1):
+            return Y, "bce"
+        indices = Y[:, 0].astype(np.int64) if target_type == "binary" else Y.argmax(axis=1)
+        return indices, "cross_entropy"
+
+    def _outputs(self, X):
+        """Outputs of ``pruned_model_`` on ``X``, as an (n_samples, n_outputs_) float array."""
+        dataset = as_image_dataset(X, n_channels=input_channels(self.pruned_model_))
+        with torch.inference_mode():
+            outputs = [
+                self.pruned_model_(batch).reshape(len(batch), -1).cpu()
+                for batch in iter_batches(dataset, self.batch_size, device=self.device, preprocess=self.preprocess)
+            ]
+        return torch.cat(outputs).numpy()
+
+    def decision_function(self, X):
+        """Raw outputs of the pruned network (logits or scores; predictions for regression).
+
+        Parameters
+        ----------
+        X : ndarray, torch.Tensor or torch.utils.data.Dataset
+            Images, in any format accepted by :meth:`fit`.
+
+        Returns
+        -------
+        outputs : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            1-D when the network has a single output.
+        """
+        check_is_fitted(self)
+        outputs = self._outputs(X)
+        return outputs[:, 0] if outputs.shape[1] == 1 else outputs
+
+    def predict(self, X):
+        """Predict targets with the pruned network.
+
+        Parameters
+        ----------
+        X : ndarray, torch.Tensor or torch.utils.data.Dataset
+            Images, in any format accepted by :meth:`fit`.
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            Regression outputs (1-D for a single output), class labels, or a 0/1 label matrix.
+        """
+        check_is_fitted(self)
+        outputs = self._outputs(X)
+        if self.target_type_ == "continuous":
+            return outputs[:, 0]
+        if self.target_type_ == "continuous-multioutput":
+            return outputs
+        if self.target_type_ == "multilabel-indicator":
+            return (outputs > 0).astype(np.int64)
+        if outputs.shape[1] == 1:
+            return self.classes_[(outputs[:, 0] > 0).astype(np.int64)]
+        return self.classes_[outputs.argmax(axis=1)]
+
+    def score(self, X, y, sample_weight=None):
+        """Accuracy (subset accuracy for multi-label) or R² of the pruned network's predictions.
+
+        Parameters
+        ----------
+        X : ndarray, torch.Tensor or torch.utils.data.Dataset
+            Images, in any format accepted by :meth:`fit`.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            True targets.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        score : float
+            ``accuracy_score`` for classification targets, ``r2_score`` (uniform average over
+            outputs) for regression, as scikit-learn's classifier and regressor mixins.
+        """
+        y_pred = self.predict(X)
+        if self.target_type_ in _CLASSIFICATION:
+            return accuracy_score(y, y_pred, sample_weight=sample_weight)
+        return r2_score(y, y_pred, sample_weight=sample_weight)
+
+    def transform(self, X):
+        """Pooled responses of ``head_layer_``'s kept filters in the pruned network.
+
+        With ``head="satellite"`` these are the inputs of the Linear head (and of
+        ``satellites_[head_layer_]``); with ``head="original"``, the last pooled layer's.
+
+        Parameters
+        ----------
+        X : ndarray, torch.Tensor or torch.utils.data.Dataset
+            Images, in any format accepted by :meth:`fit`.
+
+        Returns
+        -------
+        features : ndarray of shape (n_samples, n_kept), dtype float32
+            One column per filter left in ``head_layer_``.
+        """
+        check_is_fitted(self)
+        layer = f"body.{self.head_layer_}" if self.head == "satellite" else self.head_layer_
+        return self._pooler(self.pruned_model_, [layer]).fit(X).transform(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.target_tags.multi_output = True
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags

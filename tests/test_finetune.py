@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sklearn_craft.finetune import FINETUNE_DEFAULTS, check_finetune_params, finetune
+
+
+def _net(n_outputs=1, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(4, n_outputs),
+    )
+
+
+def _data(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, 1, 8, 8), dtype=np.float32)
+    y = X.mean(axis=(1, 2, 3)) * 4 - 2
+    return X, y
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_check_finetune_params_fills_defaults_and_keeps_values():
+    params = check_finetune_params({"epochs": 3, "optimizer": "sgd"})
+    assert set(params) == set(FINETUNE_DEFAULTS)
+    assert params["epochs"] == 3 and params["optimizer"] == "sgd"
+    assert params["lr"] == FINETUNE_DEFAULTS["lr"]
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"epoch": 3}, "unknown keys \\['epoch'\\]"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": 0}, "lr"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"early_stopping": 2}, "early_stopping.*validation_fraction"),
+    ],
+)
+def test_check_finetune_params_rejects_bad_values(params, match):
+    with pytest.raises(ValueError, match=match):
+        check_finetune_params(params)
+
+
+def test_check_finetune_params_rejects_non_dict():
+    with pytest.raises(TypeError, match="finetune must be None or a dict"):
+        check_finetune_params([("epochs", 3)])
+
+
+def test_same_random_state_gives_same_weights_and_other_seeds_differ():
+    X, y = _data()
+    runs = []
+    for seed in (0, 0, 1):
+        model = _net(dropout=0.3)
+        finetune(model, X, y, loss="mse", epochs=3, batch_size=8, validation_fraction=0.2, random_state=seed)
+        runs.append(_weights(model))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_global_torch_seed_is_untouched():
+    X, y = _data()
+    state = torch.random.get_rng_state()
+    finetune(_net(dropout=0.3), X, y, loss="mse", epochs=2, random_state=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_training_lowers_the_loss_and_leaves_eval_mode():
+    X, y = _data()
+    model = _net().train()
+    history = finetune(model, X, y, loss="mse", epochs=30, lr=0.01, batch_size=16, random_state=0)
+    assert list(history["epoch"]) == list(range(1, 31))
+    assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
+    assert history["val_loss"].isna().all()
+    assert not any(module.training for module in model.modules())
+
+
+@pytest.mark.parametrize(
+    "loss, make_target, n_outputs",
+    [
+        ("cross_entropy", lambda y: (y > 0).astype(int) + (y > 1).astype(int), 3),
+        ("bce", lambda y: (y > 0).astype(np.float32), 1),
+        ("bce", lambda y: np.stack([y > 0, y > 1], axis=1).astype(np.float32), 2),
+        ("mse", lambda y: np.stack([y, -y], axis=1), 2),
+    ],
+)
+def test_each_loss_trains(loss, make_target, n_outputs):
+    X, y = _data()
+    model = _net(n_outputs)
+    before = _weights(model)
+    history = finetune(model, X, make_target(y), loss=loss, epochs=5, lr=0.01, random_state=0)
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert not any(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    # Identical samples: the validation loss is the loss on every sample, so the restored
+    # weights must give exactly the lowest validation loss of the history.
+    X = np.repeat(np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32), 40, axis=0)
+    y = np.full(40, 3.0)
+    model = _net()
+    history = finetune(
+        model,
+        X,
+        y,
+        loss="mse",
+        epochs=50,
+        lr=5.0,
+        optimizer="sgd",
+        validation_fraction=0.25,
+        early_stopping=2,
+        random_state=0,
+    )
+    best = history["val_loss"].idxmin()
+    assert len(history) == best + 1 + 2 < 50
+    with torch.no_grad():
+        final = nn.functional.mse_loss(model(torch.as_tensor(X[:1]))[:, 0], torch.tensor([3.0])).item()
+    assert final == pytest.approx(history["val_loss"].min(), rel=1e-5)
+
+
+def test_frozen_parameters_stay_frozen():
+    X, y = _data()
+    model = _net()
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    finetune(model, X, y, loss="mse", epochs=2, random_state=0)
+    assert torch.equal(model[0].weight, frozen)
+    assert not model[0].weight.requires_grad
+
+
+def test_errors():
+    X, y = _data()
+    frozen = _net().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        finetune(frozen, X, y, loss="mse", epochs=1)
+    with pytest.raises(ValueError, match="one row per image \\(60\\), got 59"):
+        finetune(_net(), X, y[:59], loss="mse", epochs=1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        finetune(_net(), X, y, loss="hinge", epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        finetune(_net(), X, y, loss="mse", epochs=0)
+    with pytest.raises(ValueError, match="leaves no training sample"):
+        finetune(_net(), X[:1], y[:1], loss="mse", epochs=1, validation_fraction=0.5)

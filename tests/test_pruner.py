@@ -1,0 +1,538 @@
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+
+import sklearn_craft.finetune
+import sklearn_craft.pooling
+import sklearn_craft.pruner
+from sklearn_craft.models import lightcnn9, mobilenet_v1, resnet18, vgg16
+from sklearn_craft.pooling import ActivationPooler
+from sklearn_craft.profiling import count_flops, count_parameters
+from sklearn_craft.pruner import CraftPruner
+from sklearn_craft.surgery import coupled_groups, truncate
+
+
+def _net(n_outputs=None, seed=0):
+    torch.manual_seed(seed)
+    layers = [
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 12, 3, padding=1),
+        nn.ReLU(),
+    ]
+    if n_outputs is not None:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, n_outputs)]
+    return nn.Sequential(*layers).eval()
+
+
+def _scores(model, X, layer, columns, seed=0):
+    """Standardized linear combinations of a few pooled responses: targets the network can predict."""
+    features = ActivationPooler(model, layers=[layer]).fit(X).transform(X).astype(np.float64)
+    features = (features - features.mean(axis=0)) / (features.std(axis=0) + 1e-12)
+    rng = np.random.default_rng(seed)
+    scores = features[:, columns] @ rng.normal(size=(len(columns), 2))
+    return scores + 0.1 * rng.normal(size=scores.shape)
+
+
+def _targets(kind, scores):
+    first = scores[:, 0]
+    if kind == "continuous":
+        return first
+    if kind == "continuous-multioutput":
+        return scores
+    if kind == "binary":
+        return np.where(first > np.median(first), "yes", "no")
+    if kind == "multiclass":
+        return np.digitize(first, np.quantile(first, [1 / 3, 2 / 3]))
+    return (scores > np.median(scores, axis=0)).astype(int)
+
+
+TARGET_KINDS = ["continuous", "continuous-multioutput", "binary", "multiclass", "multilabel-indicator"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    X = np.random.default_rng(0).random((160, 1, 16, 16), dtype=np.float32)
+    return X, _scores(_net(), X, "6", [1, 5, 9])
+
+
+def _satellite_output(satellite, features):
+    if hasattr(satellite, "decision_function"):
+        return satellite.decision_function(features)
+    return satellite.predict(features)
+
+
+def _fitted_attributes(estimator):
+    return [name for name in vars(estimator) if name.endswith("_") and not name.startswith("_")]
+
+
+def _state(model):
+    return (
+        {name: value.clone() for name, value in model.state_dict().items()},
+        [module.training for module in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def _same_state(a, b):
+    return (
+        a[0].keys() == b[0].keys()
+        and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+        and a[1] == b[1]
+        and a[2] == b[2]
+    )
+
+
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+def test_satellite_head_is_the_refitted_satellite(data, kind):
+    X, scores = data
+    y = _targets(kind, scores)
+    pruner = CraftPruner(_net(), gamma=0.05, random_state=0).fit(X, y)
+    head = pruner.head_layer_
+    features = pruner.transform(X)
+    satellite = pruner.satellites_[head]
+
+    assert head == "6" and pruner.target_type_ == kind
+    assert features.shape == (len(X), len(pruner.keep_[head]))
+    expected = _satellite_output(satellite, features)
+    np.testing.assert_allclose(pruner.decision_function(X), expected, rtol=1e-4, atol=1e-4)
+    if kind.startswith("continuous"):
+        np.testing.assert_allclose(pruner.predict(X), satellite.predict(features), rtol=1e-4, atol=1e-4)
+    else:
+        np.testing.assert_array_equal(pruner.predict(X), satellite.predict(features))
+    assert pruner.n_outputs_ == (1 if y.ndim == 1 and kind != "multiclass" else 3 if kind == "multiclass" else 2)
+    assert not any(module.training for module in pruner.pruned_model_.modules())
+    if kind in ("binary", "multiclass"):
+        np.testing.assert_array_equal(pruner.classes_, np.unique(y))
+    elif kind == "multilabel-indicator":
+        np.testing.assert_array_equal(pruner.classes_, [0, 1])
+    else:
+        assert not hasattr(pruner, "classes_")
+    assert pruner.score(X, y) == pytest.approx(satellite.score(features, y), abs=1e-6)
+
+
+def test_keep_matches_the_network_selection_and_report(data):
+    X, scores = data
+    y = scores[:, 0]
+    pruner = CraftPruner(_net(), gamma=0.05, random_state=0).fit(X, y)
+    body = pruner.pruned_model_.body
+    assert pruner.layers_ == ["0", "4", "6"]
+    for layer in pruner.layers_:
+        # No coupling in a plain chain: kept = selected, and the network has exactly those filters.
+        assert pruner.keep_[layer] == pruner.selected_[layer].tolist()
+        assert body.get_submodule(layer).out_channels == len(pruner.keep_[layer])
+        knee = pruner.knees_.set_index("group").loc[layer]
+        assert knee["n_selected"] == len(pruner.selected_[layer])
+        columns = pruner.satellites_[layer][0].n_features_in_
+        assert columns == (len(pruner.keep_[layer]) if layer == "6" else len(pruner.selected_[layer]))
+    assert set(pruner.curves_["group"]) == set(pruner.layers_)
+    report = pruner.report_
+    assert report.loc["parameters", "original"] == count_parameters(pruner.model)
+    assert report.loc["parameters", "pruned"] == count_parameters(pruner.pruned_model_)
+    assert report.loc["flops", "pruned"] == count_flops(pruner.pruned_model_, X.shape[1:])
+    assert (report["reduction_pct"].loc[["parameters", "flops"]] > 0).all()
+    assert set(pruner.timings_.index) == {"pooling", "selection", "satellites", "surgery", "report"}
+
+
+class _FirstFilters(CraftPruner):
+    """Keeps the first filters of every layer, as many as LASSO selected."""
+
+    def _choose_filters(self, selected):
+        return {layer: np.arange(len(indices)) for layer, indices in selected.items()}
+
+
+def test_choose_filters_override_replaces_the_lasso_choice_everywhere(data):
+    X, scores = data
+    y = scores[:, 0]
+    lasso = CraftPruner(_net(), gamma=0.05, random_state=0).fit(X, y)
+    first = _FirstFilters(_net(), gamma=0.05, random_state=0).fit(X, y)
+    body = first.pruned_model_.body
+    assert any(not np.array_equal(lasso.selected_[layer], np.arange(len(lasso.selected_[layer]))) for layer in lasso.layers_)
+    for layer in first.layers_:
+        count = len(lasso.selected_[layer])
+        np.testing.assert_array_equal(first.selected_[layer], np.arange(count))
+        assert first.keep_[layer] == list(range(count))
+        assert body.get_submodule(layer).out_channels == count
+        if layer != first.head_layer_:
+            assert first.satellites_[layer][0].n_features_in_ == count
+    first_conv = _net().get_submodule("0").weight[np.arange(len(first.keep_["0"]))]
+    torch.testing.assert_close(body.get_submodule("0").weight, first_conv)
+
+
+def test_gamma_zero_keeps_every_filter_and_larger_gamma_keeps_fewer(data):
+    X, scores = data
+    y = scores[:, 0]
+    kept = []
+    for gamma in (0.0, 0.01, 0.1, 0.5):
+        pruner = CraftPruner(_net(), gamma=gamma, random_state=0).fit(X, y)
+        kept.append([len(pruner.keep_[layer]) for layer in pruner.layers_])
+    assert kept[0] == [8, 16, 12]
+    totals = [sum(k) for k in kept]
+    assert totals == sorted(totals, reverse=True) and totals[-1] < totals[0]
+
+
+def test_truncate_best_cuts_after_the_best_scoring_layer():
+    X = np.random.default_rng(1).random((160, 1, 16, 16), dtype=np.float32)
+    y = _scores(_net(), X, "0", [2, 6])[:, 0]
+    pruner = CraftPruner(_net(), gamma=0.05, truncate="best", random_state=0).fit(X, y)
+    scores = pruner.satellite_scores_
+    assert list(scores.index) == pruner.layers_
+    assert pruner.head_layer_ == scores.idxmax()
+    position = pruner.layers_.index(pruner.head_layer_)
+    convs = [name for name, m in pruner.pruned_model_.body.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs == pruner.layers_[: position + 1]
+    assert list(pruner.keep_) == convs
+    features = pruner.transform(X)
+    expected = pruner.satellites_[pruner.head_layer_].predict(features)
+    np.testing.assert_allclose(pruner.decision_function(X), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_head_original_without_pruning_reproduces_the_model(data):
+    X, scores = data
+    model = _net(n_outputs=2)
+    pruner = CraftPruner(model, gamma=0.0, head="original", random_state=0).fit(X, scores)
+    with torch.no_grad():
+        expected = model(torch.as_tensor(X)).numpy()
+    np.testing.assert_allclose(pruner.predict(X), expected, rtol=1e-5, atol=1e-6)
+    assert pruner.head_layer_ == "6"
+    np.testing.assert_allclose(
+        pruner.transform(X), ActivationPooler(model, layers=["6"]).fit(X).transform(X), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_head_original_keeps_the_classifier_with_pruned_inputs(data):
+    X, scores = data
+    y = _targets("multiclass", scores)
+    pruner = CraftPruner(_net(n_outputs=3), gamma=0.1, head="original", random_state=0).fit(X, y)
+    linear = pruner.pruned_model_[-1]
+    assert isinstance(linear, nn.Linear)
+    assert (linear.in_features, linear.out_features) == (len(pruner.keep_["6"]), 3)
+    with torch.no_grad():
+        logits = pruner.pruned_model_(torch.as_tensor(X)).numpy()
+    np.testing.assert_array_equal(pruner.predict(X), pruner.classes_[logits.argmax(axis=1)])
+    with pytest.raises(ValueError, match="head='original' needs a model with 3 outputs .* got 2"):
+        CraftPruner(_net(n_outputs=2), head="original").fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "kind, n_outputs, loss",
+    [
+        ("continuous", None, "mse"),
+        ("continuous-multioutput", None, "mse"),
+        ("binary", None, "bce"),
+        ("binary", 2, "cross_entropy"),
+        ("multiclass", None, "cross_entropy"),
+        ("multilabel-indicator", None, "bce"),
+    ],
+)
+def test_finetune_loss_follows_the_target(data, monkeypatch, kind, n_outputs, loss):
+    X, scores = data
+    y = _targets(kind, scores)
+    calls = []
+
+    def recording(model, X, target, **kwargs):
+        calls.append((kwargs["loss"], np.asarray(target)))
+        return sklearn_craft.finetune.finetune(model, X, target, **kwargs)
+
+    monkeypatch.setattr(sklearn_craft.pruner, "finetune", recording)
+    head = "satellite" if n_outputs is None else "original"
+    pruner = CraftPruner(_net(n_outputs), gamma=0.1, head=head, finetune={"epochs": 1}, random_state=0)
+    pruner.fit(X[:64], y[:64])
+    ((used, target),) = calls
+    assert used == loss
+    if loss == "cross_entropy":
+        np.testing.assert_array_equal(pruner.classes_[target], y[:64])
+    assert len(pruner.history_) == 1
+
+
+def test_finetune_is_deterministic_and_changes_the_weights(data):
+    X, scores = data
+    y = _targets("binary", scores)
+    params = {"epochs": 2, "lr": 1e-2, "batch_size": 32, "validation_fraction": 0.2}
+    runs = [CraftPruner(_net(), gamma=0.1, finetune=params, random_state=3).fit(X, y) for _ in range(2)]
+    plain = CraftPruner(_net(), gamma=0.1, random_state=3).fit(X, y)
+    first, second = (dict(run.pruned_model_.state_dict()) for run in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert runs[0].keep_ == plain.keep_
+    assert not torch.equal(first["head.weight"], plain.pruned_model_.state_dict()["head.weight"])
+    assert list(runs[0].history_["epoch"]) == [1, 2]
+    assert "finetune" in runs[0].timings_
+    assert not any(module.training for module in runs[0].pruned_model_.modules())
+
+
+@pytest.mark.parametrize("head", ["satellite", "original"])
+def test_user_model_is_unchanged(data, head):
+    X, scores = data
+    model = _net(n_outputs=1).train()
+    model[0].requires_grad_(False)
+    before = _state(model)
+    pruner = CraftPruner(model, gamma=0.1, head=head, finetune={"epochs": 1}, random_state=0).fit(X, scores[:, 0])
+    assert _same_state(before, _state(model))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert pruner.model is model
+    assert pruner.pruned_model_ is not model
+
+
+def test_scale_filters_multiplies_the_kept_filters_by_their_lasso_coefficient(data):
+    X, scores = data
+    model = _net()
+    model[1] = nn.Identity()  # no BatchNorm: the scale lands on the convolution itself
+    y = scores[:, 0]
+    plain = CraftPruner(model, gamma=0.1, random_state=0).fit(X, y)
+    scaled = CraftPruner(model, gamma=0.1, scale_filters=True, random_state=0).fit(X, y)
+    kept = scaled.keep_["0"]
+    assert kept == plain.keep_["0"]
+    coef = scaled.selector_.coef_[kept]
+    assert np.all(coef != 0)
+    conv = scaled.pruned_model_.body.get_submodule("0")
+    factors = torch.as_tensor(coef, dtype=torch.float32)
+    torch.testing.assert_close(conv.weight, model[0].weight[kept] * factors[:, None, None, None])
+    torch.testing.assert_close(conv.bias, model[0].bias[kept] * factors)
+    torch.testing.assert_close(plain.pruned_model_.body.get_submodule("0").weight, model[0].weight[kept])
+
+
+def _count_full_poolings(monkeypatch, model):
+    """Record every forward pass over a data set of the full-size ``model`` (not its pruned copies)."""
+    calls = []
+    original = sklearn_craft.pooling._pool_features
+    n_parameters = count_parameters(model)
+
+    def counting(model, responses, dataset, *, batch_size, device, preprocess, progress, key=None):
+        if count_parameters(model) == n_parameters:
+            calls.append(len(dataset))
+        return original(
+            model, responses, dataset, batch_size=batch_size, device=device, preprocess=preprocess, progress=progress
+        )
+
+    monkeypatch.setattr(sklearn_craft.pooling, "_pool_features", counting)
+    return calls
+
+
+@pytest.mark.parametrize("use_memory", [False, True])
+def test_grid_search_over_gamma_pools_each_training_set_once_with_memory(data, monkeypatch, tmp_path, use_memory):
+    X, scores = data
+    X, y = X[:120], scores[:120, 0]
+    model = _net()
+    calls = _count_full_poolings(monkeypatch, model)
+    memory = str(tmp_path) if use_memory else None
+    search = GridSearchCV(
+        CraftPruner(model, finetune=None, random_state=0, memory=memory), {"gamma": [0.001, 0.01, 0.1]}, cv=2
+    ).fit(X, y)
+    # Two folds of 60 training images and the refit on all 120; without memory, once per candidate.
+    assert sorted(calls) == ([60, 60, 120] if use_memory else [60] * 6 + [120])
+    assert search.best_params_["gamma"] in (0.001, 0.01, 0.1)
+    assert search.best_estimator_.model is not model
+    assert _same_state(_state(model), _state(search.best_estimator_.model))
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+
+
+def test_clone_gives_an_independent_estimator(data):
+    X, scores = data
+    pruner = CraftPruner(_net(), gamma=0.1, random_state=0)
+    twin = clone(pruner)
+    assert twin.model is not pruner.model and twin.get_params()["gamma"] == 0.1
+    twin.fit(X, scores[:, 0])
+    assert not _fitted_attributes(pruner)
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: runs, but torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        if x.mean() > 10:
+            x = x * 2
+        return torch.relu(self.conv2(x))
+
+
+@pytest.mark.parametrize(
+    "params, error, match",
+    [
+        ({"gamma": 1.5}, ValueError, "gamma"),
+        ({"gamma": -0.1}, ValueError, "gamma"),
+        ({"head": "linear"}, ValueError, "head"),
+        ({"truncate": "all"}, ValueError, "truncate"),
+        ({"truncate": "best", "head": "original"}, ValueError, "truncate='best' needs head='satellite'"),
+        ({"finetune": {"epoch": 2}}, ValueError, "unknown keys \\['epoch'\\]"),
+        ({"finetune": {"epochs": 0}}, ValueError, "epochs"),
+        ({"finetune": [("epochs", 2)]}, TypeError, "finetune"),
+        ({"selector_params": {"gamma": 0.1}}, ValueError, "selector_params must not set \\['gamma'\\]"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+    ],
+)
+def test_bad_parameters_leave_nothing_fitted(data, params, error, match):
+    X, scores = data
+    pruner = CraftPruner(_net(), **params)
+    with pytest.raises(error, match=match):
+        pruner.fit(X, scores[:, 0])
+    assert not _fitted_attributes(pruner)
+
+
+def test_bad_input_leaves_nothing_fitted(data):
+    X, scores = data
+    y = scores[:, 0].copy()
+    y[3] = np.nan
+    cases = [
+        ((X, y), "y must be finite"),
+        ((X, None), "requires y to be passed"),
+        ((X, scores[:10, 0]), "one row per image \\(160\\), got 10"),
+        ((np.repeat(X, 3, axis=1), scores[:, 0]), "3 channels, the model expects n_channels=1"),
+        ((X[:, 0], scores[:, 0]), "4-D array"),
+        ((X, np.zeros(len(X))), "constant target"),
+    ]
+    for (images, target), match in cases:
+        pruner = CraftPruner(_net())
+        with pytest.raises(ValueError, match=match):
+            pruner.fit(images, target)
+        assert not _fitted_attributes(pruner)
+    untraceable = CraftPruner(_Branchy())
+    with pytest.raises(ValueError, match="torch.fx"):
+        untraceable.fit(X, scores[:, 0])
+    assert not _fitted_attributes(untraceable)
+
+
+def test_failed_refit_keeps_the_previous_fit(data):
+    X, scores = data
+    pruner = CraftPruner(_net(), gamma=0.1, random_state=0).fit(X, scores[:, 0])
+    fitted = {name: getattr(pruner, name) for name in _fitted_attributes(pruner)}
+    with pytest.raises(ValueError, match="one row per image"):
+        pruner.fit(X, scores[:5, 0])
+    assert {name: getattr(pruner, name) for name in _fitted_attributes(pruner)}.keys() == fitted.keys()
+    assert all(getattr(pruner, name) is value for name, value in fitted.items())
+
+
+def _architecture_case(name):
+    if name == "vgg16":
+        return vgg16(num_classes=3, input_size=32, width_mult=0.125, batch_norm=True), 3
+    if name == "mobilenet_v1":
+        return mobilenet_v1(num_classes=3, width_mult=0.25), 3
+    if name == "resnet18":
+        return resnet18(num_classes=3, width_mult=0.125), 3
+    return lightcnn9(num_classes=3, input_size=32, width_mult=0.25), 1
+
+
+@pytest.mark.parametrize("name", ["vgg16", "mobilenet_v1", "resnet18", "lightcnn9"])
+def test_architectures(name):
+    torch.manual_seed(0)
+    model, channels = _architecture_case(name)
+    model.eval()
+    X = np.random.default_rng(0).random((96, channels, 32, 32), dtype=np.float32)
+    layers = ActivationPooler(model).fit(X[:1]).layers_
+    y = _scores(model, X, layers[len(layers) // 2], [0, 1, 2])[:, 0]
+    before = _state(model)
+    pruner = CraftPruner(model, gamma=0.1, random_state=0, selector_params={"alphas": 30}).fit(X, y)
+
+    assert _same_state(before, _state(model))
+    head = pruner.head_layer_
+    features = pruner.transform(X)
+    np.testing.assert_allclose(
+        pruner.decision_function(X), pruner.satellites_[head].predict(features), rtol=1e-3, atol=1e-4
+    )
+    assert pruner.report_.loc["flops", "reduction_pct"] > 0
+    modules = dict(model.named_modules())
+    body = pruner.pruned_model_.body
+    for layer, kept in pruner.keep_.items():
+        width = body.get_submodule(layer).out_channels
+        # A Max-Feature-Map keeps both halves of each kept pair (LightCNN).
+        assert len(kept) <= width <= min(2 * len(kept), modules[layer].out_channels)
+    # Coupled layers (residual streams, depthwise convolutions) keep the same filters.
+    for group in coupled_groups(truncate(model, head, torch.zeros(1, channels, 32, 32)), torch.zeros(1, channels, 32, 32)):
+        assert len({tuple(pruner.keep_[layer]) for layer in group}) == 1
+
+
+def test_head_original_on_resnet18_keeps_fc_with_pruned_inputs():
+    torch.manual_seed(0)
+    model = resnet18(num_classes=1, width_mult=0.125).eval()
+    X = np.random.default_rng(0).random((96, 3, 32, 32), dtype=np.float32)
+    y = _scores(model, X, "layer3.0.conv1", [0, 1, 2])[:, 0]
+    pruner = CraftPruner(model, gamma=0.1, head="original", random_state=0, selector_params={"alphas": 30})
+    pruner.fit(X, y)
+    fc = pruner.pruned_model_.fc
+    assert (fc.in_features, fc.out_features) == (len(pruner.keep_["layer4.1.conv2"]), 1)
+    assert fc.in_features < model.fc.in_features
+    with torch.no_grad():
+        outputs = pruner.pruned_model_(torch.as_tensor(X))[:, 0].numpy()
+    np.testing.assert_array_equal(pruner.predict(X), outputs)
+
+
+def _expected_failed_checks(estimator):
+    """Checks that fit on 2-D tabular data, which an image estimator must reject."""
+    tabular = (
+        "feeds 2-D tabular X; CraftPruner takes images only (the behaviour is tested with images in this file)"
+    )
+    checks = [
+        "check_fit_score_takes_y",
+        "check_estimators_overwrite_params",
+        "check_dont_overwrite_parameters",
+        "check_estimators_fit_returns_self",
+        "check_readonly_memmap_input",
+        "check_n_features_in_after_fitting",
+        "check_positive_only_tag_during_fit",
+        "check_estimators_dtypes",
+        "check_complex_data",
+        "check_dtype_object",
+        "check_estimators_empty_data_messages",
+        "check_pipeline_consistency",
+        "check_estimators_nan_inf",
+        "check_estimator_sparse_tag",
+        "check_estimator_sparse_array",
+        "check_estimator_sparse_matrix",
+        "check_estimators_pickle",
+        "check_estimators_pickle(readonly_memmap=True)",
+        "check_f_contiguous_array_estimator",
+        "check_transformer_data_not_an_array",
+        "check_transformer_general",
+        "check_transformer_general(readonly_memmap=True)",
+        "check_transformer_preserve_dtypes",
+        "check_methods_sample_order_invariance",
+        "check_methods_subset_invariance",
+        "check_fit2d_1sample",
+        "check_fit2d_1feature",
+        "check_dict_unchanged",
+        "check_fit_idempotent",
+        "check_fit_check_is_fitted",
+        "check_n_features_in",
+        "check_fit2d_predict1d",
+    ]
+    return {check: tabular for check in checks}
+
+
+@parametrize_with_checks(
+    [CraftPruner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))],
+    expected_failed_checks=_expected_failed_checks,
+    xfail_strict=True,
+)
+def test_sklearn_contract(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        check(estimator)
+
+
+def test_preprocess_is_applied_before_every_forward_pass(data):
+    X, scores = data
+    y = scores[:, 0]
+    shift = lambda batch: 2.0 * batch - 0.5  # noqa: E731
+    finetune = {"epochs": 1, "lr": 1e-3}
+    with_preprocess = CraftPruner(_net(), gamma=0.05, finetune=finetune, preprocess=shift, random_state=0).fit(X, y)
+    on_shifted = CraftPruner(_net(), gamma=0.05, finetune=finetune, random_state=0).fit(2.0 * X - 0.5, y)
+
+    assert with_preprocess.keep_.keys() == on_shifted.keep_.keys()
+    assert all(np.array_equal(with_preprocess.keep_[k], on_shifted.keep_[k]) for k in on_shifted.keep_)
+    np.testing.assert_allclose(with_preprocess.predict(X), on_shifted.predict(2.0 * X - 0.5), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(with_preprocess.transform(X), on_shifted.transform(2.0 * X - 0.5), rtol=1e-4, atol=1e-5)
