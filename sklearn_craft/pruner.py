@@ -46,12 +46,19 @@ _RESERVED_SELECTOR_PARAMS = ("gamma", "groups", "memory")
 
 
 def _satellite(target_type):
-    """Unfitted satellite estimator: standardisation then a ridge model with a linear decision."""
+    """Unfitted satellite estimator: centring then a ridge model with a linear decision.
+
+    The pooled responses are centred but not scaled: with per-feature standardisation a filter
+    whose response barely varies on the training images (a standard deviation of 1e-7, common in
+    a layer whose inputs were pruned away) can take a weight of 1e7 once the scaler is folded into
+    the head, and the smallest change of that filter during fine-tuning then swamps the output.
+    On raw responses the ridge penalty keeps such a filter's weight small.
+    """
     if target_type in _CLASSIFICATION:
         linear = RidgeClassifierCV(alphas=_SATELLITE_ALPHAS)
     else:
         linear = RidgeCV(alphas=_SATELLITE_ALPHAS)
-    return make_pipeline(StandardScaler(), linear)
+    return make_pipeline(StandardScaler(with_std=False), linear)
 
 
 def _decision(satellite, features):
@@ -62,12 +69,10 @@ def _decision(satellite, features):
 
 
 def _linear_head(satellite):
-    """An ``nn.Linear`` computing ``_decision(satellite, features)`` (scaler folded into the weights)."""
+    """An ``nn.Linear`` computing ``_decision(satellite, features)`` (centring folded into the bias)."""
     scaler, linear = satellite[0], satellite[-1]
-    coef = np.atleast_2d(linear.coef_)
-    intercept = np.atleast_1d(linear.intercept_)
-    weight = coef / scaler.scale_
-    bias = intercept - weight @ scaler.mean_
+    weight = np.atleast_2d(linear.coef_)
+    bias = np.atleast_1d(linear.intercept_) - weight @ scaler.mean_
     layer = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(weight))
@@ -116,7 +121,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     on them.
 
     **Satellites.** For every pooled layer, ``satellites_[layer]`` is a scikit-learn pipeline
-    ``StandardScaler -> RidgeCV`` (regression) or ``StandardScaler -> RidgeClassifierCV``
+    ``StandardScaler(with_std=False) -> RidgeCV`` (regression) or ``... -> RidgeClassifierCV``
     (classification: one ±1 ridge regression per class or label, a one-vs-rest linear decision
     that handles binary, multi-class and multi-label targets alike, in closed form) fitted on the
     pooled responses of that layer's LASSO-selected filters ``selected_[layer]`` in the original
@@ -130,7 +135,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
       Flatten and a Linear layer. Cutting earlier layers changes ``head_layer_``'s responses, so
       its satellite is refitted on the *pruned* network's own pooled responses (all its kept
       filters, ``keep_[head_layer_]``, i.e. ``transform(X)``), and the Linear layer computes
-      exactly that satellite's decision function (scaler folded into the weights). Before
+      exactly that satellite's decision function (centring folded into the bias). Before
       fine-tuning, ``pruned_model_(x)`` equals ``_decision(satellites_[head_layer_],
       transform(x))``: a class's ridge score for classification, the prediction for regression.
     - ``head="original"``: the original layers after the convolutions (the classifier) are kept,

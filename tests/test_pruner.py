@@ -536,3 +536,13 @@ def test_preprocess_is_applied_before_every_forward_pass(data):
     assert all(np.array_equal(with_preprocess.keep_[k], on_shifted.keep_[k]) for k in on_shifted.keep_)
     np.testing.assert_allclose(with_preprocess.predict(X), on_shifted.predict(2.0 * X - 0.5), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(with_preprocess.transform(X), on_shifted.transform(2.0 * X - 0.5), rtol=1e-4, atol=1e-5)
+
+
+def test_head_weights_stay_small_for_nearly_constant_filters(data):
+    # A filter whose response barely varies must not take a huge head weight: folded into the
+    # head, it would turn the smallest change of that filter during fine-tuning into a huge output.
+    X, scores = data
+    pruner = CraftPruner(_net(), gamma=0.0, random_state=0).fit(X, scores[:, 0])
+    stds = pruner.transform(X).std(axis=0)
+    assert stds[stds > 0].min() < 1e-5
+    assert pruner.pruned_model_.head.weight.abs().max().item() < 100.0
