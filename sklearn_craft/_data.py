@@ -1,0 +1,311 @@
+"""Image input shared by every estimator that runs a network: validation and batching.
+
+Pooling, fine-tuning and task relationships all take images through :func:`as_image_dataset`
+and iterate them with :func:`iter_batches`, so the accepted formats and the error messages are
+the same everywhere.
+
+Accepted input
+--------------
+- a numpy array N×C×H×W of floats (used as is, cast to float32);
+- a numpy array N×H×W×C of ``uint8`` images (the layout of image files), converted like
+  torchvision's ``ToTensor``: channels first, divided by 255;
+- a torch tensor N×C×H×W (``uint8`` tensors are divided by 255 too);
+- a map-style ``torch.utils.data.Dataset`` whose items are an image ``x`` or a tuple ``(x, y)``
+  (only ``x`` is used); ``x`` follows the same rules for a single image (C×H×W float or tensor,
+  H×W×C ``uint8`` numpy array or PIL image).
+
+Arrays and tensors are converted batch by batch, so a ``uint8`` data set is never held in memory
+as float. They are checked for NaN and infinity up front; a Dataset is checked lazily, one batch
+at a time, by :func:`iter_batches`.
+"""
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+_LAYOUTS = "N×C×H×W float or N×H×W×C uint8"
+
+
+class _ArrayImages(Dataset):
+    """Images held in memory (numpy array or tensor), converted to float32 C×H×W on access."""
+
+    def __init__(self, data, channels_last):
+        self.data = data
+        self.channels_last = channels_last
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.batch([index])[0]
+
+    def batch(self, index):
+        """Return the images at ``index`` (a slice or integer indices) as float32 N×C×H×W."""
+        return _to_float(self.data[index], self.channels_last)
+
+
+class _DatasetImages(Dataset):
+    """A user's Dataset reduced to its validated images (the ``x`` of ``(x, y)`` items)."""
+
+    def __init__(self, dataset, n_channels, name):
+        self.dataset = dataset
+        self.n_channels = n_channels
+        self.name = name
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        if isinstance(item, (tuple, list)):
+            item = item[0]
+        if not isinstance(item, torch.Tensor):
+            item = np.asarray(item)
+        if item.ndim != 3:
+            raise ValueError(
+                f"{self.name}[{index}] must be a 3-D image (C×H×W float or H×W×C uint8), "
+                f"got shape {tuple(item.shape)}"
+            )
+        channels_last = _check_dtype(item, f"{self.name}[{index}]")
+        image = _to_float(item[None], channels_last)
+        _check_channels(image.shape[1], self.n_channels, f"{self.name}[{index}]")
+        return image[0]
+
+
+def _check_dtype(data, name):
+    """Return whether ``data`` is channels-last, raising ValueError for an unusable dtype."""
+    if isinstance(data, torch.Tensor):
+        if data.dtype == torch.uint8 or data.is_floating_point():
+            return False
+    elif data.dtype == np.uint8:
+        return True
+    elif np.issubdtype(data.dtype, np.floating):
+        return False
+    raise ValueError(f"{name} must hold float or uint8 pixels, got dtype {data.dtype}")
+
+
+def _check_channels(n_found, n_channels, name):
+    if n_channels is not None and n_found != n_channels:
+        raise ValueError(
+            f"{name} has {n_found} channels, the model expects n_channels={n_channels} " f"(arrays must be {_LAYOUTS})"
+        )
+
+
+def _to_float(data, channels_last):
+    """Convert a batch to a new float32 N×C×H×W tensor, scaling uint8 pixels to [0, 1]."""
+    # Always a new, contiguous tensor: callers (preprocess) may edit batches in place, and
+    # convolutions round differently on channels-last strides, which would make features
+    # depend on the input format.
+    if isinstance(data, torch.Tensor):
+        tensor = data.detach().to("cpu", torch.float32, memory_format=torch.contiguous_format, copy=True)
+        scale = data.dtype == torch.uint8
+    else:
+        if channels_last:
+            data = data.transpose(0, 3, 1, 2)
+        tensor = torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
+        scale = data.dtype == np.uint8
+    if scale:
+        tensor.div_(255)
+    return tensor
+
+
+def _has_non_finite(data):
+    """Whether a float array or tensor holds NaN or infinity (a sum first: no mask when finite)."""
+    if isinstance(data, torch.Tensor):
+        if torch.isfinite(data.sum(dtype=torch.float64)):
+            return False
+        return not bool(torch.isfinite(data).all())
+    with np.errstate(over="ignore"):
+        if np.isfinite(data.sum(dtype=np.float64)):
+            return False
+    # The sum also overflows for huge finite float64 values: only a full check can tell.
+    return not np.isfinite(data).all()
+
+
+def as_image_dataset(X, *, n_channels=None, name="X"):
+    """Validate images and wrap them as a Dataset of float32 C×H×W tensors.
+
+    Parameters
+    ----------
+    X : ndarray, torch.Tensor or torch.utils.data.Dataset
+        N×C×H×W float array, N×H×W×C ``uint8`` array (scaled to [0, 1]), N×C×H×W tensor
+        (``uint8`` scaled to [0, 1]), or a map-style Dataset whose items are ``x`` or
+        ``(x, y)``.
+    n_channels : int, default=None
+        Number of channels the images must have (see :func:`input_channels`); not checked
+        when None.
+    name : str, default="X"
+        Name of the argument, used in error messages.
+
+    Returns
+    -------
+    dataset : torch.utils.data.Dataset
+        Items are float32 C×H×W tensors. Arrays and tensors are converted on access, batch by
+        batch in :func:`iter_batches`; passing the result back in returns it unchanged.
+
+    Raises
+    ------
+    TypeError
+        If ``X`` is of none of the accepted types.
+    ValueError
+        If ``X`` is empty, has the wrong number of dimensions or channels, an unusable dtype,
+        or (arrays and tensors) NaN or infinite pixels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_craft._data import as_image_dataset
+    >>> images = np.full((4, 8, 8, 3), 255, dtype=np.uint8)
+    >>> dataset = as_image_dataset(images, n_channels=3)
+    >>> len(dataset), tuple(dataset[0].shape), float(dataset[0].max())
+    (4, (3, 8, 8), 1.0)
+    """
+    if isinstance(X, (_ArrayImages, _DatasetImages)):
+        return X
+    if isinstance(X, (np.ndarray, torch.Tensor)):
+        return _array_dataset(X, n_channels, name)
+    if isinstance(X, IterableDataset) or not isinstance(X, Dataset):
+        raise TypeError(
+            f"{name} must be a numpy array, a torch tensor or a map-style torch Dataset, " f"got {type(X).__name__}"
+        )
+    try:
+        n_samples = len(X)
+    except TypeError:
+        raise TypeError(f"{name} must be a Dataset with a length (define __len__), got {type(X).__name__}") from None
+    if n_samples == 0:
+        raise ValueError(f"{name} is empty: the Dataset has 0 items")
+    dataset = _DatasetImages(X, n_channels, name)
+    dataset[0]  # fail here rather than in the middle of a pass over the data
+    return dataset
+
+
+def _array_dataset(X, n_channels, name):
+    if X.ndim != 4:
+        raise ValueError(f"{name} must be a 4-D array of images ({_LAYOUTS}), got shape {tuple(X.shape)}")
+    if min(X.shape) == 0:
+        raise ValueError(f"{name} is empty: got shape {tuple(X.shape)}")
+    channels_last = _check_dtype(X, name)
+    _check_channels(X.shape[3] if channels_last else X.shape[1], n_channels, name)
+    if X.dtype not in (np.uint8, torch.uint8) and _has_non_finite(X):
+        raise ValueError(f"{name} contains NaN or infinity")
+    return _ArrayImages(X, channels_last)
+
+
+def iter_batches(
+    dataset,
+    batch_size,
+    *,
+    device="cpu",
+    preprocess=None,
+    progress=False,
+    desc=None,
+    indices=None,
+):
+    """Yield batches of images as float N×C×H×W tensors on ``device``.
+
+    Parameters
+    ----------
+    dataset : Dataset from :func:`as_image_dataset`, or anything it accepts
+        The images.
+    batch_size : int
+        Images per batch (the last batch may be smaller).
+    device : str or torch.device, default="cpu"
+        Where the batches are moved.
+    preprocess : callable, default=None
+        Applied to every batch tensor after the move to ``device`` (for instance a
+        normalisation); its result is yielded.
+    progress : bool, default=False
+        Show a tqdm progress bar (on stderr) counting batches.
+    desc : str, default=None
+        Label of the progress bar.
+    indices : array-like of int, default=None
+        Samples to visit, in this order (for instance a shuffled epoch or a validation split);
+        every sample in order when None.
+
+    Yields
+    ------
+    batch : torch.Tensor
+        Float tensor N×C×H×W on ``device``.
+
+    Raises
+    ------
+    ValueError
+        If a batch of a Dataset holds NaN or infinity, or its images differ in shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_craft._data import iter_batches
+    >>> images = np.zeros((10, 1, 4, 4), dtype=np.float32)
+    >>> [tuple(batch.shape) for batch in iter_batches(images, 4)]
+    [(4, 1, 4, 4), (4, 1, 4, 4), (2, 1, 4, 4)]
+    """
+    dataset = as_image_dataset(dataset)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    device = torch.device(device)
+    order = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.intp)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        index = order[start : start + batch_size]
+        if isinstance(dataset, _ArrayImages):
+            # A slice is a view: no copy of the batch before its conversion.
+            batch = dataset.batch(slice(start, start + len(index)) if indices is None else index)
+        else:
+            batch = _stack(dataset, index)
+        batch = batch.to(device)
+        yield batch if preprocess is None else preprocess(batch)
+
+
+def _stack(dataset, index):
+    """Collate the images ``index`` of a Dataset, checking what arrays were checked for up front."""
+    images = [dataset[int(i)] for i in index]
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"{dataset.name} images must all have the same shape, got {sorted(shapes)} "
+            f"among items {index[0]}..{index[-1]}"
+        )
+    batch = torch.stack(images)
+    if _has_non_finite(batch):
+        raise ValueError(f"{dataset.name} contains NaN or infinity (among items {index.tolist()})")
+    return batch
+
+
+def input_channels(model):
+    """Return the number of input channels of a network: ``in_channels`` of its first Conv2d.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network; its first ``nn.Conv2d`` in registration order is taken as the input layer.
+
+    Returns
+    -------
+    n_channels : int
+        ``in_channels`` of that convolution.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not an ``nn.Module``.
+    ValueError
+        If ``model`` contains no ``nn.Conv2d``.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from sklearn_craft._data import input_channels
+    >>> input_channels(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU()))
+    1
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    raise ValueError(f"model must contain an nn.Conv2d, got a {type(model).__name__} without one")
