@@ -1,0 +1,589 @@
+import doctest
+from collections import OrderedDict
+from pathlib import Path
+
+import joblib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import MultiTaskLasso, RidgeCV, lasso_path
+from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+
+import sklearn_craft.plotting
+import sklearn_craft.selection
+from sklearn_craft.plotting import plot_characteristic_curves
+from sklearn_craft.pooling import ActivationPooler
+from sklearn_craft.selection import LassoFilterSelector, characteristic_curve, encode_target, find_knee
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "selection.rst"
+
+
+def _regression(n=300, p=10, informative=(1, 6), noise=0.1, mixing=0.3, seed=0):
+    """Features (correlated by ``mixing``) and a target that depends on ``informative`` columns only."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p)) @ (np.eye(p) + mixing * rng.normal(size=(p, p))) + 5.0
+    y = X[:, list(informative)] @ rng.uniform(1, 2, size=len(informative)) + noise * rng.normal(size=n)
+    return X, y
+
+
+def _group_sizes(selector):
+    return pd.Series(selector.support_).groupby(selector.groups_, sort=False).sum()
+
+
+@parametrize_with_checks([LassoFilterSelector()])
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(sklearn_craft.selection).failed == 0
+    assert doctest.testmod(sklearn_craft.plotting).failed == 0
+
+
+def test_docs_page_example_runs():
+    result = doctest.testfile(str(DOCS), module_relative=False, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- encode_target
+
+
+def test_encode_continuous_targets():
+    y = np.array([0.5, 1.5, -2.0, 3.25])
+    Y, target_type, classes = encode_target(y)
+    np.testing.assert_array_equal(Y, y[:, None])
+    assert (target_type, classes) == ("continuous", None)
+    # A float column vector and integral floats are continuous too.
+    assert encode_target(y[:, None])[1] == "continuous"
+    assert encode_target(np.array([20.0, 30.0, 20.0, 40.0]))[1] == "continuous"
+
+    Y2 = np.random.default_rng(0).normal(size=(5, 3))
+    encoded, target_type, classes = encode_target(Y2)
+    np.testing.assert_array_equal(encoded, Y2)
+    assert (target_type, classes) == ("continuous-multioutput", None)
+
+
+@pytest.mark.parametrize(
+    "labels, classes",
+    [
+        (["cat", "dog", "bird", "dog"], ["bird", "cat", "dog"]),
+        ([2, 0, 1, 1], [0, 1, 2]),
+        (pd.Series(["x", "y", "z", "x"], dtype=object), ["x", "y", "z"]),
+    ],
+)
+def test_encode_multiclass_labels_one_hot(labels, classes):
+    Y, target_type, found = encode_target(labels)
+    assert target_type == "multiclass"
+    assert list(found) == classes
+    np.testing.assert_array_equal(Y.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(np.asarray(found)[Y.argmax(axis=1)], np.asarray(labels))
+
+
+@pytest.mark.parametrize("labels", [[True, False, True, True], ["no", "yes", "yes", "no"], [3, 7, 7, 3]])
+def test_encode_binary_labels_single_column(labels):
+    Y, target_type, classes = encode_target(labels)
+    assert target_type == "binary"
+    assert Y.shape == (4, 1)
+    np.testing.assert_array_equal(Y[:, 0], np.asarray(labels) == classes[1])
+
+
+def test_encode_multilabel_indicator_as_is():
+    indicator = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]])
+    Y, target_type, classes = encode_target(indicator)
+    np.testing.assert_array_equal(Y, indicator)
+    assert Y.dtype == np.float64
+    assert (target_type, classes) == ("multilabel-indicator", None)
+
+
+@pytest.mark.parametrize(
+    "y, match",
+    [
+        (np.array([1.0, np.nan, 2.0]), "finite"),
+        (np.array([1.0, np.inf, 2.0]), "finite"),
+        (np.array(["a", None, "b"], dtype=object), "NaN or None"),
+        (np.array([2.0, 2.0, 2.0]), "constant"),
+        (np.array(["a", "a", "a"]), "constant"),
+        (np.zeros((3, 2)), "constant"),
+        (np.array([]), "empty"),
+        (np.zeros((2, 2, 2)), "1-D or 2-D"),
+        (np.array([["a", "b"], ["c", "d"]]), "numeric"),
+        (np.array([1, "a", 2.5], dtype=object), "Unknown label type"),
+    ],
+)
+def test_encode_target_rejects(y, match):
+    with pytest.raises(ValueError, match=match):
+        encode_target(y)
+
+
+# --------------------------------------------------------------------------- knee rule
+
+
+def test_knee_fewest_filters_within_tolerance():
+    curve = pd.DataFrame({"n_selected": [0, 1, 3, 8], "rmse": [10.0, 4.0, 2.05, 2.0]})
+    # range 8: gamma=0.01 allows rmse <= 2.08, gamma=0.5 allows rmse <= 6.
+    assert find_knee(curve, 0.01) == 2
+    assert find_knee(curve, 0.5) == 1
+    assert find_knee(curve, 1.0) == 1
+    # gamma=0: the minimum.
+    assert find_knee(curve, 0.0) == 3
+
+
+def test_knee_bound_is_inclusive():
+    curve = {"n_selected": [0, 1, 2], "rmse": [3.0, 2.0, 1.0]}
+    assert find_knee(curve, 0.5) == 1  # 2.0 - 1.0 == 0.5 * (3.0 - 1.0)
+    assert find_knee(curve, 0.4999) == 2
+
+
+def test_knee_ties_go_to_lower_rmse_then_earlier_point():
+    curve = pd.DataFrame({"n_selected": [0, 2, 2, 5, 2], "rmse": [5.0, 3.0, 2.5, 2.4, 2.5]})
+    assert find_knee(curve, 0.5) == 2
+    # gamma=0 with two points at the minimum: the one with fewer filters.
+    assert find_knee({"n_selected": [0, 4, 3], "rmse": [2.0, 1.0, 1.0]}, 0.0) == 2
+
+
+def test_knee_is_never_empty_when_a_filter_exists():
+    # At gamma=1 the empty model is the fewest: the sparsest non-empty point instead.
+    curve = pd.DataFrame({"n_selected": [0, 1, 2, 2], "rmse": [3.0, 2.0, 1.0, 1.5]})
+    assert find_knee(curve, 1.0) == 1
+    # The empty model has the lowest held-out error: the best non-empty point.
+    curve = pd.DataFrame({"n_selected": [0, 0, 1, 2, 3], "rmse": [1.0, 1.0, 1.8, 1.5, 2.0]})
+    assert find_knee(curve, 0.1) == 3
+    assert find_knee(curve, 0.9) == 2
+    # No point has a filter: the (empty) knee of the rule.
+    assert find_knee({"n_selected": [0, 0], "rmse": [1.0, 1.0]}, 0.01) == 0
+
+
+def test_knee_is_monotone_in_gamma():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        curve = pd.DataFrame({"n_selected": rng.integers(0, 30, 50), "rmse": rng.uniform(1, 2, 50)})
+        sizes = [curve["n_selected"].iloc[find_knee(curve, gamma)] for gamma in np.linspace(0, 1, 11)]
+        assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+
+
+@pytest.mark.parametrize(
+    "curve, gamma, error, match",
+    [
+        ({"n_selected": [0, 1], "rmse": [1.0, 0.5]}, -0.1, ValueError, r"gamma must be in \[0, 1\], got -0.1"),
+        ({"n_selected": [0, 1], "rmse": [1.0, 0.5]}, 1.5, ValueError, r"gamma must be in \[0, 1\]"),
+        ({"n_selected": [0, 1], "rmse": [1.0, 0.5]}, "0.1", TypeError, "gamma must be a real number"),
+        ({"n_selected": [0, 1]}, 0.1, ValueError, "columns 'n_selected' and 'rmse'"),
+        ({"n_selected": [], "rmse": []}, 0.1, ValueError, "one or more points"),
+        ({"n_selected": [0, 1], "rmse": [1.0, np.nan]}, 0.1, ValueError, "finite"),
+    ],
+)
+def test_knee_rejects(curve, gamma, error, match):
+    with pytest.raises(error, match=match):
+        find_knee(curve, gamma)
+
+
+# --------------------------------------------------------------------------- characteristic curve
+
+
+def test_path_equals_sklearn_lasso_path():
+    X, y = _regression()
+    curve, coefs = characteristic_curve(X, y, standardize=False, random_state=0)
+    Xc, yc = X - X.mean(axis=0), y - y.mean()
+    alpha_max = np.max(np.abs(Xc.T @ yc)) / len(y)
+    np.testing.assert_allclose(curve["alpha"], np.geomspace(alpha_max, alpha_max * 1e-4, 100), rtol=1e-12)
+
+    _, expected, _ = lasso_path(Xc, yc, alphas=curve["alpha"].to_numpy())
+    np.testing.assert_allclose(coefs, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+    np.testing.assert_array_equal(curve["n_selected"], np.count_nonzero(expected, axis=0))
+
+
+def test_standardized_path_is_lasso_path_on_scaled_features_in_original_scale():
+    X, y = _regression()
+    X[:, 3] *= 1000.0
+    curve, coefs = characteristic_curve(X, y, alphas=30, random_state=0)
+    scaler = StandardScaler().fit(X)
+    _, expected, _ = lasso_path(scaler.transform(X), y - y.mean(), alphas=curve["alpha"].to_numpy())
+    np.testing.assert_allclose(coefs, expected / scaler.scale_[:, None], rtol=0, atol=1e-9 * np.abs(expected).max())
+
+
+def test_held_out_rmse_of_the_training_part_path():
+    X, y = _regression()
+    curve, _ = characteristic_curve(X, y, alphas=20, validation_fraction=0.3, random_state=3)
+    train, test = train_test_split(np.arange(len(y)), test_size=0.3, random_state=3)
+    scaler = StandardScaler().fit(X[train])
+    _, coefs, _ = lasso_path(scaler.transform(X[train]), y[train] - y[train].mean(), alphas=curve["alpha"].to_numpy())
+    predictions = scaler.transform(X[test]) @ coefs + y[train].mean()
+    expected = np.sqrt(np.mean((predictions - y[test][:, None]) ** 2, axis=0))
+    np.testing.assert_allclose(curve["rmse"], expected, rtol=1e-7)
+
+
+def test_cv_rmse_is_the_mean_over_folds():
+    X, y = _regression(n=120, mixing=0.1)
+    folds = KFold(4, shuffle=True, random_state=0)
+    curve, _ = characteristic_curve(X, y, alphas=15, cv=folds, standardize=False)
+    expected = []
+    for train, test in folds.split(X):
+        x_mean, y_mean = X[train].mean(axis=0), y[train].mean()
+        _, coefs, _ = lasso_path(X[train] - x_mean, y[train] - y_mean, alphas=curve["alpha"].to_numpy())
+        predictions = (X[test] - x_mean) @ coefs + y_mean
+        expected.append(np.sqrt(np.mean((predictions - y[test][:, None]) ** 2, axis=0)))
+    np.testing.assert_allclose(curve["rmse"], np.mean(expected, axis=0), rtol=1e-7)
+    # An int gives the same numbers as the unshuffled KFold it stands for.
+    by_int, _ = characteristic_curve(X, y, alphas=15, cv=4, standardize=False)
+    by_splitter, _ = characteristic_curve(X, y, alphas=15, cv=KFold(4), standardize=False)
+    pd.testing.assert_frame_equal(by_int, by_splitter)
+
+
+def test_explicit_alphas_are_used_in_decreasing_order():
+    X, y = _regression()
+    curve, coefs = characteristic_curve(X, y, alphas=[0.01, 1.0, 0.1], random_state=0)
+    np.testing.assert_array_equal(curve["alpha"], [1.0, 0.1, 0.01])
+    assert coefs.shape == (X.shape[1], 3)
+
+
+def _multitask_gap(X, Y, W, alpha):
+    """scikit-learn's duality gap of the multi-task LASSO (times n), from the data."""
+    Xc, Yc = X - X.mean(axis=0), Y - Y.mean(axis=0)
+    R = Yc - Xc @ W.T
+    penalty = alpha * len(X)
+    dual_norm = np.max(np.linalg.norm(Xc.T @ R, axis=1))
+    scale = min(1.0, penalty / dual_norm)
+    primal = 0.5 * np.sum(R**2) + penalty * np.sum(np.linalg.norm(W, axis=0))
+    dual = -0.5 * scale**2 * np.sum(R**2) + scale * np.sum(R * Yc)
+    return primal - dual
+
+
+def test_multitask_path_meets_sklearn_stopping_rule():
+    X, _ = _regression(n=200, p=15)
+    rng = np.random.default_rng(1)
+    Y = X[:, [0, 4]] @ rng.normal(size=(2, 3)) + 0.5 * rng.normal(size=(200, 3))
+    curve, coefs = characteristic_curve(X, Y, alphas=30, standardize=False, random_state=0)
+    assert coefs.shape == (3, 15, 30)
+    tolerance = 1e-4 * np.sum((Y - Y.mean(axis=0)) ** 2)
+    for i, alpha in enumerate(curve["alpha"]):
+        assert _multitask_gap(X, Y, coefs[:, :, i], alpha) <= tolerance
+    np.testing.assert_array_equal(curve["n_selected"], np.count_nonzero(np.any(coefs != 0, axis=0), axis=0))
+
+
+def test_multitask_path_equals_sklearn_multitask_lasso():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 20)) @ rng.normal(size=(20, 20)) * 0.3 + rng.normal(size=(300, 20))
+    Y = X[:, :5] @ rng.normal(size=(5, 4)) + rng.normal(size=(300, 4))
+    x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
+    Z = np.hstack([X - x_mean, Y - y_mean])
+    stats = sklearn_craft.selection._moments(Z.T @ Z, 300, x_mean, 20, False)
+    grid = sklearn_craft.selection._alpha_grid(stats, 40, 1e-3)
+    coefs = sklearn_craft.selection._solve_path(stats, grid, tol=1e-12)
+    for i in (5, 20, 39):
+        expected = MultiTaskLasso(alpha=grid[i], tol=1e-12, max_iter=100_000).fit(X, Y).coef_
+        np.testing.assert_allclose(coefs[:, :, i], expected, rtol=0, atol=1e-6)
+    _, path, _ = lasso_path(X - x_mean, Y - y_mean, alphas=grid, tol=1e-12, max_iter=100_000)
+    np.testing.assert_allclose(coefs, path, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the selector
+
+
+def test_selects_informative_features_per_group_and_reports_consistently():
+    X, y = _regression(p=12, informative=(1, 2, 9), mixing=0.0)
+    groups = np.repeat(["a", "b", "c"], 4)
+    selector = LassoFilterSelector(groups=groups, random_state=0).fit(X, y)
+    assert selector.knees_["group"].tolist() == ["a", "b", "c"]
+    np.testing.assert_array_equal(selector.groups_, groups)
+    assert np.flatnonzero(selector.support_[:4]).tolist() == [1, 2]
+    assert np.flatnonzero(selector.support_[8:]).tolist() == [1]
+    np.testing.assert_array_equal(_group_sizes(selector), selector.knees_["n_selected"])
+    # coef_ is the knee's coefficients: non-zero exactly on the support (gamma > 0)...
+    np.testing.assert_array_equal(selector.coef_ != 0, selector.support_ & (selector.coef_ != 0))
+    np.testing.assert_array_equal(selector.coef_[[1, 2, 9]] != 0, True)
+    # ... and the curves are those of characteristic_curve on each group.
+    for group, cols in (("a", slice(0, 4)), ("c", slice(8, 12))):
+        curve, coefs = characteristic_curve(X[:, cols], y, random_state=0)
+        own = selector.curves_[selector.curves_["group"] == group].drop(columns="group").reset_index(drop=True)
+        pd.testing.assert_frame_equal(own, curve, check_exact=False, rtol=1e-9)
+        knee = np.argmin(np.abs(curve["alpha"] - selector.knees_.set_index("group").loc[group, "alpha"]))
+        np.testing.assert_allclose(selector.coef_[cols], coefs[:, knee], rtol=1e-9)
+    np.testing.assert_array_equal(selector.transform(X), X[:, selector.support_])
+
+
+def test_gamma_trades_filters_for_error():
+    X, y = _regression(p=16, informative=(0, 3, 5, 8, 11), noise=1.0)
+    groups = np.repeat([0, 1], 8)
+    sizes = [
+        LassoFilterSelector(gamma=gamma, groups=groups, random_state=0).fit(X, y).knees_["n_selected"]
+        for gamma in (0.0, 0.001, 0.01, 0.1, 0.5, 1.0)
+    ]
+    for larger, smaller in zip(sizes, sizes[1:]):
+        assert (larger >= smaller).all()
+    assert sizes[0].tolist() == [8, 8]  # gamma=0 keeps every filter
+    # gamma=1: the sparsest point of the path with a filter.
+    curves = LassoFilterSelector(groups=groups, random_state=0).fit(X, y).curves_
+    sparsest = curves[curves["n_selected"] > 0].groupby("group")["n_selected"].min()
+    np.testing.assert_array_equal(sizes[-1], sparsest)
+
+
+def test_gamma_zero_keeps_everything_with_the_least_regularised_coefficients():
+    X, y = _regression()
+    selector = LassoFilterSelector(gamma=0, alphas=20, random_state=0).fit(X, y)
+    assert selector.support_.all()
+    assert selector.knees_["alpha"].iloc[0] == selector.curves_["alpha"].iloc[-1]
+    _, coefs = characteristic_curve(X, y, alphas=20, random_state=0)
+    np.testing.assert_allclose(selector.coef_, coefs[:, -1], rtol=1e-9, atol=1e-12)
+
+
+def test_constant_group_keeps_one_filter_and_explicit_alphas_above_alpha_max():
+    X, y = _regression(p=6, informative=(0, 4))
+    X[:, 3:] = 2.0
+    selector = LassoFilterSelector(groups=[0, 0, 0, 1, 1, 1], alphas=10, random_state=0).fit(X, y)
+    assert selector.support_[3:].sum() == 1
+    assert (selector.coef_[3:] == 0).all()
+    # Every alpha zeroes every coefficient: the first feature to enter the path is kept.
+    big = LassoFilterSelector(alphas=[1e6, 1e7], random_state=0).fit(X[:, :3], y)
+    correlations = np.abs(StandardScaler().fit_transform(X[:, :3]).T @ (y - y.mean()))
+    assert np.flatnonzero(big.support_).tolist() == [int(np.argmax(correlations))]
+
+
+def test_standardize_makes_selection_scale_free_and_coef_original_scale():
+    X, y = _regression(p=8, informative=(2, 5))
+    scaled = X.copy()
+    scaled[:, 2] *= 1000.0
+    a = LassoFilterSelector(random_state=0).fit(X, y)
+    b = LassoFilterSelector(random_state=0).fit(scaled, y)
+    np.testing.assert_array_equal(a.support_, b.support_)
+    np.testing.assert_allclose(b.coef_[2] * 1000.0, a.coef_[2], rtol=1e-6)
+    np.testing.assert_allclose(b.curves_["rmse"], a.curves_["rmse"], rtol=1e-6)
+
+
+def test_auto_groups_from_feature_names():
+    X, y = _regression(p=6, informative=(1, 4))
+    names = ["conv1:0", "conv1:1", "conv1:2", "block.conv2:0", "block.conv2:1", "block.conv2:2"]
+    selector = LassoFilterSelector(random_state=0).fit(pd.DataFrame(X, columns=names), y)
+    assert selector.knees_["group"].tolist() == ["conv1", "block.conv2"]
+    assert set(selector.get_feature_names_out()) <= set(names)
+    # Without names (or with names that are not layer:channel), one group.
+    assert LassoFilterSelector(random_state=0).fit(X, y).knees_["group"].tolist() == ["all"]
+    plain = pd.DataFrame(X, columns=[f"f{i}" for i in range(6)])
+    assert LassoFilterSelector(random_state=0).fit(plain, y).knees_["group"].tolist() == ["all"]
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        lambda signal: np.where(signal > 0, "yes", "no"),
+        lambda signal: signal > 0,
+    ],
+)
+def test_binary_labels(labels):
+    X, signal = _regression(n=400, p=8, informative=(1, 6), noise=0.0, mixing=0.0)
+    y = labels(signal - np.median(signal))
+    # A 0/1 target leaves a large residual, which more filters fit a little: a looser gamma.
+    selector = LassoFilterSelector(gamma=0.05, random_state=0).fit(X, y)
+    assert selector.coef_.shape == (8,)
+    assert np.flatnonzero(selector.support_).tolist() == [1, 6]
+
+
+def test_multiclass_labels_select_jointly():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 8))
+    scores = np.column_stack([X[:, 0], X[:, 3], -X[:, 0] - X[:, 3]])
+    y = np.array(["cat", "dog", "fox"])[scores.argmax(axis=1)]
+    selector = LassoFilterSelector(random_state=0).fit(X, y)
+    assert selector.coef_.shape == (3, 8)
+    assert np.flatnonzero(selector.support_).tolist() == [0, 3]
+    np.testing.assert_array_equal(np.any(selector.coef_ != 0, axis=0), selector.support_)
+
+
+def test_multi_output_selects_the_union():
+    X, _ = _regression(n=400, p=10)
+    rng = np.random.default_rng(0)
+    Y = np.column_stack([X[:, 2], X[:, 7] - X[:, 2]]) + 0.05 * rng.normal(size=(400, 2))
+    selector = LassoFilterSelector(random_state=0).fit(X, Y)
+    assert selector.coef_.shape == (2, 10)
+    assert np.flatnonzero(selector.support_).tolist() == [2, 7]
+
+
+def test_stratified_validation_split_for_labels():
+    labels = np.array(["a"] * 80 + ["b"] * 20)
+    [(train, test)] = sklearn_craft.selection._held_out_splits(100, labels, 0.25, None, 0)
+    assert (labels[test] == "b").sum() == 5
+    assert sorted(np.r_[train, test].tolist()) == list(range(100))
+
+
+def test_int_cv_is_stratified_for_labels():
+    X, signal = _regression(n=150, p=6, informative=(0, 3), mixing=0.0)
+    y = np.where(signal > np.quantile(signal, 0.8), "rare", "common")
+    by_int, _ = characteristic_curve(X, y, alphas=10, cv=3)
+    stratified, _ = characteristic_curve(X, y, alphas=10, cv=StratifiedKFold(3))
+    unstratified, _ = characteristic_curve(X, y, alphas=10, cv=KFold(3))
+    pd.testing.assert_frame_equal(by_int, stratified)
+    assert not np.allclose(by_int["rmse"], unstratified["rmse"])
+
+
+def test_n_jobs_gives_identical_results():
+    X, y = _regression(p=12)
+    groups = np.repeat([0, 1, 2], 4)
+    serial = LassoFilterSelector(groups=groups, random_state=0).fit(X, y)
+    parallel = LassoFilterSelector(groups=groups, random_state=0, n_jobs=2).fit(X, y)
+    pd.testing.assert_frame_equal(serial.curves_, parallel.curves_)
+    np.testing.assert_array_equal(serial.coef_, parallel.coef_)
+
+
+def test_memory_recomputes_only_the_knee(tmp_path, monkeypatch):
+    calls = []
+
+    def counting_lasso_path(*args, **kwargs):
+        calls.append(1)
+        return lasso_path(*args, **kwargs)
+
+    monkeypatch.setattr(sklearn_craft.selection, "lasso_path", counting_lasso_path)
+    X, y = _regression(p=9)
+    groups = np.repeat([0, 1, 2], 3)
+    memory = joblib.Memory(str(tmp_path), verbose=0)
+    first = LassoFilterSelector(gamma=0.5, groups=groups, random_state=0, memory=memory).fit(X, y)
+    assert len(calls) == 3 * 2  # per group: all samples, and the training part
+    second = LassoFilterSelector(gamma=0.01, groups=groups, random_state=0, memory=str(tmp_path)).fit(X, y)
+    assert len(calls) == 6
+    fresh = LassoFilterSelector(gamma=0.01, groups=groups, random_state=0).fit(X, y)
+    assert len(calls) == 12
+    pd.testing.assert_frame_equal(second.knees_, fresh.knees_)
+    np.testing.assert_array_equal(second.coef_, fresh.coef_)
+    pd.testing.assert_frame_equal(first.curves_, second.curves_)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"gamma": 1.5}, "gamma"),
+        ({"gamma": -0.01}, "gamma"),
+        ({"alphas": 0}, "alphas"),
+        ({"alphas": [0.1, -1.0]}, "alphas must be an int or a non-empty 1-D array of positive"),
+        ({"alphas": [[0.1, 0.2]]}, "alphas must be an int or a non-empty 1-D array"),
+        ({"alphas": []}, "alphas must be an int or a non-empty 1-D array"),
+        ({"alphas": [0.1, np.nan]}, "alphas must be an int or a non-empty 1-D array"),
+        ({"eps": 0.0}, "eps"),
+        ({"eps": 1.0}, "eps"),
+        ({"validation_fraction": 0.0}, "validation_fraction"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"cv": 1}, "cv"),
+        ({"groups": "layer"}, "groups"),
+        ({"groups": [0, 1]}, r"groups must hold one label per feature \(10,\), got shape \(2,\)"),
+        ({"groups": np.zeros((10, 1))}, "groups must hold one label per feature"),
+        ({"memory": 3}, "memory"),
+    ],
+)
+def test_bad_parameters(params, match):
+    X, y = _regression()
+    with pytest.raises(ValueError, match=match):
+        LassoFilterSelector(**params).fit(X, y)
+
+
+def test_bad_data():
+    X, y = _regression()
+    selector = LassoFilterSelector()
+    with pytest.raises(ValueError, match="NaN"):
+        selector.fit(np.where(np.eye(300, 10, dtype=bool), np.nan, X), y)
+    with pytest.raises(ValueError, match="infinity|NaN"):
+        selector.fit(X, np.where(np.arange(300) == 5, np.inf, y))
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        selector.fit(X, y[:-1])
+    with pytest.raises(ValueError, match="constant target"):
+        selector.fit(X, np.ones(300))
+    with pytest.raises(ValueError, match="constant target"):
+        selector.fit(X, np.array(["same"] * 300))
+    with pytest.raises(ValueError, match="requires y"):
+        selector.fit(X, None)
+    with pytest.raises(NotFittedError):
+        LassoFilterSelector().transform(X)
+    with pytest.raises(ValueError, match="10 features"):
+        LassoFilterSelector(alphas=5).fit(X, y).transform(X[:, :4])
+
+
+# --------------------------------------------------------------------------- with a network
+
+
+def _planted_net(seed=0):
+    torch.manual_seed(seed)
+    features = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU()
+    )
+    # Unit-variance weights: pooled responses large enough for RidgeCV's default penalties.
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight)
+    return nn.Sequential(OrderedDict(features=features))
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Images, a small conv net, and a target made of three filters of its first layer."""
+    rng = np.random.default_rng(0)
+    # Noise images: their pooled responses are far from collinear, so the planted filters are
+    # identifiable (per-image colour would put all of a layer's responses near a 3-D subspace).
+    images = rng.integers(0, 256, size=(240, 12, 12, 3), dtype=np.uint8)
+    model = _planted_net()
+    pooled = ActivationPooler(model, layers=["features.0"]).set_output(transform="pandas").fit_transform(images)
+    channels = ["features.0:1", "features.0:4", "features.0:6"]
+    y = pooled[channels].to_numpy() @ np.array([1.0, -2.0, 1.5])
+    y = y + 0.01 * y.std() * rng.normal(size=len(y))
+    return images, model, y, channels
+
+
+def test_planted_filters_are_recovered(planted):
+    images, model, y, channels = planted
+    features = ActivationPooler(model).set_output(transform="pandas").fit_transform(images)
+    selector = LassoFilterSelector(random_state=0).fit(features, y)
+    assert selector.knees_["group"].tolist() == ["features.0", "features.2", "features.4"]
+    selected = selector.get_feature_names_out()
+    assert [name for name in selected if name.startswith("features.0:")] == channels
+
+
+def test_pipeline_grid_search_over_gamma(planted):
+    images, model, y, channels = planted
+    pipe = make_pipeline(ActivationPooler(model, layers=["features.0"]), LassoFilterSelector(random_state=0), RidgeCV())
+    search = GridSearchCV(pipe, {"lassofilterselector__gamma": [0.001, 0.01, 0.1]}, cv=3).fit(images, y)
+    assert len(search.cv_results_["params"]) == 3
+    assert np.min(search.cv_results_["mean_test_score"]) > 0.99
+    selector = search.best_estimator_.named_steps["lassofilterselector"]
+    np.testing.assert_array_equal(np.flatnonzero(selector.support_), [1, 4, 6])
+
+
+def test_pandas_pipeline_groups_by_layer(planted):
+    images, model, y, channels = planted
+    layers = ["features.0", "features.2", "features.4"]
+    pipe = make_pipeline(ActivationPooler(model, layers=layers), LassoFilterSelector(random_state=0), RidgeCV())
+    pipe.set_output(transform="pandas")
+    search = GridSearchCV(pipe, {"lassofilterselector__gamma": [0.001, 0.01, 0.1]}, cv=3).fit(images, y)
+    pooler, selector, _ = search.best_estimator_.named_steps.values()
+    assert selector.knees_["group"].tolist() == pooler.layers_ == layers
+    np.testing.assert_array_equal(selector.groups_, [name.split(":")[0] for name in pooler.get_feature_names_out()])
+    np.testing.assert_array_equal(_group_sizes(selector), selector.knees_["n_selected"])
+    selected = search.best_estimator_[:-1].transform(images)
+    assert isinstance(selected, pd.DataFrame)
+    assert [c for c in selected.columns if c.startswith("features.0:")] == channels
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def test_plot_one_curve_and_one_knee_per_group():
+    X, y = _regression(p=12, informative=(1, 2, 9))
+    selector = LassoFilterSelector(groups=np.repeat(["a", "b", "c"], 4), alphas=30, random_state=0).fit(X, y)
+    ax = plot_characteristic_curves(selector)
+    assert [line.get_label() for line in ax.lines] == ["a", "b", "c"]
+    assert len(ax.collections) == 3
+    for line, marker, (_, knee) in zip(ax.lines, ax.collections, selector.knees_.iterrows()):
+        np.testing.assert_array_equal(line.get_ydata(), selector.curves_.query("group == @knee.group")["rmse"])
+        np.testing.assert_array_equal(marker.get_offsets(), [[knee["n_selected"], knee["rmse"]]])
+    plt.close(ax.figure)
+
+    _, ax = plt.subplots()
+    assert plot_characteristic_curves(selector, groups=["c"], ax=ax) is ax
+    assert [line.get_label() for line in ax.lines] == ["c"]
+    assert len(ax.collections) == 1
+    with pytest.raises(ValueError, match=r"unknown \['z'\]"):
+        plot_characteristic_curves(selector, groups=["z"], ax=ax)
+    with pytest.raises(NotFittedError):
+        plot_characteristic_curves(LassoFilterSelector(), ax=ax)
+    plt.close("all")
