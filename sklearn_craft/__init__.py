@@ -1,3 +1,16 @@
-"""Cross-task aware filters (CRAFT / ETL) as scikit-learn estimators."""
+"""Cross-task aware filters (CRAFT / ETL) as scikit-learn estimators.
+
+:class:`ActivationPooler` pools every conv layer's filter responses over a labelled data set of a
+new task, :class:`LassoFilterSelector` keeps each layer's filters at the knee of its LASSO
+characteristic curve, and :class:`CraftPruner` cuts the other filters out of the network, attaches
+a head and fine-tunes it.
+"""
+
+from .export import load_model, save_model
+from .pooling import ActivationPooler
+from .pruner import CraftPruner
+from .selection import LassoFilterSelector
 
 __version__ = "0.1.0"
+
+__all__ = ["ActivationPooler", "CraftPruner", "LassoFilterSelector", "load_model", "save_model", "__version__"]
