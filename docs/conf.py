@@ -15,7 +15,12 @@ extensions = [
     "numpydoc",
 ]
 autosummary_generate = True
-autodoc_default_options = {"members": True, "inherited-members": False}
+# The metadata-routing setters scikit-learn generates are not part of our API.
+autodoc_default_options = {
+    "members": True,
+    "inherited-members": False,
+    "exclude-members": "set_fit_request, set_score_request, set_predict_request, set_transform_request",
+}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 exclude_patterns = ["_build"]
