@@ -99,7 +99,17 @@ def _prune_at_gammas(net, images, y, train, test, settings, preprocess, random_s
         pruner = CraftPruner(
             net,
             gamma=gamma,
-            finetune={"epochs": settings["finetune_epochs"], "lr": 1e-3},
+            # Cut after the layer whose satellite scores best (Low-cost TL paper, pruning step 1):
+            # the last layers of a recognition network are the least useful for other tasks.
+            truncate="best",
+            # A gentle fine-tuning that keeps the best epoch on held-out images: a few hundred
+            # images are too few to retrain a whole network at a large learning rate.
+            finetune={
+                "epochs": settings["finetune_epochs"],
+                "lr": 1e-4,
+                "validation_fraction": 0.2,
+                "early_stopping": 2,
+            },
             random_state=random_state,
             progress=progress,
             **({} if preprocess is None else {"preprocess": preprocess}),
