@@ -25,9 +25,9 @@ def test_craft_pruner_on_real_network(shared_data, name):
     weights, loader, folder, task, kwargs = NETWORKS[name]
     preset = models.preset(name)
     net = getattr(models, name)(weights=shared_data / weights)
-    images, labels = getattr(datasets, loader)(shared_data / folder, n=200, preset=preset, random_state=0, **kwargs)
+    images, labels = getattr(datasets, loader)(shared_data / folder, n=320, preset=preset, random_state=0, **kwargs)
     y = labels[task].astype(str).to_numpy()
-    train, test = np.arange(150), np.arange(150, 200)
+    train, test = np.arange(240), np.arange(240, 320)
 
     pruner = CraftPruner(net, gamma=0.01, preprocess=preset.preprocess, random_state=0).fit(images[train], y[train])
 
