@@ -237,6 +237,8 @@ def _spatial_mean(maps):
     times faster than ``maps.mean(dim=(2, 3))``, whose parallel reduction waits for threads to
     be scheduled, which cost 5-10 % of a VGG16 forward pass with every layer pooled.
     """
+    if maps.dtype not in (torch.float32, torch.float64):
+        maps = maps.float()  # half precision cannot even hold 1/(HW) accurately
     height, width = maps.shape[2:]
     weights = maps.new_full((height * width,), 1.0 / (height * width))
     return maps.flatten(2) @ weights

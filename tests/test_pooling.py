@@ -379,6 +379,23 @@ def test_hooks_are_removed_when_the_forward_pass_fails():
     assert pooler.transform(_images(n=8)).shape == (8, 4)
 
 
+def test_a_pooled_layer_skipped_at_transform_time_is_an_error_not_garbage():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+            self.skip = False
+
+        def forward(self, x):
+            return x if self.skip else self.conv(x)
+
+    model = Branchy()
+    pooler = ActivationPooler(model, batch_size=4).fit(_images(n=4))
+    model.skip = True
+    with pytest.raises(RuntimeError, match=r"1 pooled layer\(s\) did not run on samples 0..3"):
+        pooler.transform(_images(n=6))
+
+
 def test_concurrent_transforms_of_one_model_do_not_mix_batches():
     pooler = ActivationPooler(_small_net(), batch_size=2).fit(_images(n=2))
     inputs = [_images(n=6, seed=seed) for seed in range(4)]
