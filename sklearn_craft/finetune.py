@@ -1,9 +1,10 @@
 """Fine-tuning of a (pruned) network on the labelled data of a new task.
 
 The last step of ETL (section 3.5 of the ETL paper): after the unselected filters are cut out,
-the sparse model is trained on the secondary task. This module is the training loop only; the
-pruner decides the loss from the target type and builds the optimiser after surgery (surgery
-replaces parameters, so an optimiser built before it would update orphaned tensors).
+the sparse model is trained on the secondary task. This module is the training loop, and the
+re-estimation of BatchNorm statistics that surgery makes stale; the pruner decides the loss from
+the target type and builds the optimiser after surgery (surgery replaces parameters, so an
+optimiser built before it would update orphaned tensors).
 """
 
 import copy
@@ -112,8 +113,9 @@ def finetune(
     """Train ``model`` in place on images ``X`` and targets ``y``.
 
     Every parameter whose ``requires_grad`` is True is trained (frozen parameters stay frozen).
-    With ``early_stopping`` the weights of the epoch with the lowest validation loss are restored
-    at the end. The model is left in eval mode.
+    With ``early_stopping`` the weights with the lowest validation loss are restored at the end,
+    those before the first epoch included: on a few hundred images fine-tuning can make a good
+    starting point worse, and then it is undone. The model is left in eval mode.
 
     Parameters
     ----------
@@ -156,7 +158,8 @@ def finetune(
     Returns
     -------
     history : pandas.DataFrame
-        One row per epoch run: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without validation).
+        One row per epoch run: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without validation);
+        with validation, a first row ``epoch=0`` holds the validation loss before training.
 
     Examples
     --------
@@ -208,6 +211,13 @@ def finetune(
 
     rows = []
     best_loss, best_state, stale = np.inf, None, 0
+    if n_val:
+        model.eval()
+        with torch.no_grad():
+            best_loss = _run_epoch(model, criterion, dataset, target, val_idx, batch_size, device, preprocess)
+        rows.append({"epoch": 0, "train_loss": np.nan, "val_loss": best_loss})
+        if early_stopping is not None:
+            best_state = copy.deepcopy(model.state_dict())
     # fork_rng keeps the user's global torch seed untouched while dropout draws from ours.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -233,6 +243,67 @@ def finetune(
         model.load_state_dict(best_state)
     model.eval()
     return pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss"])
+
+
+def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None):
+    """Re-estimate the running mean and variance of every BatchNorm layer of ``model`` on ``X``.
+
+    Removing filters changes what the layers after them see, so the statistics a BatchNorm layer
+    stored on the original network no longer describe its inputs: in eval mode it then shifts and
+    scales them wrongly, and when fine-tuning starts (train mode, batch statistics) the responses
+    jump, far from those a head was fitted on. Re-estimating the statistics on the new task's
+    images ("adaptive BatchNorm", Li et al., EagleEye, ECCV 2020) fixes both; no weight changes.
+    The statistics are exact averages over all batches (``momentum=None``), not running ones.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network; its BatchNorm buffers are modified in place. Other modules stay in eval mode
+        (no dropout) and every module's ``training`` flag is restored afterwards.
+    X : array-like, torch.Tensor or torch.utils.data.Dataset
+        Images, in any form accepted by :func:`sklearn_craft._data.as_image_dataset`.
+    batch_size : int, default=64
+        Images per forward pass.
+    device : str or torch.device, default="cpu"
+        Where the forward passes run (the model must already be there).
+    preprocess : callable or None, default=None
+        Applied to every batch of images before the model sees it.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        The same model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_craft.finetune import recalibrate_batchnorm
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    >>> X = 5 + torch.randn(40, 1, 8, 8)
+    >>> net = recalibrate_batchnorm(net, X)
+    >>> torch.allclose(net[1].running_mean, net[0](X).mean((0, 2, 3)).detach(), atol=1e-5)
+    True
+    """
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    modes = [(module, module.training) for module in model.modules()]
+    momenta = [norm.momentum for norm in norms]
+    try:
+        model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        with torch.no_grad():
+            for batch in iter_batches(as_image_dataset(X), batch_size, device=device, preprocess=preprocess):
+                model(batch)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, training in modes:
+            module.training = training
+    return model
 
 
 def _run_epoch(model, criterion, dataset, target, indices, batch_size, device, preprocess, opt=None):

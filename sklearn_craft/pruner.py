@@ -30,7 +30,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._data import as_image_dataset, input_channels, iter_batches
-from .finetune import check_finetune_params, finetune
+from .finetune import check_finetune_params, finetune, recalibrate_batchnorm
 from .pooling import ActivationPooler
 from .profiling import compare_models
 from .selection import LassoFilterSelector, encode_target
@@ -178,6 +178,14 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Eq. 5), or by the L2 norm of its coefficients over the encoded targets when there are
         several. Off by default: a negative coefficient does not flip a response through ReLU
         (ReLU(-x) != -ReLU(x)), it replaces it by another one.
+    recalibrate_bn : bool, default=True
+        When surgery removed filters, re-estimate the running statistics of every BatchNorm layer
+        of the cut network on the training images
+        (:func:`sklearn_craft.finetune.recalibrate_batchnorm`) before the satellite head is
+        fitted. The statistics stored in the original network describe inputs that surgery
+        changed; left stale, they distort the pruned network's responses, and fine-tuning (which
+        normalises with batch statistics) starts far from the fitted head. A network that keeps
+        every filter (and is not rescaled by ``scale_filters``) keeps its statistics.
     selector_params : dict or None, default=None
         Further parameters of :class:`~sklearn_craft.selection.LassoFilterSelector` (``alphas``,
         ``eps``, ``validation_fraction``, ``cv``, ``standardize``, ``n_jobs``); ``gamma``,
@@ -271,6 +279,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         "truncate": [StrOptions({"best"}), None],
         "finetune": [dict, None],
         "scale_filters": ["boolean"],
+        "recalibrate_bn": ["boolean"],
         "selector_params": [dict, None],
         "device": [str, torch.device],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -289,6 +298,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         truncate=None,
         finetune=None,
         scale_filters=False,
+        recalibrate_bn=True,
         selector_params=None,
         device="cpu",
         batch_size=64,
@@ -304,6 +314,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.truncate = truncate
         self.finetune = finetune
         self.scale_filters = scale_filters
+        self.recalibrate_bn = recalibrate_bn
         self.selector_params = selector_params
         self.device = device
         self.batch_size = batch_size
@@ -403,6 +414,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         if self.scale_filters:
             scale = self._filter_scales(selector.coef_, remaining, starts)
         pruned = prune_channels(network, remaining, example, scale=scale).to(self.device)
+        changed = scale is not None or any(len(kept) < convs[name].out_channels for name, kept in keep.items())
+        if self.recalibrate_bn and changed:
+            recalibrate_batchnorm(pruned, dataset, batch_size=self.batch_size, device=self.device, preprocess=self.preprocess)
         if self.head == "satellite":
             head_features = self._pooler(pruned, [head_layer]).fit(X).transform(X)
             satellites[head_layer] = _satellite(target_type).fit(head_features, y)

@@ -598,7 +598,19 @@ def _solve_path(stats, grid, tol=1e-4):
     if len(C) - n_features == 1:
         F = _gram_root(C) * np.sqrt(len(C) / n_samples)
         Xf, yf = np.asfortranarray(F[:, :n_features]), F[:, n_features]
-        _, coefs, _ = lasso_path(Xf, yf, alphas=grid, precompute=Xf.T @ Xf, Xy=Xf.T @ yf, tol=tol)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            _, coefs, _ = lasso_path(Xf, yf, alphas=grid, precompute=Xf.T @ Xf, Xy=Xf.T @ yf, tol=tol)
+        for other in (w for w in caught if not issubclass(w.category, ConvergenceWarning)):
+            warnings.warn(other.message, other.category, stacklevel=2)
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            # One warning with a fixed text instead of one per alpha: Python shows it once.
+            warnings.warn(
+                "LASSO coordinate descent stopped before its duality-gap tolerance at some of the "
+                "smallest alphas (strongly correlated responses); the many-filter end of the "
+                "characteristic curves is approximate",
+                ConvergenceWarning,
+            )
         coefs = coefs[None]
     else:
         coefs = _multitask_path(C, n_samples, n_features, grid, tol)

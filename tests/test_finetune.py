@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from sklearn_craft.finetune import FINETUNE_DEFAULTS, check_finetune_params, finetune
+from sklearn_craft.finetune import FINETUNE_DEFAULTS, check_finetune_params, finetune, recalibrate_batchnorm
 
 
 def _net(n_outputs=1, seed=0, dropout=0.0):
@@ -152,3 +152,42 @@ def test_errors():
         finetune(_net(), X, y, loss="mse", epochs=0)
     with pytest.raises(ValueError, match="leaves no training sample"):
         finetune(_net(), X[:1], y[:1], loss="mse", epochs=1, validation_fraction=0.5)
+
+
+def test_early_stopping_keeps_the_initial_weights_when_no_epoch_improves():
+    X, y = _data()
+    model = _net()
+    before = _weights(model)
+    # A huge SGD step makes every epoch worse than the start on the validation samples.
+    history = finetune(
+        model, X, y, loss="mse", epochs=4, lr=50.0, optimizer="sgd", validation_fraction=0.25, early_stopping=2, random_state=0
+    )
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert np.isnan(history["train_loss"].iloc[0])
+    assert (history["val_loss"].iloc[1:] > history["val_loss"].iloc[0]).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+
+
+def test_recalibrate_batchnorm_averages_the_batch_statistics_and_restores_the_modes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, momentum=0.3), nn.Dropout(0.5), nn.ReLU()).eval()
+    net[2].train()  # a module left in train mode must stay so, and must not run as such
+    X = 2.0 + 3.0 * torch.randn(48, 1, 8, 8)
+    recalibrate_batchnorm(net, X, batch_size=16)
+
+    with torch.no_grad():
+        responses = [net[0](X[i : i + 16]) for i in range(0, 48, 16)]
+    expected_mean = torch.stack([r.mean((0, 2, 3)) for r in responses]).mean(0)
+    expected_var = torch.stack([r.transpose(0, 1).reshape(3, -1).var(1, unbiased=True) for r in responses]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net[1].running_var, expected_var, rtol=1e-5, atol=1e-6)
+    assert net[1].momentum == 0.3
+    assert [module.training for module in net] == [False, False, True, False]
+    assert int(net[1].num_batches_tracked) == 3
+
+
+def test_recalibrate_batchnorm_leaves_a_network_without_batchnorm_alone():
+    model = _net()
+    before = _weights(model)
+    assert recalibrate_batchnorm(model, _data()[0]) is model
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))

@@ -266,7 +266,7 @@ def test_finetune_is_deterministic_and_changes_the_weights(data):
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert runs[0].keep_ == plain.keep_
     assert not torch.equal(first["head.weight"], plain.pruned_model_.state_dict()["head.weight"])
-    assert list(runs[0].history_["epoch"]) == [1, 2]
+    assert list(runs[0].history_["epoch"]) == [0, 1, 2]  # 0: validation loss before training
     assert "finetune" in runs[0].timings_
     assert not any(module.training for module in runs[0].pruned_model_.modules())
 
@@ -282,6 +282,49 @@ def test_user_model_is_unchanged(data, head):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert pruner.model is model
     assert pruner.pruned_model_ is not model
+
+
+def _batchnorm_inputs(model, X):
+    """Per channel mean over ``X`` of what every BatchNorm layer of ``model`` receives."""
+    seen = {}
+    hooks = [
+        module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0].mean((0, 2, 3))))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.BatchNorm2d)
+    ]
+    with torch.no_grad():
+        model(torch.as_tensor(X))
+    for hook in hooks:
+        hook.remove()
+    return {name: values[0] for name, values in seen.items()}
+
+
+def test_batchnorm_statistics_are_re_estimated_after_pruning(data):
+    X, scores = data
+    model = _net()
+    # A BatchNorm after the second convolution sees different inputs once the first is pruned.
+    model[5] = nn.BatchNorm2d(16).eval()
+    model[5].running_mean.fill_(7.0)
+    y = scores[:, 0]
+    pruned = CraftPruner(model, gamma=0.1, random_state=0, batch_size=len(X)).fit(X, y)
+    stale = CraftPruner(model, gamma=0.1, random_state=0, recalibrate_bn=False).fit(X, y)
+    assert len(pruned.keep_["0"]) < 8 and pruned.keep_ == stale.keep_
+    body = pruned.pruned_model_.body
+    for name, mean in _batchnorm_inputs(body, X).items():
+        torch.testing.assert_close(body.get_submodule(name).running_mean, mean, rtol=1e-4, atol=1e-5)
+    kept = stale.keep_["4"]
+    torch.testing.assert_close(stale.pruned_model_.body.get_submodule("5").running_mean, model[5].running_mean[kept])
+    # The head is fitted after the re-estimation: it still equals the refitted satellite.
+    np.testing.assert_allclose(
+        pruned.decision_function(X),
+        pruned.satellites_[pruned.head_layer_].predict(pruned.transform(X)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    # Nothing cut, nothing re-estimated: the statistics stay the original ones.
+    full = CraftPruner(model, gamma=0.0, random_state=0).fit(X, y)
+    torch.testing.assert_close(full.pruned_model_.body.get_submodule("5").running_mean, model[5].running_mean)
+    assert model[5].running_mean.eq(7.0).all()
 
 
 def test_scale_filters_multiplies_the_kept_filters_by_their_lasso_coefficient(data):
