@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import sklearn
+import sklearn.base
 import torch
 from sklearn.metrics import accuracy_score, mean_absolute_error
 from sklearn.model_selection import train_test_split
@@ -72,6 +73,38 @@ def pruning_run(description, tasks, full, quick, argv=None):
             config[key] = getattr(args, key)
     torch.set_num_threads(args.threads)
     return args, config
+
+
+def finetune_settings(epochs):
+    """The fine-tuning budget every method of a pruning benchmark gets (None: no fine-tuning).
+
+    Adam at lr 1e-3 in batches of 32 for at most ``epochs`` epochs; 20 % of the training images
+    are held out for early stopping (patience 2), which keeps the weights with the lowest
+    validation loss, the untrained ones included.
+    """
+    if epochs <= 0:
+        return None
+    return dict(epochs=epochs, lr=1e-3, batch_size=32, validation_fraction=0.2, early_stopping=2)
+
+
+FINETUNE_TEXT = (
+    "at most {epochs} fine-tuning epoch(s) (Adam, lr 1e-3, batch 32; 20% of the training images held out "
+    "for early stopping with patience 2, keeping the weights with the lowest validation loss, the untrained "
+    "ones included)"
+)
+
+
+def fit_before_and_after_finetuning(pruner, finetune, X_train, y_train):
+    """Fit ``pruner`` without fine-tuning, then (when ``finetune``) a clone with it.
+
+    Returns both fits: the first is the pruned network with its satellite head (ridge on the
+    kept filters' responses) before any training. With ``memory`` set on the pruner the second
+    fit reuses the first one's pooled responses and LASSO paths.
+    """
+    untrained = sklearn.base.clone(pruner).set_params(finetune=None).fit(X_train, y_train)
+    if finetune is None:
+        return untrained, untrained
+    return untrained, sklearn.base.clone(pruner).set_params(finetune=finetune).fit(X_train, y_train)
 
 
 def load(dataset, root, n, preset, cache=None):

@@ -24,7 +24,7 @@ rounds of all networks of the task), each with its % change vs the baseline, and
 pruned rules = pooling + LASSO selection (measured once, uncached, in the first fit of the task:
 they do not depend on gamma or on the rule) + satellites + surgery + fine-tuning.
 
-Full size (no --quick): 600 images per task, 2 epochs, gammas 0.1, 0.01, 0.001 -- sized for
+Full size (no --quick): 600 images per task, at most 4 epochs (early stopping), gammas 0.1, 0.01, 0.001 -- sized for
 about an hour on 2 idle cores (the estimate comes from quick runs, see the results page).
 Run: python benchmarks/bench_etl_table.py [--quick] [--n N] [--epochs E] [--tasks gender yaw]
 Writes benchmarks/results/etl_table.md and etl_table.csv (read by bench_task_relationships.py).
@@ -43,7 +43,7 @@ from sklearn_craft.models import mobilefacenet, preset
 from sklearn_craft.profiling import count_flops, count_parameters, measure_latency
 from sklearn_craft.pruner import CraftPruner
 
-FULL = dict(n=600, epochs=2, gammas=(0.1, 0.01, 0.001), alphas=100)
+FULL = dict(n=600, epochs=4, gammas=(0.1, 0.01, 0.001), alphas=100)
 QUICK = dict(n=120, epochs=1, gammas=(0.01,), alphas=20)
 
 
@@ -85,30 +85,32 @@ def latencies(models, shape, rounds=5):
 def run_task(task, args, config, net, input_preset, memory):
     X_train, X_test, y_train, y_test = _bench.task_data(task, args.data_root, config["n"], input_preset, args.cache)
     kind = _bench.TASKS[task][2]
-    finetune = dict(epochs=config["epochs"], lr=1e-3, batch_size=32) if config["epochs"] > 0 else None
+    finetune = _bench.finetune_settings(config["epochs"])
     common = dict(
         head="satellite",
-        finetune=finetune,
         selector_params=dict(alphas=config["alphas"]),
         preprocess=input_preset.preprocess,
         random_state=_bench.SEED,
         memory=memory,
         progress=False,
     )
-    runs = {}
+    runs, before, untrained = {}, {}, {}
     start = time.perf_counter()
-    runs["baseline"] = CraftPruner(net, gamma=0.0, **common).fit(X_train, y_train)
+    methods = [("baseline", CraftPruner, 0.0)]
+    methods += [(f"{rule} g={gamma:g}", cls, gamma) for gamma in config["gammas"] for rule, cls in RULES.items()]
+    for name, cls, gamma in methods:
+        pruner = cls(net, gamma=gamma, finetune=finetune, **common)
+        untrained[name], runs[name] = _bench.fit_before_and_after_finetuning(pruner, finetune, X_train, y_train)
+        before[name] = _bench.task_score(kind, y_test, untrained[name].predict(X_test))
+        print(f"  {task} {name}: {time.perf_counter() - start:.0f} s elapsed", flush=True)
+    # The task's first fit paid the (then cached) pooling and LASSO paths.
+    first = untrained["baseline"].timings_
+    pool_select = float(first["pooling"] + first["selection"])
     base_timings = runs["baseline"].timings_
-    pool_select = float(base_timings["pooling"] + base_timings["selection"])
     times = {"baseline": float(base_timings["surgery"] + base_timings.get("finetune", 0.0))}
-    for gamma in config["gammas"]:
-        for rule, cls in RULES.items():
-            name = f"{rule} g={gamma:g}"
-            pruner = cls(net, gamma=gamma, **common).fit(X_train, y_train)
-            runs[name] = pruner
-            t = pruner.timings_
-            times[name] = pool_select + float(t["satellites"] + t["surgery"] + t.get("finetune", 0.0))
-            print(f"  {task} {name}: {time.perf_counter() - start:.0f} s elapsed", flush=True)
+    for name, pruner in list(runs.items())[1:]:
+        t = pruner.timings_
+        times[name] = pool_select + float(t["satellites"] + t["surgery"] + t.get("finetune", 0.0))
     shape = (3, *input_preset.size)
     latency = latencies({name: p.pruned_model_ for name, p in runs.items()}, shape)
     rows = []
@@ -119,6 +121,7 @@ def run_task(task, args, config, net, input_preset, memory):
                 method=name,
                 metric=_bench.metric_name(kind),
                 score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
+                score_before_ft=before[name],
                 parameters=count_parameters(pruner.pruned_model_),
                 flops=count_flops(pruner.pruned_model_, shape),
                 latency_ms=1e3 * latency[name],
@@ -146,13 +149,16 @@ def write_results(result, config, results, quick):
             f"{row['metric']} {row['score']:.3f} vs {base['score']:.3f}"
         )
     shown = result.set_index(["task", "method"])[
-        ["metric", "n_train", "score", "score_chg_pct", "parameters", "parameters_chg_pct", "flops", "flops_chg_pct",
+        ["metric", "n_train", "score_before_ft", "score", "score_chg_pct", "parameters", "parameters_chg_pct", "flops", "flops_chg_pct",
          "latency_ms", "latency_ms_chg_pct", "time_s", "time_s_chg_pct", "filters"]
     ]
     intro = (
         "ETL paper Table 1 with MobileFaceNet (CASIA-WebFace weights, RGB 112x96) as primary network. "
-        f"{config['n']} images per task (fixed seeded 75/25 split), {config['epochs']} fine-tuning epoch(s) "
-        f"(Adam, lr 1e-3, batch 32) for every method, LASSO paths of {config['alphas']} alphas. "
+        f"{config['n']} images per task (fixed seeded 75/25 split), "
+        f"{_bench.FINETUNE_TEXT.format(epochs=config['epochs'])} for every method, LASSO paths of "
+        f"{config['alphas']} alphas. score_before_ft: the pruned network with its "
+        "satellite head (ridge on the kept filters' pooled responses, BatchNorm statistics re-estimated), before "
+        "fine-tuning. "
         "Score: accuracy for gender/emotion, MAE (degrees / years) for yaw/age, on the test quarter. "
         "`*_chg_pct` = % change vs the task's baseline; latency: batch 1, 1 thread, median of alternating "
         "rounds. time_s: baseline = head fit + fine-tuning; pruned = pooling + selection + satellites + "

@@ -8,8 +8,8 @@ score on the test quarter, FLOPs (``profiling.count_flops``) and size in bytes
 (``memory``) and shared by all gammas. One figure per task with
 ``sklearn_craft.plotting.plot_gamma_tradeoff``: docs/_static/gamma_tradeoff_<task>.png.
 
-Full size (no --quick): 600 images per task, 8 gammas from 0.001 to 0.1 plus 0, 1 fine-tuning
-epoch. --quick: 120 images, gammas 0, 0.001, 0.01, 0.1, no fine-tuning.
+Full size (no --quick): 600 images per task, 8 gammas from 0.001 to 0.1 plus 0, at most 4
+fine-tuning epochs (early stopping, as in bench_etl_table.py). --quick: 120 images, gammas 0, 0.001, 0.01, 0.1, no fine-tuning.
 Run: python benchmarks/bench_gamma_tradeoff.py [--quick] [--n N] [--epochs E]
 Writes benchmarks/results/gamma_tradeoff.md and gamma_tradeoff.csv.
 """
@@ -30,7 +30,7 @@ from sklearn_craft.plotting import plot_gamma_tradeoff
 from sklearn_craft.profiling import count_flops, model_size_bytes
 from sklearn_craft.pruner import CraftPruner
 
-FULL = dict(n=600, epochs=1, gammas=(0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1), alphas=100)
+FULL = dict(n=600, epochs=4, gammas=(0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1), alphas=100)
 QUICK = dict(n=120, epochs=0, gammas=(0.0, 0.001, 0.01, 0.1), alphas=20)
 TASKS = ("gender", "yaw")
 
@@ -42,7 +42,7 @@ def main(argv=None):
     input_preset = preset("mobilefacenet")
     net = mobilefacenet(weights=args.data_root / _bench.WEIGHTS["mobilefacenet"])
     shape = (3, *input_preset.size)
-    finetune = dict(epochs=config["epochs"], lr=1e-3, batch_size=32) if config["epochs"] > 0 else None
+    finetune = _bench.finetune_settings(config["epochs"])
 
     frames, blocks = [], []
     with tempfile.TemporaryDirectory() as scratch:
@@ -59,12 +59,14 @@ def main(argv=None):
                     preprocess=input_preset.preprocess,
                     random_state=_bench.SEED,
                     memory=f"{scratch}/{task}",
-                ).fit(X_train, y_train)
+                )
+                untrained, pruner = _bench.fit_before_and_after_finetuning(pruner, finetune, X_train, y_train)
                 rows.append(
                     dict(
                         task=task,
                         gamma=gamma,
                         metric=_bench.metric_name(kind),
+                        score_before_ft=_bench.task_score(kind, y_test, untrained.predict(X_test)),
                         score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
                         flops=count_flops(pruner.pruned_model_, shape),
                         size_bytes=model_size_bytes(pruner.pruned_model_),
@@ -89,8 +91,9 @@ def main(argv=None):
     result.to_csv(results.with_suffix(".csv"), index=False)
     intro = (
         "ETL paper Figure 6: CRAFT on MobileFaceNet at several gamma (gamma 0 keeps every filter). "
-        f"{config['n']} images per task, 75/25 split, {config['epochs']} fine-tuning epoch(s) after pruning, "
-        f"LASSO paths of {config['alphas']} alphas. flops_pct / size_pct: % of the gamma-0 network."
+        f"{config['n']} images per task, 75/25 split, {_bench.FINETUNE_TEXT.format(epochs=config['epochs'])} "
+        f"after pruning, LASSO paths of {config['alphas']} alphas. score_before_ft: the pruned network with its "
+        "satellite head, before fine-tuning. flops_pct / size_pct: % of the gamma-0 network."
     )
     _bench.write_section(results, "Gamma trade-off (ETL Figure 6)", intro, blocks, args.quick)
     return result

@@ -177,7 +177,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Multiply every selected filter's pre-activation by its LASSO coefficient at the knee (ETL
         Eq. 5), or by the L2 norm of its coefficients over the encoded targets when there are
         several. Off by default: a negative coefficient does not flip a response through ReLU
-        (ReLU(-x) != -ReLU(x)), it replaces it by another one.
+        (ReLU(-x) != -ReLU(x)), it replaces it by another one. Needs ``gamma > 0``.
     recalibrate_bn : bool, default=True
         When surgery removed filters, re-estimate the running statistics of every BatchNorm layer
         of the cut network on the training images
@@ -327,6 +327,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         """Validate what ``_parameter_constraints`` cannot express; return the fine-tuning settings."""
         if self.truncate == "best" and self.head != "satellite":
             raise ValueError(f"truncate='best' needs head='satellite' (it drops the original head), got head={self.head!r}")
+        if self.scale_filters and self.gamma == 0:
+            # gamma=0 keeps every filter, also those whose coefficient is 0: scaling would silence them.
+            raise ValueError("scale_filters=True needs gamma > 0 (gamma=0 keeps filters whose LASSO coefficient is 0)")
         reserved = sorted(set(self.selector_params or {}) & set(_RESERVED_SELECTOR_PARAMS))
         if reserved:
             raise ValueError(f"selector_params must not set {reserved}: CraftPruner sets {list(_RESERVED_SELECTOR_PARAMS)}")

@@ -417,6 +417,7 @@ class _Branchy(nn.Module):
         ({"finetune": [("epochs", 2)]}, TypeError, "finetune"),
         ({"selector_params": {"gamma": 0.1}}, ValueError, "selector_params must not set \\['gamma'\\]"),
         ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"gamma": 0.0, "scale_filters": True}, ValueError, "scale_filters=True needs gamma > 0"),
     ],
 )
 def test_bad_parameters_leave_nothing_fitted(data, params, error, match):
