@@ -32,7 +32,7 @@ SYNTHETIC_TASKS = ["age", "male", "yaw", "smile", "glasses"]
 
 
 def _settings(quick):
-    """Sizes of the run: the full demo (a few minutes on 2 CPU cores) or the quick one used in tests."""
+    """Sizes of the run: the full demo (32 s on 2 idle cores) or the quick one used in tests."""
     if quick:
         return dict(n_primary=600, n_task=400, primary_epochs=2, finetune_epochs=1, gammas=[0.0, 0.05], cv=2)
     return dict(n_primary=1500, n_task=1000, primary_epochs=6, finetune_epochs=4, gammas=[0.0, 0.1, 0.01, 0.001], cv=3)
