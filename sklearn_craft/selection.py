@@ -419,10 +419,12 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         group_path = check_memory(self.memory).cache(_group_path)
         labels_in_order = pd.unique(pd.Series(groups, dtype=object))
         columns = [_as_slice(np.flatnonzero(groups == label)) for label in labels_in_order]
-        with threadpool_limits(limits=1, user_api="blas"):
+        with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
             paths = Parallel(n_jobs=self.n_jobs, prefer="threads")(
                 delayed(group_path)(X[:, cols], Y, splits, alphas, self.eps, self.standardize) for cols in columns
             )
+        _summarise_warnings(caught, n_fits=len(columns) * (len(splits) + 1) * len(paths[0][0]))
 
         support = np.zeros(X.shape[1], dtype=bool)
         coef = np.zeros((Y.shape[1], X.shape[1]))
@@ -470,6 +472,24 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         tags.target_tags.required = True
         tags.target_tags.multi_output = True
         return tags
+
+
+def _summarise_warnings(caught, n_fits):
+    """Re-emit ``caught`` warnings, the solvers' per-alpha ConvergenceWarnings folded into one."""
+    unconverged = 0
+    for caught_warning in caught:
+        if issubclass(caught_warning.category, ConvergenceWarning):
+            unconverged += 1
+        else:
+            warnings.warn(caught_warning.message, caught_warning.category, stacklevel=3)
+    if unconverged:
+        warnings.warn(
+            f"LASSO stopped before its duality-gap tolerance at {unconverged} of {n_fits} (path, alpha) fits, "
+            "mostly the smallest alphas of strongly correlated responses: the many-filter end of the "
+            "characteristic curves is approximate",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
 
 
 def _as_slice(indices):
@@ -598,19 +618,7 @@ def _solve_path(stats, grid, tol=1e-4):
     if len(C) - n_features == 1:
         F = _gram_root(C) * np.sqrt(len(C) / n_samples)
         Xf, yf = np.asfortranarray(F[:, :n_features]), F[:, n_features]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            _, coefs, _ = lasso_path(Xf, yf, alphas=grid, precompute=Xf.T @ Xf, Xy=Xf.T @ yf, tol=tol)
-        for other in (w for w in caught if not issubclass(w.category, ConvergenceWarning)):
-            warnings.warn(other.message, other.category, stacklevel=2)
-        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-            # One warning with a fixed text instead of one per alpha: Python shows it once.
-            warnings.warn(
-                "LASSO coordinate descent stopped before its duality-gap tolerance at some of the "
-                "smallest alphas (strongly correlated responses); the many-filter end of the "
-                "characteristic curves is approximate",
-                ConvergenceWarning,
-            )
+        _, coefs, _ = lasso_path(Xf, yf, alphas=grid, precompute=Xf.T @ Xf, Xy=Xf.T @ yf, tol=tol)
         coefs = coefs[None]
     else:
         coefs = _multitask_path(C, n_samples, n_features, grid, tol)

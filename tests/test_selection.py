@@ -1,4 +1,6 @@
 import doctest
+import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.exceptions import NotFittedError
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import MultiTaskLasso, RidgeCV, lasso_path
 from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, train_test_split
 from sklearn.pipeline import make_pipeline
@@ -587,3 +589,16 @@ def test_plot_one_curve_and_one_knee_per_group():
     with pytest.raises(NotFittedError):
         plot_characteristic_curves(LassoFilterSelector(), ax=ax)
     plt.close("all")
+
+
+def test_solver_convergence_warnings_are_folded_into_one_per_fit():
+    # Nearly collinear responses (ReLU of 3 factors): coordinate descent stops early at small alphas.
+    rng = np.random.default_rng(0)
+    factors = rng.normal(size=(200, 3))
+    X = np.maximum(factors @ rng.normal(size=(3, 150)), 0) + 1e-3 * rng.normal(size=(200, 150))
+    y = factors[:, 0] + 0.5 * rng.normal(size=200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LassoFilterSelector(gamma=0.01, groups=np.repeat(["a", "b"], 75), random_state=0).fit(X, y)
+    assert len(caught) == 1 and issubclass(caught[0].category, ConvergenceWarning)
+    assert re.search(r"at \d+ of 400 \(path, alpha\) fits", str(caught[0].message))
