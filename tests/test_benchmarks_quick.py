@@ -44,7 +44,7 @@ def test_etl_table_has_one_row_per_method_and_changes_against_the_baseline(share
     assert (frame.loc[0, [f"{c}_chg_pct" for c in numeric]] == 0).all()
     # The three rules keep the same per-layer counts before the coupled merge, and all prune.
     assert (frame.loc[1:, "flops"] < frame.loc[0, "flops"]).all()
-    assert frame["score"].between(0, 1).all()
+    assert frame["score"].between(0, 1).all() and frame["score_before_ft"].between(0, 1).all()
     assert "| gender | craft g=0.1 |" in text
 
 
@@ -54,7 +54,7 @@ def test_gamma_tradeoff_gives_a_row_per_gamma_and_a_figure(shared_data, tmp_path
                       "--alphas", "5")
     frame = pd.read_csv(results.with_suffix(".csv"))
     assert frame["gamma"].tolist() == [0.0, 0.1] and set(frame["task"]) == {"yaw"}
-    assert _finite(frame, ["score", "flops", "size_bytes", "flops_pct", "size_pct"])
+    assert _finite(frame, ["score_before_ft", "score", "flops", "size_bytes", "flops_pct", "size_pct"])
     assert frame.loc[0, "flops_pct"] == 100 and frame.loc[1, "flops"] < frame.loc[0, "flops"]
     assert (tmp_path / "gamma_tradeoff_yaw.png").stat().st_size > 0
 
