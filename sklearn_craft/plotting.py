@@ -229,8 +229,10 @@ def plot_gamma_tradeoff(table, score="score", cost="flops", ax=None, *, score_la
     ordered = table.sort_values(cost)
     relative = 100.0 * ordered[cost] / ordered[cost].max()
     ax.plot(relative, ordered[score], marker="o")
-    for gamma, x, y in zip(ordered.index, relative, ordered[score]):
-        ax.annotate("baseline" if gamma == 0 else f"γ={gamma:g}", (x, y), textcoords="offset points", xytext=(4, 4))
+    for position, (gamma, x, y) in enumerate(zip(ordered.index, relative, ordered[score])):
+        # Labels of neighbours in cost alternate above and below their points, so close ones stay legible.
+        offset = (4, 4) if position % 2 == 0 else (4, -12)
+        ax.annotate("baseline" if gamma == 0 else f"γ={gamma:g}", (x, y), textcoords="offset points", xytext=offset)
     ax.set_xlabel(f"{cost} (% of the largest)")
     ax.set_ylabel(score_label or score)
     ax.grid(True, alpha=0.3)
