@@ -625,7 +625,7 @@ def _solve_path(stats, grid, tol=1e-4):
     return coefs / stats["x_scale"][None, :, None]
 
 
-def _multitask_path(C, n_samples, n_features, grid, tol, max_iter=10_000):
+def _multitask_path(C, n_samples, n_features, grid, tol, max_iter=1_000):
     """Multi-task (L2,1) LASSO path by accelerated proximal gradient on the Gram matrix.
 
     Minimises ``‖Y − XW‖²/2 + nα·Σ_j ‖W_j‖₂`` (n times scikit-learn's objective) with FISTA and
@@ -635,7 +635,10 @@ def _multitask_path(C, n_samples, n_features, grid, tol, max_iter=10_000):
     ``y``: a duality gap (its formulation) at most ``tol·‖Y‖²``. On dense paths of correlated
     filters, block coordinate descent (scikit-learn's compiled one, run on a square root of
     ``C``) took 5-10 times longer in our measurements, and stopped at its iteration limit where
-    filters were nearly collinear.
+    filters were nearly collinear. ``max_iter`` is scikit-learn's default for its LASSO solvers:
+    on MobileFaceNet's 50 layers and a 7-class target (450 images) a cap of 10 000 gave the same
+    knees in every layer and took 1.7 times longer (196 s against 113 s), the extra iterations
+    going to alphas that had not converged in 1 000.
     """
     gram, xy = C[:n_features, :n_features], C[:n_features, n_features:]
     yy = np.trace(C[n_features:, n_features:])
