@@ -94,14 +94,13 @@ def run_task(task, args, config, net, input_preset, memory):
         memory=memory,
         progress=False,
     )
-    runs, before, untrained = {}, {}, {}
+    runs, untrained = {}, {}
     start = time.perf_counter()
     methods = [("baseline", CraftPruner, 0.0)]
     methods += [(f"{rule} g={gamma:g}", cls, gamma) for gamma in config["gammas"] for rule, cls in RULES.items()]
     for name, cls, gamma in methods:
         pruner = cls(net, gamma=gamma, finetune=finetune, **common)
         untrained[name], runs[name] = _bench.fit_before_and_after_finetuning(pruner, finetune, X_train, y_train)
-        before[name] = _bench.task_score(kind, y_test, untrained[name].predict(X_test))
         print(f"  {task} {name}: {time.perf_counter() - start:.0f} s elapsed", flush=True)
     # The task's first fit paid the (then cached) pooling and LASSO paths.
     first = untrained["baseline"].timings_
@@ -121,7 +120,7 @@ def run_task(task, args, config, net, input_preset, memory):
                 method=name,
                 metric=_bench.metric_name(kind),
                 score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
-                score_before_ft=before[name],
+                score_before_ft=_bench.task_score(kind, y_test, untrained[name].predict(X_test)),
                 parameters=count_parameters(pruner.pruned_model_),
                 flops=count_flops(pruner.pruned_model_, shape),
                 latency_ms=1e3 * latency[name],

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._data import as_image_dataset, iter_batches
+from .pooling import _evaluating
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
 FINETUNE_DEFAULTS = {
@@ -209,12 +210,15 @@ def finetune(
         opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
     criterion = _LOSSES[loss]()
 
+    def validation_loss():
+        model.eval()
+        with torch.no_grad():
+            return _run_epoch(model, criterion, dataset, target, val_idx, batch_size, device, preprocess)
+
     rows = []
     best_loss, best_state, stale = np.inf, None, 0
     if n_val:
-        model.eval()
-        with torch.no_grad():
-            best_loss = _run_epoch(model, criterion, dataset, target, val_idx, batch_size, device, preprocess)
+        best_loss = validation_loss()
         rows.append({"epoch": 0, "train_loss": np.nan, "val_loss": best_loss})
         if early_stopping is not None:
             best_state = copy.deepcopy(model.state_dict())
@@ -225,11 +229,7 @@ def finetune(
             model.train()
             shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
             train_loss = _run_epoch(model, criterion, dataset, target, shuffled, batch_size, device, preprocess, opt)
-            val_loss = np.nan
-            if n_val:
-                model.eval()
-                with torch.no_grad():
-                    val_loss = _run_epoch(model, criterion, dataset, target, val_idx, batch_size, device, preprocess)
+            val_loss = validation_loss() if n_val else np.nan
             rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             if early_stopping is None:
                 continue
@@ -287,22 +287,19 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
-    modes = [(module, module.training) for module in model.modules()]
     momenta = [norm.momentum for norm in norms]
     try:
-        model.eval()
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None
-            norm.train()
-        with torch.no_grad():
-            for batch in iter_batches(as_image_dataset(X), batch_size, device=device, preprocess=preprocess):
-                model(batch)
+        with _evaluating(model):
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None
+                norm.train()
+            with torch.no_grad():
+                for batch in iter_batches(as_image_dataset(X), batch_size, device=device, preprocess=preprocess):
+                    model(batch)
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-        for module, training in modes:
-            module.training = training
     return model
 
 

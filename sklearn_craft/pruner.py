@@ -31,7 +31,7 @@ from torch import nn
 
 from ._data import as_image_dataset, input_channels, iter_batches
 from .finetune import check_finetune_params, finetune, recalibrate_batchnorm
-from .pooling import ActivationPooler
+from .pooling import ActivationPooler, _evaluating
 from .profiling import compare_models
 from .selection import LassoFilterSelector, encode_target
 from .surgery import coupled_groups, merge_keep, prune_channels, truncate
@@ -510,15 +510,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     @staticmethod
     def _output_width(model, example):
         """Number of outputs per example of ``model``, run in eval mode (its flags are restored)."""
-        modes = [(module, module.training) for module in model.modules()]
         parameter = next(model.parameters(), None)
-        model.eval()
-        try:
-            with torch.inference_mode():
-                output = model(example if parameter is None else example.to(parameter.device))
-        finally:
-            for module, training in modes:
-                module.training = training
+        with _evaluating(model), torch.inference_mode():
+            output = model(example if parameter is None else example.to(parameter.device))
         return int(np.prod(output.shape[1:]))
 
     def _fit_satellites(self, features, y, target_type, layers, starts, selected, seed):
