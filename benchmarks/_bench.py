@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import sklearn
 import sklearn.base
 import torch
@@ -101,10 +100,10 @@ def fit_before_and_after_finetuning(pruner, finetune, X_train, y_train):
     kept filters' responses) before any training. With ``memory`` set on the pruner the second
     fit reuses the first one's pooled responses and LASSO paths.
     """
-    untrained = sklearn.base.clone(pruner).set_params(finetune=None).fit(X_train, y_train)
+    untrained = sklearn.base.clone(pruner).set_params(finetune_params=None).fit(X_train, y_train)
     if finetune is None:
         return untrained, untrained
-    return untrained, sklearn.base.clone(pruner).set_params(finetune=finetune).fit(X_train, y_train)
+    return untrained, sklearn.base.clone(pruner).set_params(finetune_params=finetune).fit(X_train, y_train)
 
 
 def load(dataset, root, n, preset, cache=None):

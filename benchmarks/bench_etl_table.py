@@ -4,7 +4,7 @@ For each task (gender: CelebA ``Male``; emotion: FER2013, 7 classes; yaw: AFLW20
 |angle| <= 99; age: UTKFace) on a fixed seeded 75/25 split of ``--n`` images:
 
 baseline  full fine-tuning of MobileFaceNet (CASIA-WebFace weights) with a new head:
-          ``CraftPruner(gamma=0, head="satellite", finetune=...)``. gamma=0 keeps every filter, so the
+          ``CraftPruner(gamma=0, head="satellite", finetune_params=...)``. gamma=0 keeps every filter, so the
           network is the original one cut after its last convolution's response, then global average
           pooling and a Linear head (initialised as the ridge satellite), and all of it is trained.
 craft     ``CraftPruner(gamma=g)`` with the same fine-tuning budget, g in ``--gammas``.
@@ -36,7 +36,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 
 import _bench
 from sklearn_craft.models import mobilefacenet, preset
@@ -99,7 +98,7 @@ def run_task(task, args, config, net, input_preset, memory):
     methods = [("baseline", CraftPruner, 0.0)]
     methods += [(f"{rule} g={gamma:g}", cls, gamma) for gamma in config["gammas"] for rule, cls in RULES.items()]
     for name, cls, gamma in methods:
-        pruner = cls(net, gamma=gamma, finetune=finetune, **common)
+        pruner = cls(net, gamma=gamma, finetune_params=finetune, **common)
         untrained[name], runs[name] = _bench.fit_before_and_after_finetuning(pruner, finetune, X_train, y_train)
         print(f"  {task} {name}: {time.perf_counter() - start:.0f} s elapsed", flush=True)
     # The task's first fit paid the (then cached) pooling and LASSO paths.

@@ -2,7 +2,7 @@
 
 For gender (CelebA ``Male``, accuracy) and head-pose yaw (AFLW2000, MAE in degrees), on the same
 fixed seeded 75/25 split as bench_etl_table.py: ``CraftPruner(mobilefacenet, gamma=g,
-finetune=...)`` for every g in ``--gammas`` (gamma 0 = every filter kept, the unpruned reference),
+finetune_params=...)`` for every g in ``--gammas`` (gamma 0 = every filter kept, the unpruned reference),
 score on the test quarter, FLOPs (``profiling.count_flops``) and size in bytes
 (``profiling.model_size_bytes``). Pooled activations and LASSO paths are computed once per task
 (``memory``) and shared by all gammas. One figure per task with
@@ -22,7 +22,6 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 
 import _bench
 from sklearn_craft.models import mobilefacenet, preset
@@ -54,7 +53,7 @@ def main(argv=None):
                 pruner = CraftPruner(
                     net,
                     gamma=gamma,
-                    finetune=finetune,
+                    finetune_params=finetune,
                     selector_params=dict(alphas=config["alphas"]),
                     preprocess=input_preset.preprocess,
                     random_state=_bench.SEED,

@@ -30,7 +30,7 @@ import sklearn
 import torch
 from torch.utils.data import Dataset
 
-from sklearn_craft._data import iter_batches
+from sklearn_craft.images import iter_batches
 from sklearn_craft.models import vgg16
 from sklearn_craft.pooling import ActivationPooler
 

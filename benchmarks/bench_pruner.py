@@ -7,7 +7,7 @@ P4   For VGG16 (VGG-Face layout) and MobileNet V1 at 112x112, with either head, 
      by the FLOPs ratio (original / pruned FLOPs, ``profiling.count_flops``). Goal >= 0.7: the
      measured speed-up is at least 70 % of what the FLOPs promise. Latency is the median over
      alternating rounds of ``profiling.measure_latency`` (batch 1), original and pruned in turn.
-Fit  ``CraftPruner(model, gamma=0.01, finetune=None).fit`` on synthetic faces
+Fit  ``CraftPruner(model, gamma=0.01, finetune_params=None).fit`` on synthetic faces
      (``datasets.make_faces``, yaw regression), split by ``timings_`` into pooling / selection /
      satellites / surgery / report.
 
@@ -136,7 +136,7 @@ def fit_times(n_images, threads):
         for name in ("vgg16", "mobilenet_v1"):
             model = build(name)
             start = time.perf_counter()
-            pruner = CraftPruner(model, gamma=0.01, finetune=None, batch_size=32, random_state=0).fit(images, y)
+            pruner = CraftPruner(model, gamma=0.01, finetune_params=None, batch_size=32, random_state=0).fit(images, y)
             total = time.perf_counter() - start
             kept = sum(len(k) for k in pruner.keep_.values()) / sum(
                 m.out_channels for n, m in model.named_modules() if n in pruner.keep_
@@ -223,7 +223,7 @@ def main():
         "",
         "### Time of `CraftPruner.fit` without fine-tuning",
         "",
-        f"`CraftPruner(model, gamma=0.01, finetune=None, batch_size=32, random_state=0)` on "
+        f"`CraftPruner(model, gamma=0.01, finetune_params=None, batch_size=32, random_state=0)` on "
         f"{args.fit_images} synthetic {SIZE}x{SIZE} faces (`make_faces`, yaw regression), "
         "random-weight networks, seconds per stage from `timings_` (the report measures latency "
         f"of both networks with `compare_models`). Load average after the fits: {load_fit:.1f}.",

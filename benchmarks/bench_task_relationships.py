@@ -44,7 +44,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 import _bench
-from sklearn_craft._data import as_image_dataset, iter_batches
+from sklearn_craft.images import as_image_dataset, iter_batches
 from sklearn_craft.finetune import finetune
 from sklearn_craft.models import mini_xception, mobilefacenet, mtcnn_onet, preset
 from sklearn_craft.plotting import plot_task_matrix

@@ -85,7 +85,7 @@ for task, (loss, n_outputs, target) in primaries.items():
 # %%
 # Satellite tasks
 # ---------------
-# Column kinds are inferred (integers → categorical, bool → binary, floats → continuous); age is
+# Column kinds are inferred (integers → multiclass, bool → binary, floats → continuous); age is
 # binned into ordered groups, regressed and rounded to the nearest group as in the paper.
 tasks = pd.DataFrame(
     {

@@ -17,7 +17,7 @@ from . import datasets, models
 from .finetune import finetune
 from .pruner import CraftPruner
 from .relationships import layer_task_matrix
-from .selection import encode_target
+from .targets import encode_target
 
 #: Satellite task of each real data set (a column of its loader's labels) when ``task`` is not given.
 DEFAULT_TASKS = {
@@ -101,10 +101,10 @@ def _prune_at_gammas(net, images, y, train, test, settings, preprocess, random_s
             gamma=gamma,
             # Cut after the layer whose satellite scores best (Low-cost TL paper, pruning step 1):
             # the last layers of a recognition network are the least useful for other tasks.
-            truncate="best",
+            head_layer="best",
             # A gentle fine-tuning that keeps the best epoch on held-out images: a few hundred
             # images are too few to retrain a whole network at a large learning rate.
-            finetune={
+            finetune_params={
                 "epochs": settings["finetune_epochs"],
                 "lr": 1e-4,
                 "validation_fraction": 0.2,

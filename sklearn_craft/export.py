@@ -19,7 +19,7 @@ import zipfile
 import torch
 from torch import nn
 
-from .pooling import _evaluating
+from .inspection import _evaluating
 from .profiling import _check_input_shape
 
 __all__ = ["load_model", "save_model"]

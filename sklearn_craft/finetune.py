@@ -18,8 +18,8 @@ from sklearn.utils._param_validation import Interval, StrOptions, validate_param
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._data import as_image_dataset, iter_batches
-from .pooling import _evaluating
+from .images import as_image_dataset, iter_batches
+from .inspection import _evaluating
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
 FINETUNE_DEFAULTS = {
@@ -79,15 +79,15 @@ def check_finetune_params(params):
     (3, 'adam')
     """
     if not isinstance(params, dict):
-        raise TypeError(f"finetune must be None or a dict, got {type(params).__name__}")
+        raise TypeError(f"finetune_params must be None or a dict, got {type(params).__name__}")
     unknown = sorted(set(params) - set(FINETUNE_DEFAULTS))
     if unknown:
-        raise ValueError(f"finetune has unknown keys {unknown}; allowed keys are {sorted(FINETUNE_DEFAULTS)}")
+        raise ValueError(f"finetune_params has unknown keys {unknown}; allowed keys are {sorted(FINETUNE_DEFAULTS)}")
     merged = {**FINETUNE_DEFAULTS, **params}
-    validate_parameter_constraints(_CONSTRAINTS, merged, caller_name="finetune")
+    validate_parameter_constraints(_CONSTRAINTS, merged, caller_name="finetune_params")
     if merged["early_stopping"] is not None and merged["validation_fraction"] == 0:
         raise ValueError(
-            "finetune['early_stopping'] needs finetune['validation_fraction'] > 0, "
+            "finetune_params['early_stopping'] needs finetune_params['validation_fraction'] > 0, "
             f"got validation_fraction={merged['validation_fraction']!r}"
         )
     return merged
@@ -123,7 +123,7 @@ def finetune(
     model : torch.nn.Module
         The network to train; it is modified in place (pass a copy to keep the original).
     X : array-like, torch.Tensor or torch.utils.data.Dataset
-        Images, in any form accepted by :func:`sklearn_craft._data.as_image_dataset`.
+        Images, in any form accepted by :func:`sklearn_craft.images.as_image_dataset`.
     y : array-like of shape (n_samples,) or (n_samples, n_outputs)
         Targets in the form the loss expects: class indices for ``"cross_entropy"``, 0/1 values for
         ``"bce"`` and real values for ``"mse"``. A 1-D ``y`` is matched to a model output of shape
@@ -261,7 +261,7 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
         The network; its BatchNorm buffers are modified in place. Other modules stay in eval mode
         (no dropout) and every module's ``training`` flag is restored afterwards.
     X : array-like, torch.Tensor or torch.utils.data.Dataset
-        Images, in any form accepted by :func:`sklearn_craft._data.as_image_dataset`.
+        Images, in any form accepted by :func:`sklearn_craft.images.as_image_dataset`.
     batch_size : int, default=64
         Images per forward pass.
     device : str or torch.device, default="cpu"

@@ -77,7 +77,7 @@ def plot_task_matrix(
     import numpy as np
     import pandas as pd
 
-    from .relationships import _greater_is_better
+    from .relationships import score_direction
 
     if not isinstance(matrix, pd.DataFrame):
         raise TypeError(f"matrix must be a pandas DataFrame, got {type(matrix).__name__}")
@@ -100,7 +100,7 @@ def plot_task_matrix(
         low, high = np.fmin.reduce(values, axis=0), np.fmax.reduce(values, axis=0)
         span = np.where(high > low, high - low, 1.0)
         colours = (values - low) / span
-        colours = np.where(_greater_is_better(matrix).to_numpy(), colours, 1.0 - colours)
+        colours = np.where(score_direction(matrix).to_numpy(), colours, 1.0 - colours)
         colours[:, ~(high > low)] = 1.0
         colours[np.isnan(values)] = np.nan
         vmin, vmax, label = 0.0, 1.0, "score within task (1 = best)"
@@ -171,13 +171,13 @@ def plot_layer_task_matrix(
     """
     from matplotlib.patches import Rectangle
 
-    from .relationships import _best_rows
+    from .relationships import best_rows
 
     ax = plot_task_matrix(
         matrix, ax, cmap, annotate, fmt=fmt, normalize=normalize, vmin=vmin, vmax=vmax, colorbar=colorbar
     )
     if best_layer is None:
-        best_layer = _best_rows(matrix)
+        best_layer = best_rows(matrix)
     ax.set_ylabel(matrix.index.name or "layer")
     for j, task in enumerate(matrix.columns):
         if task not in best_layer:

@@ -4,230 +4,29 @@ For every pooled convolution, each image is summarised by one number per filter:
 H×W of that filter's *response* (equation 1 of the ETL paper). The response of a convolution is
 the output of the elementwise nonlinearity that directly follows it, ``Conv -> [BatchNorm] ->
 activation``, because that is the signal the next layer sees; when no activation follows, it is
-the BatchNorm output, else the convolution output. :func:`find_responses` decides this once for
-the whole library (``surgery.truncate`` cuts a network at the same place).
+the BatchNorm output, else the convolution output.
+:func:`~sklearn_craft.inspection.find_responses` decides this once for the whole library
+(``surgery.truncate`` cuts a network at the same place).
 """
 
-import copy
 import itertools
 import marshal
 import pickle
-import threading
 import types
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from numbers import Integral
 
 import joblib
 import numpy as np
 import torch
-import torch.fx
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 from torch import nn
 
-from ._data import as_image_dataset, input_channels, iter_batches
-
-#: Elementwise nonlinearities whose output is taken as the response of the preceding conv.
-ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-)
-_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
-
-# Hooks and eval() are set on the user's model itself; transforms running in threads (joblib's
-# threading backend) on one model would otherwise record each other's batches or restore
-# each other's training flags out of order.
-_FORWARD_LOCK = threading.Lock()
-
-
-def _select_convs(model, layers):
-    """Names of the nn.Conv2d modules selected by ``layers``, in registration order."""
-    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    if isinstance(layers, str):
-        if layers != "conv":
-            raise ValueError(f"layers must be 'conv', a list of module names or a callable, got {layers!r}")
-        selected = list(convs)
-    elif callable(layers):
-        selected = [name for name, module in convs.items() if layers(name, module)]
-    elif isinstance(layers, (list, tuple)):
-        modules = dict(model.named_modules())
-        for name in layers:
-            if name not in modules:
-                raise ValueError(
-                    f"layers contains {name!r}, which is not a module of the model; "
-                    f"conv layers are for instance {list(convs)[:5]}"
-                )
-            if not isinstance(modules[name], nn.Conv2d):
-                raise ValueError(
-                    f"layers must name nn.Conv2d modules, got {name!r}, " f"a {type(modules[name]).__name__}"
-                )
-        duplicates = [name for name, count in Counter(layers).items() if count > 1]
-        if duplicates:
-            raise ValueError(f"layers must not repeat a name, got {duplicates} more than once")
-        selected = list(layers)
-    else:
-        raise TypeError("layers must be 'conv', a list of module names or a callable, " f"got {type(layers).__name__}")
-    if not selected:
-        raise ValueError(f"layers={layers!r} selects no nn.Conv2d of the model")
-    return selected
-
-
-@contextmanager
-def _evaluating(model):
-    """Put ``model`` in eval mode, restoring every submodule's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-def _leaves(model):
-    return [name for name, module in model.named_modules() if next(module.children(), None) is None]
-
-
-def _call_sequence(model, example_input):
-    """Names of the leaf modules of ``model`` in the order they run on ``example_input``."""
-    sequence = []
-    modules = dict(model.named_modules())
-    with _FORWARD_LOCK, _evaluating(model), torch.inference_mode():
-        handles = [
-            modules[name].register_forward_hook(lambda *_, name=name: sequence.append(name)) for name in _leaves(model)
-        ]
-        try:
-            model(example_input)
-        finally:
-            for handle in handles:
-                handle.remove()
-    return sequence
-
-
-def _traced_graph(model):
-    """The torch.fx graph of ``model`` in eval mode, or None when it does not trace."""
-    try:
-        with _FORWARD_LOCK, _evaluating(model):
-            return torch.fx.symbolic_trace(model).graph
-    # Untraceable Python (data-dependent control flow, unsupported calls) fails with many
-    # exception types; any of them means "use the fallback".
-    except Exception:
-        return None
-
-
-def _dataflow(model, example_input):
-    """What runs after what: (successor of each module, calls per module, first-run order)."""
-    graph = _traced_graph(model)
-    if graph is not None:
-        nodes = [node for node in graph.nodes if node.op == "call_module"]
-        calls = Counter(node.target for node in nodes)
-        following = {}
-        for node in nodes:
-            users = list(node.users)
-            if len(users) == 1 and users[0].op == "call_module":
-                following[node.target] = users[0].target
-        order = [node.target for node in nodes]
-    else:
-        if example_input is None:
-            order = _leaves(model)
-        else:
-            order = _call_sequence(model, example_input)
-        # In registration order every module counts as run once: a shared one goes unnoticed.
-        calls = Counter(order)
-        following = dict(itertools.pairwise(order))
-    return following, calls, order
-
-
-def find_responses(model, layers="conv", *, example_input=None):
-    """Locate the module whose output is the response of each convolution.
-
-    The response of a convolution is the output of the elementwise activation that directly
-    follows it (``Conv -> [BatchNorm] -> activation``, the activation being one of
-    ``ACTIVATIONS``); when no activation follows, the output of its BatchNorm; else the
-    convolution's own output. "Directly follows" is read from the torch.fx graph: the conv's
-    only consumer is the BatchNorm or activation module, and so on. A module called more than
-    once in the graph (for instance one ``self.relu`` shared by the two convolutions of a
-    torchvision ResNet block) cannot be hooked for a single site, so the response stops
-    before it. Activations called as functions (``F.relu``) are not modules and are not
-    followed either.
-
-    When the model does not trace with torch.fx, the order in which leaf modules run on
-    ``example_input`` stands in for the graph (a module run more than once is still
-    excluded), or, without ``example_input``, their registration order (which cannot detect a
-    shared activation).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The network (not modified; its training flags are restored).
-    layers : "conv", list of str or callable, default="conv"
-        The convolutions: every ``nn.Conv2d``; their names; or a predicate
-        ``(name, module) -> bool`` called on every ``nn.Conv2d``.
-    example_input : torch.Tensor, default=None
-        A batch the model accepts, used only when the model does not trace with torch.fx.
-
-    Returns
-    -------
-    responses : dict
-        Conv name -> name of the module whose output is its response, in forward order
-        (convolutions that never run come last, mapped to themselves).
-
-    Raises
-    ------
-    TypeError
-        If ``model`` is not an ``nn.Module`` or ``layers`` of none of the accepted types.
-    ValueError
-        If a name in ``layers`` is unknown or not an ``nn.Conv2d``, or nothing is selected.
-
-    Examples
-    --------
-    >>> from torch import nn
-    >>> from sklearn_craft.pooling import find_responses
-    >>> model = nn.Sequential(
-    ...     nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-    ...     nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
-    ...     nn.Conv2d(8, 4, 3),
-    ... )
-    >>> find_responses(model)
-    {'0': '2', '3': '4', '5': '5'}
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    convs = _select_convs(model, layers)
-    modules = dict(model.named_modules())
-    following, calls, order = _dataflow(model, example_input)
-
-    def next_if(name, kinds):
-        successor = following.get(name) if calls[name] == 1 else None
-        if successor is not None and isinstance(modules[successor], kinds):
-            if calls[successor] == 1:
-                return successor
-        return None
-
-    responses = {}
-    for conv in convs:
-        response = next_if(conv, _NORMS) or conv
-        responses[conv] = next_if(response, ACTIVATIONS) or response
-    first_run = {name: position for position, name in reversed(list(enumerate(order)))}
-    return dict(sorted(responses.items(), key=lambda item: first_run.get(item[0], len(order))))
+from .images import as_image_dataset, input_channels, iter_batches
+from .inspection import _FORWARD_LOCK, _call_sequence, _evaluating, _on_device, _select_convs, find_responses
 
 
 def _spatial_mean(maps):
@@ -280,14 +79,6 @@ class _ChannelMeans:
         except _AllRecorded:
             return
         raise RuntimeError(f"{self.pending} pooled layer(s) did not run on samples {start}..{self.rows.stop - 1}")
-
-
-def _on_device(model, device):
-    """``model`` when it already lives on ``device``, else a moved copy (never move the user's)."""
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    if tensor is None or tensor.device == device:
-        return model
-    return copy.deepcopy(model).to(device)
 
 
 def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress, key=None):
@@ -358,7 +149,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
     mean over H×W of the filter's response, where the response is the output of the
     nonlinearity directly following the convolution (``Conv -> [BatchNorm] -> activation``),
     falling back to the BatchNorm or convolution output when none follows (see
-    :func:`find_responses`, and ``responses_`` for what was chosen). These are the features on
+    :func:`~sklearn_craft.inspection.find_responses`, and ``responses_`` for what was chosen). These are the features on
     which :class:`~sklearn_craft.selection.LassoFilterSelector` selects filters.
 
     The network runs in eval mode under ``torch.inference_mode()``, batch by batch; forward
@@ -465,7 +256,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         ----------
         X : ndarray, torch.Tensor or torch.utils.data.Dataset
             Images: N×C×H×W float, N×H×W×C ``uint8``, a tensor N×C×H×W, or a Dataset of ``x``
-            or ``(x, y)`` items (see :func:`sklearn_craft._data.as_image_dataset`).
+            or ``(x, y)`` items (see :func:`sklearn_craft.images.as_image_dataset`).
         y : None
             Ignored.
 

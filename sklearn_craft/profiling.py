@@ -25,17 +25,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .pooling import _evaluating
+from .inspection import _check_model, _evaluating, _recording_leaf_calls
 
 __all__ = ["compare_models", "count_flops", "count_parameters", "measure_latency", "model_size_bytes"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _check_model(model):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _check_int(value, name, minimum=1):
@@ -126,22 +121,6 @@ def _module_flops(module, inputs, output):
 def _input_dtype(model):
     """dtype of the first floating-point parameter of ``model`` (the default dtype when it has none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-
-
-@contextmanager
-def _recording_leaf_calls(model):
-    """Record (name, module, inputs, output) of every call of a leaf module, removing the hooks afterwards."""
-    calls = []
-    handles = [
-        module.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m, i, o)))
-        for name, module in model.named_modules()
-        if next(module.children(), None) is None
-    ]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _leaf_calls(model, input_shape):

@@ -9,8 +9,6 @@ in one shot (:mod:`~sklearn_craft.surgery`), attach a head, optionally fine-tune
 This module only composes them.
 """
 
-import copy
-import itertools
 import time
 from collections import OrderedDict
 from numbers import Integral, Real
@@ -18,74 +16,27 @@ from numbers import Integral, Real
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
-from sklearn.linear_model import RidgeClassifierCV, RidgeCV
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.metrics import accuracy_score, r2_score
-from sklearn.model_selection import train_test_split
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._data import as_image_dataset, input_channels, iter_batches
+from .images import as_image_dataset, input_channels, iter_batches
 from .finetune import check_finetune_params, finetune, recalibrate_batchnorm
-from .pooling import ActivationPooler, _evaluating
+from .inspection import _evaluating, _on_device, _select_convs
+from .pooling import ActivationPooler
 from .profiling import compare_models
-from .selection import LassoFilterSelector, encode_target
-from .surgery import coupled_groups, merge_keep, prune_channels, truncate
+from .satellites import fit_layer_satellites, make_satellite, satellite_head
+from .selection import LassoFilterSelector
+from .surgery import prune_channels, truncate
+from .targets import CLASSIFICATION_KINDS, encode_target
 
-_CLASSIFICATION = ("binary", "multiclass", "multilabel-indicator")
-#: Ridge penalties tried (by efficient leave-one-out) for every satellite, on standardized features.
-_SATELLITE_ALPHAS = np.logspace(-3, 3, 13)
 #: Share of the samples held out to score each layer's satellite (``satellite_scores_``).
 _SCORE_FRACTION = 0.25
 #: LassoFilterSelector parameters the pruner sets itself.
 _RESERVED_SELECTOR_PARAMS = ("gamma", "groups", "memory")
-
-
-def _satellite(target_type):
-    """Unfitted satellite estimator: centring then a ridge model with a linear decision.
-
-    The pooled responses are centred but not scaled: with per-feature standardisation a filter
-    whose response barely varies on the training images (a standard deviation of 1e-7, common in
-    a layer whose inputs were pruned away) can take a weight of 1e7 once the scaler is folded into
-    the head, and the smallest change of that filter during fine-tuning then swamps the output.
-    On raw responses the ridge penalty keeps such a filter's weight small.
-    """
-    if target_type in _CLASSIFICATION:
-        linear = RidgeClassifierCV(alphas=_SATELLITE_ALPHAS)
-    else:
-        linear = RidgeCV(alphas=_SATELLITE_ALPHAS)
-    return make_pipeline(StandardScaler(with_std=False), linear)
-
-
-def _decision(satellite, features):
-    """The satellite's linear output: ``decision_function`` of a classifier, ``predict`` of a regressor."""
-    if hasattr(satellite, "decision_function"):
-        return satellite.decision_function(features)
-    return satellite.predict(features)
-
-
-def _linear_head(satellite):
-    """An ``nn.Linear`` computing ``_decision(satellite, features)`` (centring folded into the bias)."""
-    scaler, linear = satellite[0], satellite[-1]
-    weight = np.atleast_2d(linear.coef_)
-    bias = np.atleast_1d(linear.intercept_) - weight @ scaler.mean_
-    layer = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(weight))
-        layer.bias.copy_(torch.as_tensor(bias))
-    return layer
-
-
-def _on_cpu(model):
-    """``model`` when all its tensors are on the CPU (where latency is measured), else a CPU copy."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    if all(tensor.device.type == "cpu" for tensor in tensors):
-        return model
-    return copy.deepcopy(model).cpu()
 
 
 class _Stopwatch:
@@ -115,35 +66,35 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     additions or depthwise convolutions being kept when any coupled layer selects them), attaches
     a head, optionally fine-tunes and measures the savings. The model passed in is never modified.
 
-    Targets are read like :func:`sklearn_craft.selection.encode_target` reads them: floats are
+    Targets are read like :func:`sklearn_craft.targets.encode_target` reads them: floats are
     regressed (1-D or several outputs), integer or string labels are binary or multi-class
     classes, and a 0/1 matrix is a multi-label target. Cast integer targets to float to regress
     on them.
 
-    **Satellites.** For every pooled layer, ``satellites_[layer]`` is a scikit-learn pipeline
-    ``StandardScaler(with_std=False) -> RidgeCV`` (regression) or ``... -> RidgeClassifierCV``
-    (classification: one ±1 ridge regression per class or label, a one-vs-rest linear decision
-    that handles binary, multi-class and multi-label targets alike, in closed form) fitted on the
-    pooled responses of that layer's LASSO-selected filters ``selected_[layer]`` in the original
-    network. The satellite of ``head_layer_`` is the exception (below).
+    **Satellites.** For every pooled layer, ``satellites_[layer]`` is the satellite of the
+    target's kind (:func:`sklearn_craft.satellites.make_satellite`: centring, then ridge
+    regression, or a ridge classifier with a linear decision) fitted on the pooled responses of
+    that layer's LASSO-selected filters ``selected_[layer]`` in the original network. The
+    satellite of ``head_layer_`` is the exception (below).
 
     **Heads.**
 
     - ``head="satellite"``: the network is cut after the response of ``head_layer_`` (the last
-      pooled layer, or with ``truncate="best"`` the layer whose satellite scores best on held-out
+      pooled layer, or with ``head_layer="best"`` the layer whose satellite scores best on held-out
       samples, step 1 of the Low-cost TL paper's pruning) and ends with global average pooling,
       Flatten and a Linear layer. Cutting earlier layers changes ``head_layer_``'s responses, so
       its satellite is refitted on the *pruned* network's own pooled responses (all its kept
       filters, ``keep_[head_layer_]``, i.e. ``transform(X)``), and the Linear layer computes
       exactly that satellite's decision function (centring folded into the bias). Before
-      fine-tuning, ``pruned_model_(x)`` equals ``_decision(satellites_[head_layer_],
-      transform(x))``: a class's ridge score for classification, the prediction for regression.
+      fine-tuning, ``pruned_model_(x)`` equals ``satellite_decision(satellites_[head_layer_],
+      transform(x))`` (:func:`sklearn_craft.satellites.satellite_decision`): the class scores for
+      classification, the prediction for regression.
     - ``head="original"``: the original layers after the convolutions (the classifier) are kept,
       their inputs pruned (Algorithm 1, lines 9-10). Its outputs must match the task: one per
       regression output, 1 or 2 for a binary target, one per class or label otherwise (replace
       the last layer before passing the model, e.g. ``model.fc = nn.Linear(512, 3)``). Without
       fine-tuning its predictions are those of the original layers, so this head is meant to be
-      used with ``finetune``.
+      used with ``finetune_params``.
 
     **Outputs.** ``predict`` maps the network outputs to targets: the outputs themselves for
     regression; for a binary target ``classes_[1]`` where the single output is > 0 (or the
@@ -163,11 +114,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Convolutions not chosen keep all their filters.
     head : {"satellite", "original"}, default="satellite"
         Output layers of the pruned network (see above).
-    truncate : {None, "best"}, default=None
-        ``"best"`` drops the convolutions after the layer whose satellite scores best on
-        held-out samples (``satellite_scores_``; ties go to the earlier layer); None cuts after
-        the last pooled layer. Needs ``head="satellite"``.
-    finetune : dict or None, default=None
+    head_layer : "last", "best" or str, default="last"
+        Where a satellite head cuts the network: after the last pooled layer; after the layer
+        whose satellite scores best on held-out samples (``satellite_scores_``; ties go to the
+        earlier layer), dropping the convolutions after it; or after the pooled convolution of
+        that name. Anything but "last" needs ``head="satellite"``.
+    finetune_params : dict or None, default=None
         None keeps the pruned weights; a dict (keys ``epochs``, ``lr``, ``batch_size``,
         ``optimizer``, ``weight_decay``, ``validation_fraction``, ``early_stopping``, see
         :func:`sklearn_craft.finetune.check_finetune_params`) trains the whole pruned network
@@ -276,8 +228,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         "gamma": [Interval(Real, 0, 1, closed="both")],
         "layers": [StrOptions({"conv"}), list, tuple, callable],
         "head": [StrOptions({"satellite", "original"})],
-        "truncate": [StrOptions({"best"}), None],
-        "finetune": [dict, None],
+        "head_layer": [str],
+        "finetune_params": [dict, None],
         "scale_filters": ["boolean"],
         "recalibrate_bn": ["boolean"],
         "selector_params": [dict, None],
@@ -295,8 +247,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         gamma=0.01,
         layers="conv",
         head="satellite",
-        truncate=None,
-        finetune=None,
+        head_layer="last",
+        finetune_params=None,
         scale_filters=False,
         recalibrate_bn=True,
         selector_params=None,
@@ -311,8 +263,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.gamma = gamma
         self.layers = layers
         self.head = head
-        self.truncate = truncate
-        self.finetune = finetune
+        self.head_layer = head_layer
+        self.finetune_params = finetune_params
         self.scale_filters = scale_filters
         self.recalibrate_bn = recalibrate_bn
         self.selector_params = selector_params
@@ -325,15 +277,22 @@ class CraftPruner(TransformerMixin, BaseEstimator):
 
     def _check_options(self):
         """Validate what ``_parameter_constraints`` cannot express; return the fine-tuning settings."""
-        if self.truncate == "best" and self.head != "satellite":
-            raise ValueError(f"truncate='best' needs head='satellite' (it drops the original head), got head={self.head!r}")
+        if self.head_layer != "last" and self.head != "satellite":
+            raise ValueError(
+                f"head_layer={self.head_layer!r} needs head='satellite' (it drops the original head), "
+                f"got head={self.head!r}"
+            )
+        if self.head_layer not in ("last", "best") and self.head_layer not in _select_convs(self.model, self.layers):
+            raise ValueError(
+                f"head_layer must be 'last', 'best' or the name of a convolution chosen by layers, got {self.head_layer!r}"
+            )
         if self.scale_filters and self.gamma == 0:
             # gamma=0 keeps every filter, also those whose coefficient is 0: scaling would silence them.
             raise ValueError("scale_filters=True needs gamma > 0 (gamma=0 keeps filters whose LASSO coefficient is 0)")
         reserved = sorted(set(self.selector_params or {}) & set(_RESERVED_SELECTOR_PARAMS))
         if reserved:
             raise ValueError(f"selector_params must not set {reserved}: CraftPruner sets {list(_RESERVED_SELECTOR_PARAMS)}")
-        return None if self.finetune is None else check_finetune_params(self.finetune)
+        return None if self.finetune_params is None else check_finetune_params(self.finetune_params)
 
     def _pooler(self, model, layers, memory=None):
         return ActivationPooler(
@@ -354,7 +313,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         ----------
         X : ndarray, torch.Tensor or torch.utils.data.Dataset
             Images: N×C×H×W float, N×H×W×C ``uint8`` (scaled to [0, 1]), a tensor N×C×H×W or a
-            Dataset of ``x`` or ``(x, y)`` items (see :func:`sklearn_craft._data.as_image_dataset`).
+            Dataset of ``x`` or ``(x, y)`` items (see :func:`sklearn_craft.images.as_image_dataset`).
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Continuous targets, class labels or a 0/1 multi-label matrix.
 
@@ -370,9 +329,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Y, target_type, classes = encode_target(y)
         if len(Y) != len(dataset):
             raise ValueError(f"y must have one row per image ({len(dataset)}), got {len(Y)} rows")
-        n_outputs = 1 if target_type == "binary" else Y.shape[1]
         example = next(iter_batches(dataset, 1))
         if self.head == "original":
+            n_outputs = 1 if target_type == "binary" else Y.shape[1]
             self._check_original_outputs(example, target_type, n_outputs)
         seeds = check_random_state(self.random_state).randint(np.iinfo(np.int32).max, size=3)
         clock = _Stopwatch()
@@ -382,55 +341,31 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         features = pooler.transform(X)
         layers = pooler.layers_
         widths = [pooler.n_channels_[layer] for layer in layers]
-        starts = dict(zip(layers, np.cumsum([0, *widths[:-1]])))
+        columns = {
+            layer: np.arange(start, start + width)
+            for layer, start, width in zip(layers, np.cumsum([0, *widths[:-1]]), widths)
+        }
 
         clock.start("selection")
-        selector = LassoFilterSelector(
-            gamma=self.gamma,
-            groups=np.repeat(np.asarray(layers, dtype=object), widths),
-            memory=self.memory,
-            random_state=seeds[0],
-            **(self.selector_params or {}),
-        ).fit(features, y)
-        selected = {
-            layer: np.flatnonzero(selector.support_[starts[layer] : starts[layer] + width])
-            for layer, width in zip(layers, widths)
-        }
-        selected = self._choose_filters(selected)
+        selector, selected = self._select(features, y, layers, widths, seeds[0])
 
         clock.start("satellites")
-        satellites, scores = self._fit_satellites(features, y, target_type, layers, starts, selected, seeds[1])
-        head_layer = layers[-1]
-        if self.truncate == "best":
-            head_layer = scores.idxmax()
+        satellites, scores = fit_layer_satellites(
+            features,
+            y,
+            target_type,
+            {layer: columns[layer][selected[layer]] for layer in layers},
+            test_size=_SCORE_FRACTION,
+            random_state=seeds[1],
+        )
+        head_layer = self._resolve_head_layer(layers, scores)
 
         clock.start("surgery")
-        network = truncate(self.model, head_layer, example) if self.head == "satellite" else self.model
-        convs = {name: module for name, module in network.named_modules() if isinstance(module, nn.Conv2d)}
-        remaining = {layer: selected[layer] for layer in layers if layer in convs}
-        keep = merge_keep(
-            remaining,
-            coupled_groups(network, example),
-            {name: conv.out_channels for name, conv in convs.items()},
-        )
-        scale = None
-        if self.scale_filters:
-            scale = self._filter_scales(selector.coef_, remaining, starts)
-        pruned = prune_channels(network, remaining, example, scale=scale).to(self.device)
-        changed = scale is not None or any(len(kept) < convs[name].out_channels for name, kept in keep.items())
-        if self.recalibrate_bn and changed:
-            recalibrate_batchnorm(pruned, dataset, batch_size=self.batch_size, device=self.device, preprocess=self.preprocess)
+        scale = self._filter_scales(selector.coef_, selected, columns) if self.scale_filters else None
+        pruned, keep = self._cut(dataset, example, head_layer, selected, scale)
         if self.head == "satellite":
-            head_features = self._pooler(pruned, [head_layer]).fit(X).transform(X)
-            satellites[head_layer] = _satellite(target_type).fit(head_features, y)
-            pruned = nn.Sequential(
-                OrderedDict(
-                    body=pruned,
-                    pool=nn.AdaptiveAvgPool2d(1),
-                    flatten=nn.Flatten(),
-                    head=_linear_head(satellites[head_layer]),
-                )
-            ).to(self.device)
+            satellites[head_layer] = make_satellite(target_type).fit(self._pooler(pruned, [head_layer]).fit(X).transform(X), y)
+            pruned = self._with_satellite_head(pruned, satellites[head_layer])
         pruned.eval()
         width = self._output_width(pruned, example)
 
@@ -451,12 +386,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             )
 
         clock.start("report")
-        report = compare_models(_on_cpu(self.model), _on_cpu(pruned), tuple(example.shape[1:]))
+        report = compare_models(_on_device(self.model, "cpu"), _on_device(pruned, "cpu"), tuple(example.shape[1:]))
         clock.stop()
 
         # Attributes are set only now, so that a failing fit leaves no half-fitted estimator.
         self.pruned_model_ = pruned
-        self.head_layer_ = head_layer if self.head == "satellite" else layers[-1]
+        self.head_layer_ = head_layer
         self.layers_ = list(layers)
         self.selected_ = selected
         self.selector_ = selector
@@ -465,7 +400,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.satellite_scores_ = scores
         self.curves_ = selector.curves_
         self.knees_ = selector.knees_
-        if target_type in _CLASSIFICATION:
+        if target_type in CLASSIFICATION_KINDS:
             self.classes_ = classes if classes is not None else np.arange(Y.shape[1])
         elif hasattr(self, "classes_"):
             del self.classes_
@@ -475,6 +410,57 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.report_ = report
         self.timings_ = pd.Series(clock.seconds, name="seconds")
         return self
+
+    def _select(self, features, y, layers, widths, seed):
+        """Selection stage: the fitted LassoFilterSelector and the filters kept per layer."""
+        selector = LassoFilterSelector(
+            gamma=self.gamma,
+            groups=np.repeat(np.asarray(layers, dtype=object), widths),
+            memory=self.memory,
+            random_state=seed,
+            **(self.selector_params or {}),
+        ).fit(features, y)
+        support = np.split(selector.support_, np.cumsum(widths)[:-1])
+        selected = {layer: np.flatnonzero(mask) for layer, mask in zip(layers, support)}
+        return selector, self._choose_filters(selected)
+
+    def _resolve_head_layer(self, layers, scores):
+        """The pooled layer the head reads: ``head_layer`` resolved against the satellites' scores."""
+        if self.head_layer == "last":
+            return layers[-1]
+        if self.head_layer == "best":
+            return scores.idxmax()
+        if self.head_layer not in layers:
+            raise ValueError(f"head_layer must be 'last', 'best' or a pooled layer {layers}, got {self.head_layer!r}")
+        return self.head_layer
+
+    def _cut(self, dataset, example, head_layer, selected, scale):
+        """Surgery stage: truncate (satellite head), remove the unselected filters, re-estimate BatchNorm.
+
+        Returns the cut network on ``device`` and the filters each pooled layer it still has kept.
+        """
+        network = truncate(self.model, head_layer, example) if self.head == "satellite" else self.model
+        convs = {name: module.out_channels for name, module in network.named_modules() if isinstance(module, nn.Conv2d)}
+        remaining = {layer: indices for layer, indices in selected.items() if layer in convs}
+        if scale is not None:
+            scale = {layer: scale[layer] for layer in remaining}
+        pruned, kept = prune_channels(network, remaining, example, scale=scale, return_kept=True)
+        pruned = pruned.to(self.device)
+        changed = scale is not None or any(len(kept[name]) < convs[name] for name in kept)
+        if self.recalibrate_bn and changed:
+            recalibrate_batchnorm(pruned, dataset, batch_size=self.batch_size, device=self.device, preprocess=self.preprocess)
+        return pruned, {layer: kept[layer] for layer in remaining}
+
+    def _with_satellite_head(self, body, satellite):
+        """The cut network followed by global average pooling and the satellite as a Linear layer."""
+        return nn.Sequential(
+            OrderedDict(
+                body=body,
+                pool=nn.AdaptiveAvgPool2d(1),
+                flatten=nn.Flatten(),
+                head=satellite_head(satellite),
+            )
+        ).to(self.device)
 
     def _choose_filters(self, selected):
         """Filters kept in every pooled layer, given LASSO's choice (an extension point for subclasses).
@@ -515,28 +501,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             output = model(example if parameter is None else example.to(parameter.device))
         return int(np.prod(output.shape[1:]))
 
-    def _fit_satellites(self, features, y, target_type, layers, starts, selected, seed):
-        """Satellite per layer on its selected filters, and each layer's held-out score."""
-        y = np.asarray(y)
-        stratify = y if target_type in ("binary", "multiclass") and np.unique(y, return_counts=True)[1].min() >= 2 else None
-        try:
-            train, test = train_test_split(np.arange(len(y)), test_size=_SCORE_FRACTION, random_state=seed, stratify=stratify)
-        except ValueError:
-            train, test = train_test_split(np.arange(len(y)), test_size=_SCORE_FRACTION, random_state=seed)
-        satellites, scores = {}, {}
-        for layer in layers:
-            columns = features[:, starts[layer] + selected[layer]]
-            held_out = _satellite(target_type).fit(columns[train], y[train])
-            scores[layer] = held_out.score(columns[test], y[test])
-            satellites[layer] = _satellite(target_type).fit(columns, y)
-        return satellites, pd.Series(scores, name="score")
-
     @staticmethod
-    def _filter_scales(coef, remaining, starts):
+    def _filter_scales(coef, selected, columns):
         """ETL Eq. 5 multipliers of the selected filters: the knee coefficient (its L2 norm over targets)."""
         coef = np.atleast_2d(coef)
         magnitude = coef[0] if len(coef) == 1 else np.linalg.norm(coef, axis=0)
-        return {layer: magnitude[starts[layer] + indices] for layer, indices in remaining.items()}
+        return {layer: magnitude[columns[layer][indices]] for layer, indices in selected.items()}
 
     @staticmethod
     def _training_target(Y, target_type, width):
@@ -619,7 +589,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             outputs) for regression, as scikit-learn's classifier and regressor mixins.
         """
         y_pred = self.predict(X)
-        if self.target_type_ in _CLASSIFICATION:
+        if self.target_type_ in CLASSIFICATION_KINDS:
             return accuracy_score(y, y_pred, sample_weight=sample_weight)
         return r2_score(y, y_pred, sample_weight=sample_weight)
 

@@ -7,21 +7,19 @@ model predicts another (*satellite*) task from them. The score of that probe, fo
 network and task, is the task-relationship matrix; the same probe on every layer of one network
 is the layer × task matrix, which tells in which layer a task is best represented.
 
-Protocol per task kind (features are standardised inside every fold):
+Each task is encoded by :func:`sklearn_craft.targets.encode_tasks` (its kind inferred from the
+column or given) and probed by the satellite of its kind (:func:`sklearn_craft.satellites.make_satellite`),
+fitted on every training fold and scored on the held-out one:
 
-========== ================================================================ ===============
-kind       satellite model                                                  default metric
-========== ================================================================ ===============
-binary     ridge regression to 0/1, threshold chosen on the training fold   accuracy
-categorical multinomial logistic regression                                 accuracy
-ordinal    ridge regression of the class codes, rounded to the nearest code accuracy
-continuous ridge regression                                                 RMSE (and R²)
-multilabel binary protocol on each label of a group of columns              mean accuracy
-========== ================================================================ ===============
-
-The ridge penalty is chosen by efficient leave-one-out on the training fold (``RidgeCV``) rather
-than plain least squares, because pooled layers often have as many channels as the satellite data
-set has images, where unpenalised least squares interpolates the training fold.
+======================== ===============
+kind                     default metric
+======================== ===============
+binary                   accuracy
+multiclass               accuracy
+ordinal                  accuracy
+multilabel-indicator     mean accuracy over the labels of the group
+continuous               RMSE (and R²)
+======================== ===============
 """
 
 import numbers
@@ -31,8 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -41,17 +37,15 @@ from sklearn.metrics import (
     root_mean_squared_error,
 )
 from sklearn.model_selection import KFold, StratifiedKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_array, check_random_state
 from torch import nn
 from tqdm.auto import tqdm
 
-from sklearn_craft.pooling import ActivationPooler
+from .pooling import ActivationPooler
+from .satellites import make_satellite
+from .targets import Task, encode_tasks
 
-__all__ = ["layer_task_matrix", "relative_drop", "task_relationship_matrix"]
-
-TASK_KINDS = ("binary", "categorical", "ordinal", "continuous")
+__all__ = ["best_rows", "layer_task_matrix", "relative_drop", "score_direction", "task_relationship_matrix"]
 
 #: metric name -> (function(y_true, y_pred), greater_is_better)
 METRICS = {
@@ -66,212 +60,34 @@ _CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy")
 _REGRESSION_METRICS = ("rmse", "mae", "r2")
 _ALLOWED_METRICS = {
     "binary": _CLASSIFICATION_METRICS,
-    "categorical": _CLASSIFICATION_METRICS,
-    "multilabel": _CLASSIFICATION_METRICS,
+    "multiclass": _CLASSIFICATION_METRICS,
+    "multilabel-indicator": _CLASSIFICATION_METRICS,
     # Ordinal predictions are class codes, so distances between them (in bins) are meaningful too.
     "ordinal": _CLASSIFICATION_METRICS + _REGRESSION_METRICS,
     "continuous": _REGRESSION_METRICS,
 }
 _DEFAULT_METRICS = {
     "binary": ("accuracy",),
-    "categorical": ("accuracy",),
-    "multilabel": ("accuracy",),
+    "multiclass": ("accuracy",),
+    "multilabel-indicator": ("accuracy",),
     "ordinal": ("accuracy",),
     "continuous": ("rmse", "r2"),
 }
 
-_RIDGE_ALPHAS = np.logspace(-3, 5, 17)
-
-
-def _best_threshold(scores, y):
-    """Threshold on ``scores`` maximising the accuracy of ``scores > threshold`` against 0/1 ``y``.
-
-    Ties are broken towards 0.5, the natural threshold of a 0/1 regression.
-    """
-    order = np.argsort(scores, kind="stable")
-    s, t = scores[order], y[order]
-    n = len(s)
-    # A cut at position i predicts 0 for s[:i] and 1 for s[i:].
-    zeros_below = np.concatenate([[0], np.cumsum(t == 0)])
-    ones_above = t.sum() - np.concatenate([[0], np.cumsum(t)])
-    correct = zeros_below + ones_above
-    cuts = np.arange(n + 1)
-    valid = (cuts == 0) | (cuts == n)
-    valid[1:n] = s[1:] > s[:-1]
-    thresholds = np.full(n + 1, np.nan)
-    thresholds[0], thresholds[n] = -np.inf, np.inf
-    thresholds[1:n] = (s[:-1] + s[1:]) / 2
-    best = valid & (correct == correct[valid].max())
-    candidates = thresholds[best]
-    return candidates[np.argmin(np.abs(candidates - 0.5))]
-
-
-class _ThresholdedRidge(ClassifierMixin, BaseEstimator):
-    """Ridge regression to 0/1 targets turned into labels by a threshold fitted per target."""
-
-    def __init__(self, alphas=_RIDGE_ALPHAS):
-        self.alphas = alphas
-
-    def fit(self, X, y):
-        y = np.asarray(y, dtype=float)
-        self.ridge_ = RidgeCV(alphas=self.alphas, alpha_per_target=y.ndim == 2).fit(X, y)
-        fitted = self.ridge_.predict(X)
-        if y.ndim == 1:
-            self.threshold_ = _best_threshold(fitted, y)
-        else:
-            self.threshold_ = np.array([_best_threshold(fitted[:, j], y[:, j]) for j in range(y.shape[1])])
-        return self
-
-    def predict(self, X):
-        return (self.ridge_.predict(X) > self.threshold_).astype(int)
-
-
-class _RoundedRidge(ClassifierMixin, BaseEstimator):
-    """Ridge regression of ordinal class codes, rounded to the nearest code in ``[0, n_classes)``."""
-
-    def __init__(self, n_classes, alphas=_RIDGE_ALPHAS):
-        self.n_classes = n_classes
-        self.alphas = alphas
-
-    def fit(self, X, y):
-        self.ridge_ = RidgeCV(alphas=self.alphas).fit(X, np.asarray(y, dtype=float))
-        return self
-
-    def predict(self, X):
-        return np.clip(np.rint(self.ridge_.predict(X)), 0, self.n_classes - 1).astype(int)
-
 
 @dataclass
-class _Task:
-    """One satellite task, encoded: labelled row positions, targets, metrics and CV folds."""
+class _Protocol:
+    """How one encoded task is scored: its metrics (main first) and cross-validation folds."""
 
-    name: str
-    kind: str
-    columns: tuple
-    rows: np.ndarray
-    y: np.ndarray
-    n_classes: int
+    task: Task
     metrics: tuple
     folds: list
 
-    def satellite(self):
-        if self.kind in ("binary", "multilabel"):
-            model = _ThresholdedRidge()
-        elif self.kind == "categorical":
-            model = LogisticRegression(max_iter=1000)
-        elif self.kind == "ordinal":
-            model = _RoundedRidge(self.n_classes)
-        else:
-            model = RidgeCV(alphas=_RIDGE_ALPHAS)
-        return make_pipeline(StandardScaler(), model)
-
     def score(self, metric, y_true, y_pred):
         function = METRICS[metric][0]
-        if self.kind == "multilabel":
+        if self.task.kind == "multilabel-indicator":
             return float(np.mean([function(y_true[:, j], y_pred[:, j]) for j in range(y_true.shape[1])]))
         return float(function(y_true, y_pred))
-
-
-def _sorted_labels(values):
-    labels = list(pd.unique(values))
-    try:
-        return sorted(labels)
-    except TypeError:
-        return labels
-
-
-def _infer_kind(column):
-    """Task kind of one labelled (NaN-free) column."""
-    dtype = column.dtype
-    if isinstance(dtype, pd.CategoricalDtype) and dtype.ordered:
-        return "ordinal"
-    if column.nunique() == 2:
-        return "binary"
-    # Categorical dtypes are not numeric, so unordered categories land here too.
-    if pd.api.types.is_bool_dtype(dtype) or not pd.api.types.is_numeric_dtype(dtype):
-        return "categorical"
-    values = column.to_numpy(dtype=float)
-    return "categorical" if np.all(values == np.round(values)) else "continuous"
-
-
-def _check_varies(name, column):
-    if column.nunique() < 2:
-        raise ValueError(
-            f"task {name!r} has a single value ({column.iloc[0]!r}) among its labelled rows; "
-            "a satellite task needs at least two classes or distinct values"
-        )
-
-
-def _encode(name, column, kind):
-    """Encode the labelled values of ``column`` for ``kind``; returns (y, n_classes)."""
-    n_unique = column.nunique()
-    if kind == "binary":
-        if n_unique != 2:
-            raise ValueError(f"task {name!r} is declared binary but has {n_unique} distinct labels")
-        positive = _sorted_labels(column)[1]
-        return (column == positive).to_numpy(dtype=float), 2
-    if kind == "continuous":
-        if not pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype):
-            raise ValueError(f"task {name!r} is declared continuous but has non-numeric dtype {column.dtype}")
-        return column.to_numpy(dtype=float), 0
-    if kind == "ordinal" and isinstance(column.dtype, pd.CategoricalDtype):
-        return column.cat.codes.to_numpy(), len(column.dtype.categories)
-    labels = _sorted_labels(column)
-    codes = pd.Categorical(column, categories=labels).codes
-    return np.asarray(codes), len(labels)
-
-
-def _resolve_task_types(tasks, task_types):
-    """List of (name, kind or None for inferred, columns) in the order of ``tasks.columns``."""
-    if task_types is None:
-        task_types = {}
-    if not isinstance(task_types, Mapping):
-        raise TypeError(
-            f"task_types must be a mapping task -> kind or list of columns, got {type(task_types).__name__}"
-        )
-    columns = list(tasks.columns)
-    kinds, groups = {}, {}
-    for name, value in task_types.items():
-        if isinstance(value, str):
-            if value not in TASK_KINDS:
-                raise ValueError(
-                    f"task_types[{name!r}] must be one of {TASK_KINDS} or a list of columns, got {value!r}"
-                )
-            if name not in columns:
-                raise ValueError(f"task_types names {name!r}, which is not a column of tasks {columns}")
-            kinds[name] = value
-        elif isinstance(value, (list, tuple)):
-            missing = [c for c in value if c not in columns]
-            if missing or len(value) < 2:
-                raise ValueError(
-                    f"task_types[{name!r}] must list at least two columns of tasks, got {list(value)!r}"
-                    + (f" (not columns: {missing})" if missing else "")
-                )
-            if name in columns and name not in value:
-                raise ValueError(f"multi-label group {name!r} has the name of another column of tasks")
-            groups[name] = tuple(value)
-        else:
-            raise TypeError(
-                f"task_types[{name!r}] must be a task kind string or a list of columns, "
-                f"got {type(value).__name__}"
-            )
-    grouped = {c for members in groups.values() for c in members}
-    conflict = sorted(grouped & set(kinds), key=str)
-    if conflict:
-        raise ValueError(
-            f"columns {conflict} are in a multi-label group and cannot also have a kind of their own"
-        )
-
-    resolved, emitted = [], set()
-    for column in columns:
-        if column not in grouped:
-            resolved.append((column, kinds.get(column), (column,)))
-            continue
-        for name, members in groups.items():
-            if column in members and name not in emitted:
-                emitted.add(name)
-                resolved.append((name, "multilabel", members))
-    return resolved
 
 
 def _resolve_metrics(name, kind, scoring):
@@ -287,7 +103,7 @@ def _resolve_metrics(name, kind, scoring):
 
 def _folds(kind, y, cv, seed):
     if isinstance(cv, numbers.Integral):
-        splitter_class = StratifiedKFold if kind in ("binary", "categorical", "ordinal") else KFold
+        splitter_class = StratifiedKFold if kind in ("binary", "multiclass", "ordinal") else KFold
         cv = splitter_class(n_splits=cv, shuffle=True, random_state=seed)
     # Multi-label rows are split on their label combination: a stratifying splitter sees one class
     # per combination.
@@ -296,14 +112,7 @@ def _folds(kind, y, cv, seed):
 
 
 def _prepare_tasks(tasks, task_types, scoring, cv, random_state):
-    if not isinstance(tasks, pd.DataFrame):
-        raise TypeError(
-            f"tasks must be a pandas DataFrame with one column per task, got {type(tasks).__name__}"
-        )
-    if tasks.shape[1] == 0 or tasks.shape[0] == 0:
-        raise ValueError(f"tasks must have at least one row and one column, got shape {tasks.shape}")
-    if not tasks.columns.is_unique:
-        raise ValueError(f"tasks must have unique column names, got {list(tasks.columns)}")
+    """Encode the tasks and give each its scoring protocol."""
     if isinstance(cv, numbers.Integral):
         if isinstance(cv, bool) or cv < 2:
             raise ValueError(f"cv must be an integer >= 2 or a cross-validation splitter, got {cv!r}")
@@ -313,62 +122,41 @@ def _prepare_tasks(tasks, task_types, scoring, cv, random_state):
         raise TypeError(
             f"scoring must be None, a metric name or a mapping task -> metric name, got {scoring!r}"
         )
-
-    resolved = _resolve_task_types(tasks, task_types)
+    encoded = encode_tasks(tasks, task_types)
     if isinstance(scoring, Mapping):
-        unknown = sorted(set(scoring) - {name for name, _, _ in resolved}, key=str)
+        unknown = sorted(set(scoring) - {task.name for task in encoded}, key=str)
         if unknown:
             raise ValueError(f"scoring names unknown tasks {unknown}")
     # One seed for every task, so each task is split identically for every source and every call.
     seed = check_random_state(random_state).randint(np.iinfo(np.int32).max)
-
     prepared = []
-    for name, kind, columns in resolved:
-        frame = tasks[list(columns)]
-        labelled = frame.notna().all(axis=1).to_numpy()
-        if not labelled.any():
-            raise ValueError(f"task {name!r} has no labelled rows")
-        rows = np.flatnonzero(labelled)
-        if kind == "multilabel":
-            targets = []
-            for column in columns:
-                values = frame[column][labelled]
-                if values.nunique() != 2:
-                    raise ValueError(
-                        f"column {column!r} of multi-label group {name!r} must be binary, "
-                        f"got {values.nunique()} distinct labels"
-                    )
-                targets.append(_encode(column, values, "binary")[0])
-            y, n_classes = np.column_stack(targets), 2
-        else:
-            values = frame[columns[0]][labelled]
-            _check_varies(name, values)
-            kind = kind or _infer_kind(values)
-            y, n_classes = _encode(name, values, kind)
-        if isinstance(cv, numbers.Integral) and len(rows) < cv:
-            raise ValueError(f"task {name!r} has {len(rows)} labelled rows, fewer than cv={cv} folds")
-        metrics = _resolve_metrics(name, kind, scoring)
-        prepared.append(_Task(name, kind, columns, rows, y, n_classes, metrics, _folds(kind, y, cv, seed)))
+    for task in encoded:
+        if isinstance(cv, numbers.Integral) and len(task.rows) < cv:
+            raise ValueError(f"task {task.name!r} has {len(task.rows)} labelled rows, fewer than cv={cv} folds")
+        metrics = _resolve_metrics(task.name, task.kind, scoring)
+        prepared.append(_Protocol(task, metrics, _folds(task.kind, task.y, cv, seed)))
     return prepared
 
 
-def _fit_satellite(source, features, task):
+def _fit_satellite(source, features, protocol):
     """Cross-validated scores of one source's features on one task: list of detail rows."""
+    task = protocol.task
     X = features[task.rows]
     records = []
-    for fold, (train, test) in enumerate(task.folds):
-        predicted = task.satellite().fit(X[train], task.y[train]).predict(X[test])
-        for metric in task.metrics:
-            records.append((source, task.name, fold, metric, task.score(metric, task.y[test], predicted)))
+    for fold, (train, test) in enumerate(protocol.folds):
+        satellite = make_satellite(task.kind, n_classes=task.n_classes)
+        predicted = satellite.fit(X[train], task.y[train]).predict(X[test])
+        for metric in protocol.metrics:
+            records.append((source, task.name, fold, metric, protocol.score(metric, task.y[test], predicted)))
     return records
 
 
 def _score_sources(features, prepared, n_jobs, progress, index_name):
     """Relationship matrix and details of precomputed ``features`` (name -> array) on ``prepared`` tasks."""
     jobs = [
-        delayed(_fit_satellite)(source, array, task)
+        delayed(_fit_satellite)(source, array, protocol)
         for source, array in features.items()
-        for task in prepared
+        for protocol in prepared
     ]
     results = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
     records = [
@@ -378,20 +166,20 @@ def _score_sources(features, prepared, n_jobs, progress, index_name):
     ]
     details = pd.DataFrame.from_records(records, columns=[index_name, "task", "fold", "metric", "value"])
 
-    main = {task.name: task.metrics[0] for task in prepared}
+    main = {protocol.task.name: protocol.metrics[0] for protocol in prepared}
     is_main = details["metric"].to_numpy() == details["task"].map(main).to_numpy()
     matrix = (
         details[is_main]
         .groupby([index_name, "task"], sort=False)["value"]
         .mean()
         .unstack("task")
-        .reindex(index=list(features), columns=[task.name for task in prepared])
+        .reindex(index=list(features), columns=[protocol.task.name for protocol in prepared])
     )
     matrix.index.name, matrix.columns.name = index_name, "task"
     matrix.attrs = {
         "metric": main,
         "greater_is_better": {name: METRICS[metric][1] for name, metric in main.items()},
-        "task_type": {task.name: task.kind for task in prepared},
+        "task_type": {protocol.task.name: protocol.task.kind for protocol in prepared},
     }
     return matrix, details
 
@@ -457,25 +245,25 @@ def task_relationship_matrix(
         One column per satellite task; NaN marks a missing label, which removes that row from
         that task only. The kind of each column is inferred: bool or two distinct labels →
         ``"binary"``; an ordered pandas Categorical → ``"ordinal"``; strings, an unordered
-        Categorical or integer-valued numbers → ``"categorical"``; other numbers →
-        ``"continuous"``.
+        Categorical or integer-valued numbers → ``"multiclass"``; other numbers →
+        ``"continuous"`` (see :func:`sklearn_craft.targets.encode_tasks`).
     layer : str or mapping of str to str, default=None
         Layer pooled from every network source, or a mapping source name → layer. None (or a
         network absent from the mapping) uses the last convolution of the network.
     task_types : mapping, default=None
-        Overrides of the inferred kinds. A value ``"binary"``, ``"categorical"``, ``"ordinal"``
+        Overrides of the inferred kinds. A value ``"binary"``, ``"multiclass"``, ``"ordinal"``
         or ``"continuous"`` sets the kind of the column named by the key. A list of binary
         columns makes a multi-label group, a new task named by the key, e.g.
         ``{"accessories": ["eyeglasses", "hat"]}``: the listed columns are scored together (mean
         accuracy over labels, rows with any label missing are dropped) and no longer appear on
         their own. The group takes the place of its first column.
     cv : int or cross-validation splitter, default=5
-        Number of folds (stratified and shuffled for binary, categorical and ordinal tasks,
+        Number of folds (stratified and shuffled for binary, multiclass and ordinal tasks,
         shuffled K-fold otherwise) or a splitter whose ``split(X, y)`` is given the task's labels
         (the label combination for a multi-label group). Every source sees the same folds.
     scoring : str or mapping of str to str, default=None
         Main metric of every task, or a mapping task → metric for some tasks. One of
-        ``"accuracy"``, ``"balanced_accuracy"`` (binary, categorical, ordinal, multi-label),
+        ``"accuracy"``, ``"balanced_accuracy"`` (binary, multiclass, ordinal, multi-label),
         ``"rmse"``, ``"mae"``, ``"r2"`` (continuous; ordinal, computed on the class codes).
         None uses accuracy for class tasks and RMSE for continuous ones.
     return_details : bool, default=False
@@ -633,13 +421,36 @@ def layer_task_matrix(
     features = {layer: pooled[:, layer_of_column == layer] for layer in pooler.layers_}
 
     matrix, details = _score_sources(features, prepared, n_jobs, progress, "layer")
-    best_layer = _best_rows(matrix)
+    best_layer = best_rows(matrix)
     best_layer.name = "best_layer"
     return (matrix, best_layer, details) if return_details else (matrix, best_layer)
 
 
-def _greater_is_better(matrix, greater_is_better=None):
-    """Per-column direction of ``matrix``: the argument, else ``matrix.attrs``, else True."""
+def score_direction(matrix, greater_is_better=None):
+    """Whether a higher score is better, for every column (task) of a score matrix.
+
+    Parameters
+    ----------
+    matrix : pandas.DataFrame
+        Scores with one column per task, e.g. from :func:`task_relationship_matrix`, whose
+        ``attrs["greater_is_better"]`` records each task's direction.
+    greater_is_better : bool or mapping of task to bool, default=None
+        Overrides: one direction for every task, or per task. Tasks not given take the direction
+        stored in ``matrix.attrs``, and True (accuracy-like) when the matrix has none.
+
+    Returns
+    -------
+    direction : pandas.Series of bool
+        Task -> True when a higher score is better.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from sklearn_craft.relationships import score_direction
+    >>> scores = pd.DataFrame({"gender": [0.9], "age": [7.5]})
+    >>> score_direction(scores, {"age": False}).tolist()
+    [True, False]
+    """
     from_attrs = matrix.attrs.get("greater_is_better", {})
     if isinstance(greater_is_better, (bool, np.bool_)):
         return pd.Series(bool(greater_is_better), index=matrix.columns)
@@ -655,9 +466,32 @@ def _greater_is_better(matrix, greater_is_better=None):
     )
 
 
-def _best_rows(matrix, greater_is_better=None):
-    """Row label of the best score of every column."""
-    direction = _greater_is_better(matrix, greater_is_better)
+def best_rows(matrix, greater_is_better=None):
+    """Row label (source or layer) of the best score of every column (task).
+
+    Parameters
+    ----------
+    matrix : pandas.DataFrame
+        Scores with one column per task, e.g. from :func:`task_relationship_matrix` or
+        :func:`layer_task_matrix`.
+    greater_is_better : bool or mapping of task to bool, default=None
+        Direction of the scores, as in :func:`score_direction` (by default read from
+        ``matrix.attrs``).
+
+    Returns
+    -------
+    best : pandas.Series
+        Task -> the row with the highest score (lowest for error metrics); ties go to the first.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from sklearn_craft.relationships import best_rows
+    >>> scores = pd.DataFrame({"gender": [0.9, 0.95], "age": [7.5, 9.1]}, index=["conv1", "conv2"])
+    >>> best_rows(scores, {"age": False}).to_dict()
+    {'gender': 'conv2', 'age': 'conv1'}
+    """
+    direction = score_direction(matrix, greater_is_better)
     return pd.Series(
         {c: matrix[c].idxmax() if direction[c] else matrix[c].idxmin() for c in matrix.columns}, dtype=object
     )
@@ -727,7 +561,7 @@ def relative_drop(matrix, reference=None, *, greater_is_better=None):
             f"reference scores must be non-zero, got 0 for {list(reference.index[reference == 0])}"
         )
 
-    sign = _greater_is_better(matrix, greater_is_better).map({True: 1.0, False: -1.0})
+    sign = score_direction(matrix, greater_is_better).map({True: 1.0, False: -1.0})
     # "+ 0.0" turns the -0.0 of error metrics at the reference into 0.0.
     drop = (
         matrix.astype(float).rsub(reference, axis=1).mul(sign, axis=1).div(reference.abs(), axis=1) * 100

@@ -5,15 +5,8 @@ a geometric grid of α, from α_max (the smallest α that zeroes every coefficie
 α_max·eps. Along the path, the number of filters with a non-zero coefficient and the RMSE on
 held-out samples form the layer's *characteristic curve*; its *knee* is the point with the fewest
 filters whose RMSE lies within γ of the curve's range above its minimum. The filters with a
-non-zero coefficient at the knee are the ones the pruned network keeps.
-
-Each path is solved from the group's cross-products ``C = [X Y]ᵀ[X Y]`` (centred, features
-scaled), computed once with a single matrix product; the cross-products of every training part
-are those of all samples minus those of its held-out rows. One target goes to scikit-learn's
-:func:`~sklearn.linear_model.lasso_path` with the Gram matrix; several targets (outputs or
-one-hot classes) give the multi-task (L2,1) path, which selects filters jointly for all of them,
-solved by an accelerated proximal gradient on the Gram matrix with scikit-learn's duality-gap
-stopping rule (``lasso_path`` with 2-D ``y`` ignores the Gram matrix and is many times slower).
+non-zero coefficient at the knee are the ones the pruned network keeps. The paths themselves are
+solved from each group's cross-products in :mod:`sklearn_craft._lasso_path`.
 """
 
 import math
@@ -22,17 +15,13 @@ from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_selection import SelectorMixin
-from sklearn.linear_model import lasso_path
 from sklearn.model_selection import check_cv, train_test_split
-from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
-from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import (
     check_array,
     check_consistent_length,
@@ -42,7 +31,8 @@ from sklearn.utils.validation import (
 )
 from threadpoolctl import threadpool_limits
 
-_CLASS_TARGETS = ("binary", "multiclass")
+from ._lasso_path import _first_to_enter, _group_path
+from .targets import encode_target
 
 _PATH_CONSTRAINTS = {
     "alphas": [Interval(Integral, 1, None, closed="left"), "array-like"],
@@ -52,85 +42,6 @@ _PATH_CONSTRAINTS = {
     "standardize": ["boolean"],
     "random_state": ["random_state"],
 }
-
-
-def encode_target(y):
-    """Encode a target as the float matrix the LASSO paths regress on.
-
-    Floating-point values are continuous targets; integers, booleans and strings are class
-    labels (as long as :func:`sklearn.utils.multiclass.type_of_target` calls them binary or
-    multiclass) and are one-hot encoded, with a single 0/1 column for two classes. A 2-D numeric
-    array is a multi-output target taken as is (a 0/1 multilabel indicator included). Cast integer
-    targets to float to regress on them (ages in years, angles in degrees).
-
-    Parameters
-    ----------
-    y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-        Target values or class labels. A single column is treated as a 1-D target.
-
-    Returns
-    -------
-    Y : ndarray of shape (n_samples, n_targets), dtype float64
-        The encoded target: ``y[:, None]`` for a continuous target, the one-hot class indicators
-        for labels (one column for binary labels: 1 for ``classes[1]``), ``y`` itself for a 2-D
-        target.
-    target_type : str
-        ``"continuous"``, ``"continuous-multioutput"``, ``"binary"``, ``"multiclass"`` or
-        ``"multilabel-indicator"``, named as :func:`~sklearn.utils.multiclass.type_of_target`
-        names them.
-    classes : ndarray or None
-        The sorted class labels, matching the columns of ``Y`` (for binary labels, ``Y`` is the
-        indicator of ``classes[1]``); None for continuous and 2-D targets.
-
-    Raises
-    ------
-    ValueError
-        If ``y`` is empty, has NaN, None or infinite values, is not 1-D or 2-D, holds 2-D
-        non-numeric values, or is constant (a single value or class).
-
-    Examples
-    --------
-    >>> from sklearn_craft.selection import encode_target
-    >>> Y, target_type, classes = encode_target(["cat", "dog", "cat", "bird"])
-    >>> target_type, classes.tolist()
-    ('multiclass', ['bird', 'cat', 'dog'])
-    >>> Y[1].tolist()
-    [0.0, 0.0, 1.0]
-    >>> encode_target([0.5, 1.5, 2.0])[1]
-    'continuous'
-    """
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim not in (1, 2):
-        raise ValueError(f"y must be 1-D or 2-D, got an array of shape {y.shape}")
-    if y.shape[0] == 0:
-        raise ValueError("y must not be empty, got 0 samples")
-    if y.dtype.kind == "O" and pd.isna(y).any():
-        raise ValueError("y must not contain NaN or None, got missing labels")
-    if y.dtype.kind in "fc" and not np.isfinite(y).all():
-        raise ValueError(f"y must be finite, got {np.count_nonzero(~np.isfinite(y))} NaN or infinite values")
-
-    classes = None
-    if y.ndim == 2:
-        if y.dtype.kind not in "biuf":
-            raise ValueError(f"a 2-D y must be numeric (several outputs or a 0/1 label indicator), got dtype {y.dtype}")
-        Y = y.astype(np.float64)
-        multilabel = type_of_target(y) == "multilabel-indicator"
-        target_type = "multilabel-indicator" if multilabel else "continuous-multioutput"
-    elif y.dtype.kind == "f":
-        Y = y.astype(np.float64)[:, None]
-        target_type = "continuous"
-    else:
-        target_type = type_of_target(y, input_name="y", raise_unknown=True)
-        if target_type not in _CLASS_TARGETS:
-            raise ValueError(f"y must hold numbers or class labels, got a target of type {target_type!r}")
-        binarizer = LabelBinarizer().fit(y)
-        Y = binarizer.transform(y).astype(np.float64)
-        classes = binarizer.classes_
-    if np.all(np.ptp(Y, axis=0) == 0):
-        raise ValueError("y must vary across samples, got a constant target (a single value or class)")
-    return Y, target_type, classes
 
 
 def find_knee(curve, gamma):
@@ -268,7 +179,7 @@ def characteristic_curve(
     X = check_array(X, dtype=np.float64, ensure_min_samples=2)
     Y, target_type, _ = encode_target(y)
     check_consistent_length(X, Y)
-    labels = np.asarray(y) if target_type in _CLASS_TARGETS else None
+    labels = np.asarray(y) if target_type in ("binary", "multiclass") else None
     splits = _held_out_splits(len(X), labels, validation_fraction, cv, random_state)
     with threadpool_limits(limits=1, user_api="blas"):
         curve, coefs = _group_path(X, Y, splits, _check_alphas(alphas), eps, standardize)
@@ -413,7 +324,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         alphas = _check_alphas(self.alphas)
         groups = self._feature_groups(X.shape[1])
         Y, target_type, _ = encode_target(y)
-        labels = y if target_type in _CLASS_TARGETS else None
+        labels = y if target_type in ("binary", "multiclass") else None
         splits = _held_out_splits(len(X), labels, self.validation_fraction, self.cv, self.random_state)
 
         group_path = check_memory(self.memory).cache(_group_path)
@@ -530,197 +441,3 @@ def _held_out_splits(n_samples, labels, validation_fraction, cv, random_state):
         stratify=stratify,
     )
     return [(train, test)]
-
-
-def _group_path(X, Y, splits, alphas, eps, standardize):
-    """Characteristic curve and all-sample coefficient path of one group (what ``memory`` caches).
-
-    The cross-products of every training part are those of all samples minus those of its
-    held-out part, so the n×p data are multiplied once, plus once more over the held-out rows.
-    Returns the curve DataFrame (alpha, n_selected, rmse) and the path of shape
-    (n_targets, n_features, n_alphas) in the original feature scale.
-    """
-    n_samples, n_features = X.shape
-    Z, x_mean = _centred(X, Y)
-    products = Z.T @ Z
-    full = _moments(products, n_samples, x_mean, n_features, standardize)
-    grid = _alpha_grid(full, alphas, eps)
-    coefs = _solve_path(full, grid)
-
-    rmse = np.zeros(len(grid))
-    for train, test in splits:
-        Z_test = Z[test]
-        test_products, test_sum = Z_test.T @ Z_test, Z_test.sum(axis=0)
-        # Means of the training part relative to the all-sample means, which are zero.
-        shift = -test_sum / len(train)
-        train_products = products - test_products - len(train) * np.outer(shift, shift)
-        part = _moments(train_products, len(train), x_mean + shift[:n_features], n_features, standardize)
-        # Cross-products of the held-out rows centred on the training means, the fit's intercept.
-        held_out = test_products - np.outer(test_sum, shift) - np.outer(shift, test_sum)
-        held_out += len(test) * np.outer(shift, shift)
-        rmse += _held_out_rmse(held_out, len(test), _solve_path(part, grid))
-    curve = pd.DataFrame(
-        {"alpha": grid, "n_selected": np.count_nonzero(np.any(coefs != 0, axis=0), axis=0), "rmse": rmse / len(splits)}
-    )
-    return curve, coefs
-
-
-def _centred(X, Y):
-    """``[X Y]`` minus its column means, and the means of ``X``."""
-    x_mean = X.mean(axis=0)
-    return np.hstack([X - x_mean, Y - Y.mean(axis=0)]), x_mean
-
-
-def _moments(products, n_samples, x_mean, n_features, standardize):
-    """What a path is solved from: ``C``, the cross-products of the centred ``[X Y]`` (features
-    scaled to unit variance when ``standardize``), the number of samples and the feature scales."""
-    x_scale = np.ones(n_features)
-    C = products
-    if standardize:
-        x_scale = np.sqrt(np.clip(np.diag(products)[:n_features], 0, None) / n_samples)
-        # A constant column leaves rounding noise after centring; scaling it up would turn the
-        # noise into a feature (the same guard as StandardScaler's).
-        x_scale[x_scale <= 10 * np.finfo(np.float64).eps * np.maximum(np.abs(x_mean), 1.0)] = 1.0
-        scale = np.concatenate([x_scale, np.ones(len(products) - n_features)])
-        C = products / np.outer(scale, scale)
-    return {"C": C, "n_samples": n_samples, "x_scale": x_scale}
-
-
-def _alpha_grid(stats, alphas, eps):
-    """scikit-learn's grid: geometric from α_max = max_j ‖X_jᵀY‖₂ / n down to α_max·eps."""
-    if not isinstance(alphas, int):
-        return np.sort(alphas)[::-1]
-    alpha_max = np.sqrt(np.max(_correlation_norms2(stats))) / stats["n_samples"]
-    resolution = np.finfo(np.float64).resolution
-    if alpha_max <= resolution:
-        return np.full(alphas, resolution)
-    return np.geomspace(alpha_max, alpha_max * eps, num=alphas)
-
-
-def _correlation_norms2(stats):
-    """``‖X_jᵀY‖₂²`` of every (centred, scaled) feature: the first to enter the path has the largest."""
-    n_features = len(stats["x_scale"])
-    return np.sum(stats["C"][:n_features, n_features:] ** 2, axis=1)
-
-
-def _solve_path(stats, grid, tol=1e-4):
-    """LASSO path (one target) or multi-task LASSO path, (n_targets, n_features, n_alphas).
-
-    One target goes to :func:`~sklearn.linear_model.lasso_path` with the Gram matrix. It is
-    given a square root ``F`` of the cross-products (``FᵀF = C·m/n``, ``m = p + 1`` rows) in
-    place of the ``n`` samples: the objective ``‖Fy − Fx·w‖²/(2m) + α‖w‖₁`` equals the
-    full-data one at every ``w`` and the tolerance (relative to ``‖y‖²``) scales alike, so the
-    solver runs the very iterations it would run on the data. Coefficients are returned in the
-    original feature scale.
-    """
-    C, n_samples = stats["C"], stats["n_samples"]
-    n_features = len(stats["x_scale"])
-    if len(C) - n_features == 1:
-        F = _gram_root(C) * np.sqrt(len(C) / n_samples)
-        Xf, yf = np.asfortranarray(F[:, :n_features]), F[:, n_features]
-        _, coefs, _ = lasso_path(Xf, yf, alphas=grid, precompute=Xf.T @ Xf, Xy=Xf.T @ yf, tol=tol)
-        coefs = coefs[None]
-    else:
-        coefs = _multitask_path(C, n_samples, n_features, grid, tol)
-    return coefs / stats["x_scale"][None, :, None]
-
-
-def _multitask_path(C, n_samples, n_features, grid, tol, max_iter=1_000):
-    """Multi-task (L2,1) LASSO path by accelerated proximal gradient on the Gram matrix.
-
-    Minimises ``‖Y − XW‖²/2 + nα·Σ_j ‖W_j‖₂`` (n times scikit-learn's objective) with FISTA and
-    gradient-based adaptive restart: one ``G @ W`` product (level-3 BLAS, vectorised over the
-    features and outputs) and a group soft-threshold per iteration. Each α starts from the
-    previous solutions extrapolated along the path, and stops on scikit-learn's rule for 2-D
-    ``y``: a duality gap (its formulation) at most ``tol·‖Y‖²``. On dense paths of correlated
-    filters, block coordinate descent (scikit-learn's compiled one, run on a square root of
-    ``C``) took 5-10 times longer in our measurements, and stopped at its iteration limit where
-    filters were nearly collinear. ``max_iter`` is scikit-learn's default for its LASSO solvers:
-    on MobileFaceNet's 50 layers and a 7-class target (450 images) a cap of 10 000 gave the same
-    knees in every layer and took 1.7 times longer (196 s against 113 s), the extra iterations
-    going to alphas that had not converged in 1 000.
-    """
-    gram, xy = C[:n_features, :n_features], C[:n_features, n_features:]
-    yy = np.trace(C[n_features:, n_features:])
-    lipschitz = scipy.linalg.eigvalsh(gram, subset_by_index=[n_features - 1, n_features - 1])[0]
-    coefs = np.zeros((xy.shape[1], n_features, len(grid)))
-    if lipschitz <= 0:
-        return coefs
-    # The product by the Gram matrix is the cost of an iteration; in float32 it takes about half
-    # the time and resolves the gradient to ~1e-7, enough until the gap nears that level (the
-    # gap itself is always evaluated in float64).
-    gram32 = gram.astype(np.float32)
-    W = np.zeros_like(xy)
-    for i, alpha in enumerate(grid):
-        penalty = alpha * n_samples
-        if i >= 2 and grid[i - 1] != grid[i - 2]:
-            # The path is smooth in log α between changes of support.
-            ratio = np.log(alpha / grid[i - 1]) / np.log(grid[i - 1] / grid[i - 2])
-            W = W + ratio * (W - coefs[:, :, i - 2].T)
-        V, momentum, n_iter = W, 1.0, 0
-        while (gap := _multitask_gap(W, gram @ W, xy, yy, penalty)) > tol * yy and n_iter < max_iter:
-            product = gram32 if gap > 1e-5 * yy else gram
-            for _ in range(5):
-                step = V - (product @ V.astype(product.dtype, copy=False) - xy) / lipschitz
-                norms = np.sqrt(np.einsum("ij,ij->i", step, step))
-                shrink = np.maximum(1 - penalty / lipschitz / np.maximum(norms, np.finfo(float).tiny), 0)
-                W_next = step * shrink[:, None]
-                next_momentum = (1 + np.sqrt(1 + 4 * momentum**2)) / 2
-                if np.vdot(V - W_next, W_next - W) > 0:
-                    V, next_momentum = W_next, 1.0
-                else:
-                    V = W_next + (momentum - 1) / next_momentum * (W_next - W)
-                W, momentum = W_next, next_momentum
-            n_iter += 5
-        if n_iter >= max_iter:
-            warnings.warn(
-                f"Multi-task LASSO did not converge in {max_iter} iterations at alpha={alpha:.3g}; "
-                "nearly collinear features make the path hard to solve.",
-                ConvergenceWarning,
-            )
-        coefs[:, :, i] = W.T
-    return coefs
-
-
-def _multitask_gap(W, gram_w, xy, yy, penalty):
-    """Duality gap of the multi-task LASSO, scikit-learn's formulation, from the cross-products."""
-    residual_x = xy - gram_w
-    residual_norm2 = yy - 2 * np.vdot(W, xy) + np.vdot(W, gram_w)
-    residual_y = yy - np.vdot(W, xy)
-    dual_norm = np.sqrt(np.max(np.einsum("ij,ij->i", residual_x, residual_x)))
-    scale = penalty / dual_norm if dual_norm > penalty else 1.0
-    primal = 0.5 * residual_norm2 + penalty * np.sum(np.sqrt(np.einsum("ij,ij->i", W, W)))
-    dual = -0.5 * scale**2 * residual_norm2 + scale * residual_y
-    return primal - dual
-
-
-def _gram_root(C):
-    """Upper factor ``F`` with ``FᵀF = C`` for a positive semi-definite ``C``."""
-    try:
-        return scipy.linalg.cholesky(C, lower=False)
-    except np.linalg.LinAlgError:
-        # Singular cross-products (constant or duplicated filters, fewer samples than features)
-        # have no Cholesky factor; the eigendecomposition gives a square root all the same.
-        eigenvalues, eigenvectors = np.linalg.eigh(C)
-        return np.sqrt(np.clip(eigenvalues, 0, None))[:, None] * eigenvectors.T
-
-
-def _held_out_rmse(products, n_test, coefs):
-    """RMSE over all outputs of every α's model, from the held-out cross-products ``[X Y]ᵀ[X Y]``.
-
-    ``‖Y − XW‖² = tr(YᵀY) − 2·tr(WᵀXᵀY) + tr(WᵀXᵀXW)``: a p×p product per output instead of
-    predicting every held-out sample at every α.
-    """
-    n_targets, n_features, _ = coefs.shape
-    xx, xy = products[:n_features, :n_features], products[:n_features, n_features:]
-    cross = np.einsum("tja,jt->a", coefs, xy)
-    quadratic = np.einsum("tja,tja->a", coefs, np.matmul(xx, coefs))
-    squared = (np.trace(products[n_features:, n_features:]) - 2 * cross + quadratic) / (n_test * n_targets)
-    return np.sqrt(np.clip(squared, 0, None))
-
-
-def _first_to_enter(X, Y, standardize):
-    """Index of the feature with the largest ``‖X_jᵀY‖₂``: the first to enter the LASSO path."""
-    Z, x_mean = _centred(X, Y)
-    stats = _moments(Z.T @ Z, len(X), x_mean, X.shape[1], standardize)
-    return int(np.argmax(_correlation_norms2(stats)))

@@ -54,7 +54,7 @@ def test_check_finetune_params_rejects_bad_values(params, match):
 
 
 def test_check_finetune_params_rejects_non_dict():
-    with pytest.raises(TypeError, match="finetune must be None or a dict"):
+    with pytest.raises(TypeError, match="finetune_params must be None or a dict"):
         check_finetune_params([("epochs", 3)])
 
 

@@ -17,7 +17,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 import sklearn_craft.pooling
-from sklearn_craft.pooling import ActivationPooler, find_responses
+from sklearn_craft.inspection import find_responses
+from sklearn_craft.pooling import ActivationPooler
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "pooling.rst"
 

@@ -1,4 +1,3 @@
-import copy
 import warnings
 
 import numpy as np
@@ -185,7 +184,7 @@ def test_gamma_zero_keeps_every_filter_and_larger_gamma_keeps_fewer(data):
 def test_truncate_best_cuts_after_the_best_scoring_layer():
     X = np.random.default_rng(1).random((160, 1, 16, 16), dtype=np.float32)
     y = _scores(_net(), X, "0", [2, 6])[:, 0]
-    pruner = CraftPruner(_net(), gamma=0.05, truncate="best", random_state=0).fit(X, y)
+    pruner = CraftPruner(_net(), gamma=0.05, head_layer="best", random_state=0).fit(X, y)
     scores = pruner.satellite_scores_
     assert list(scores.index) == pruner.layers_
     assert pruner.head_layer_ == scores.idxmax()
@@ -247,7 +246,7 @@ def test_finetune_loss_follows_the_target(data, monkeypatch, kind, n_outputs, lo
 
     monkeypatch.setattr(sklearn_craft.pruner, "finetune", recording)
     head = "satellite" if n_outputs is None else "original"
-    pruner = CraftPruner(_net(n_outputs), gamma=0.1, head=head, finetune={"epochs": 1}, random_state=0)
+    pruner = CraftPruner(_net(n_outputs), gamma=0.1, head=head, finetune_params={"epochs": 1}, random_state=0)
     pruner.fit(X[:64], y[:64])
     ((used, target),) = calls
     assert used == loss
@@ -260,7 +259,7 @@ def test_finetune_is_deterministic_and_changes_the_weights(data):
     X, scores = data
     y = _targets("binary", scores)
     params = {"epochs": 2, "lr": 1e-2, "batch_size": 32, "validation_fraction": 0.2}
-    runs = [CraftPruner(_net(), gamma=0.1, finetune=params, random_state=3).fit(X, y) for _ in range(2)]
+    runs = [CraftPruner(_net(), gamma=0.1, finetune_params=params, random_state=3).fit(X, y) for _ in range(2)]
     plain = CraftPruner(_net(), gamma=0.1, random_state=3).fit(X, y)
     first, second = (dict(run.pruned_model_.state_dict()) for run in runs)
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -277,7 +276,7 @@ def test_user_model_is_unchanged(data, head):
     model = _net(n_outputs=1).train()
     model[0].requires_grad_(False)
     before = _state(model)
-    pruner = CraftPruner(model, gamma=0.1, head=head, finetune={"epochs": 1}, random_state=0).fit(X, scores[:, 0])
+    pruner = CraftPruner(model, gamma=0.1, head=head, finetune_params={"epochs": 1}, random_state=0).fit(X, scores[:, 0])
     assert _same_state(before, _state(model))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert pruner.model is model
@@ -370,7 +369,7 @@ def test_grid_search_over_gamma_pools_each_training_set_once_with_memory(data, m
     calls = _count_full_poolings(monkeypatch, model)
     memory = str(tmp_path) if use_memory else None
     search = GridSearchCV(
-        CraftPruner(model, finetune=None, random_state=0, memory=memory), {"gamma": [0.001, 0.01, 0.1]}, cv=2
+        CraftPruner(model, finetune_params=None, random_state=0, memory=memory), {"gamma": [0.001, 0.01, 0.1]}, cv=2
     ).fit(X, y)
     # Two folds of 60 training images and the refit on all 120; without memory, once per candidate.
     assert sorted(calls) == ([60, 60, 120] if use_memory else [60] * 6 + [120])
@@ -410,11 +409,11 @@ class _Branchy(nn.Module):
         ({"gamma": 1.5}, ValueError, "gamma"),
         ({"gamma": -0.1}, ValueError, "gamma"),
         ({"head": "linear"}, ValueError, "head"),
-        ({"truncate": "all"}, ValueError, "truncate"),
-        ({"truncate": "best", "head": "original"}, ValueError, "truncate='best' needs head='satellite'"),
-        ({"finetune": {"epoch": 2}}, ValueError, "unknown keys \\['epoch'\\]"),
-        ({"finetune": {"epochs": 0}}, ValueError, "epochs"),
-        ({"finetune": [("epochs", 2)]}, TypeError, "finetune"),
+        ({"head_layer": "features.99"}, ValueError, "head_layer must be"),
+        ({"head_layer": "best", "head": "original"}, ValueError, "head_layer='best' needs head='satellite'"),
+        ({"finetune_params": {"epoch": 2}}, ValueError, "unknown keys \\['epoch'\\]"),
+        ({"finetune_params": {"epochs": 0}}, ValueError, "epochs"),
+        ({"finetune_params": [("epochs", 2)]}, TypeError, "finetune_params"),
         ({"selector_params": {"gamma": 0.1}}, ValueError, "selector_params must not set \\['gamma'\\]"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"gamma": 0.0, "scale_filters": True}, ValueError, "scale_filters=True needs gamma > 0"),
@@ -573,8 +572,8 @@ def test_preprocess_is_applied_before_every_forward_pass(data):
     y = scores[:, 0]
     shift = lambda batch: 2.0 * batch - 0.5  # noqa: E731
     finetune = {"epochs": 1, "lr": 1e-3}
-    with_preprocess = CraftPruner(_net(), gamma=0.05, finetune=finetune, preprocess=shift, random_state=0).fit(X, y)
-    on_shifted = CraftPruner(_net(), gamma=0.05, finetune=finetune, random_state=0).fit(2.0 * X - 0.5, y)
+    with_preprocess = CraftPruner(_net(), gamma=0.05, finetune_params=finetune, preprocess=shift, random_state=0).fit(X, y)
+    on_shifted = CraftPruner(_net(), gamma=0.05, finetune_params=finetune, random_state=0).fit(2.0 * X - 0.5, y)
 
     assert with_preprocess.keep_.keys() == on_shifted.keep_.keys()
     assert all(np.array_equal(with_preprocess.keep_[k], on_shifted.keep_[k]) for k in on_shifted.keep_)

@@ -13,12 +13,8 @@ from torch import nn
 
 from sklearn_craft.plotting import plot_layer_task_matrix, plot_task_matrix
 from sklearn_craft.pooling import ActivationPooler
-from sklearn_craft.relationships import (
-    _best_threshold,
-    layer_task_matrix,
-    relative_drop,
-    task_relationship_matrix,
-)
+from sklearn_craft.relationships import layer_task_matrix, relative_drop, task_relationship_matrix
+from sklearn_craft.satellites import _best_threshold
 
 
 @pytest.fixture(autouse=True)
@@ -87,9 +83,9 @@ def test_each_kind_reports_its_documented_metric():
     assert matrix.attrs["task_type"] == {
         "B": "continuous",
         "flag": "binary",
-        "colour": "categorical",
+        "colour": "multiclass",
         "grade": "ordinal",
-        "accessories": "multilabel",
+        "accessories": "multilabel-indicator",
     }
     assert matrix.attrs["metric"] == {
         "B": "rmse",
@@ -133,8 +129,8 @@ def test_inferred_task_kinds():
         "bool": "binary",
         "zero_one": "binary",
         "two_strings": "binary",
-        "ints": "categorical",
-        "strings": "categorical",
+        "ints": "multiclass",
+        "strings": "multiclass",
         "ordered": "ordinal",
         "floats": "continuous",
     }

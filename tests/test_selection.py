@@ -18,11 +18,13 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
+import sklearn_craft._lasso_path
 import sklearn_craft.plotting
 import sklearn_craft.selection
 from sklearn_craft.plotting import plot_characteristic_curves
 from sklearn_craft.pooling import ActivationPooler
-from sklearn_craft.selection import LassoFilterSelector, characteristic_curve, encode_target, find_knee
+from sklearn_craft.selection import LassoFilterSelector, characteristic_curve, find_knee
+from sklearn_craft.targets import encode_target
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "selection.rst"
 
@@ -275,9 +277,9 @@ def test_multitask_path_equals_sklearn_multitask_lasso():
     Y = X[:, :5] @ rng.normal(size=(5, 4)) + rng.normal(size=(300, 4))
     x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
     Z = np.hstack([X - x_mean, Y - y_mean])
-    stats = sklearn_craft.selection._moments(Z.T @ Z, 300, x_mean, 20, False)
-    grid = sklearn_craft.selection._alpha_grid(stats, 40, 1e-3)
-    coefs = sklearn_craft.selection._solve_path(stats, grid, tol=1e-12)
+    stats = sklearn_craft._lasso_path._moments(Z.T @ Z, 300, x_mean, 20, False)
+    grid = sklearn_craft._lasso_path._alpha_grid(stats, 40, 1e-3)
+    coefs = sklearn_craft._lasso_path._solve_path(stats, grid, tol=1e-12)
     for i in (5, 20, 39):
         expected = MultiTaskLasso(alpha=grid[i], tol=1e-12, max_iter=100_000).fit(X, Y).coef_
         np.testing.assert_allclose(coefs[:, :, i], expected, rtol=0, atol=1e-6)
@@ -439,7 +441,7 @@ def test_memory_recomputes_only_the_knee(tmp_path, monkeypatch):
         calls.append(1)
         return lasso_path(*args, **kwargs)
 
-    monkeypatch.setattr(sklearn_craft.selection, "lasso_path", counting_lasso_path)
+    monkeypatch.setattr(sklearn_craft._lasso_path, "lasso_path", counting_lasso_path)
     X, y = _regression(p=9)
     groups = np.repeat([0, 1, 2], 3)
     memory = joblib.Memory(str(tmp_path), verbose=0)

@@ -1,4 +1,3 @@
-import copy
 
 import numpy as np
 import pytest
@@ -6,7 +5,7 @@ import torch
 from torch import nn
 
 from sklearn_craft.models import lightcnn9, mobilenet_v1, mobilenet_v2, resnet18, vgg16
-from sklearn_craft.pooling import find_responses
+from sklearn_craft.inspection import find_responses
 from sklearn_craft.surgery import coupled_groups, merge_keep, prune_channels, truncate
 
 ATOL = 1e-5

@@ -13,3 +13,17 @@ from .mini_xception import mini_xception
 from .mobilefacenet import mobilefacenet
 from .mtcnn import mtcnn_onet
 from .presets import preset
+
+__all__ = [
+    "MaxFeatureMap",
+    "lightcnn9",
+    "load_weights",
+    "mini_xception",
+    "mobilefacenet",
+    "mobilenet_v1",
+    "mobilenet_v2",
+    "mtcnn_onet",
+    "preset",
+    "resnet18",
+    "vgg16",
+]

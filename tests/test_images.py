@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
-import sklearn_craft._data
-from sklearn_craft._data import as_image_dataset, input_channels, iter_batches
+import sklearn_craft.images
+from sklearn_craft.images import as_image_dataset, input_channels, iter_batches
 
 
 class _ListDataset(Dataset):
@@ -178,5 +178,5 @@ def test_input_channels_is_in_channels_of_the_first_conv():
 
 
 def test_docstring_examples_run():
-    results = doctest.testmod(sklearn_craft._data)
+    results = doctest.testmod(sklearn_craft.images)
     assert results.attempted > 0 and results.failed == 0

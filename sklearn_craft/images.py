@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+__all__ = ["as_image_dataset", "input_channels", "iter_batches"]
+
 _LAYOUTS = "N×C×H×W float or N×H×W×C uint8"
 
 
@@ -156,7 +158,7 @@ def as_image_dataset(X, *, n_channels=None, name="X"):
     Examples
     --------
     >>> import numpy as np
-    >>> from sklearn_craft._data import as_image_dataset
+    >>> from sklearn_craft.images import as_image_dataset
     >>> images = np.full((4, 8, 8, 3), 255, dtype=np.uint8)
     >>> dataset = as_image_dataset(images, n_channels=3)
     >>> len(dataset), tuple(dataset[0].shape), float(dataset[0].max())
@@ -237,7 +239,7 @@ def iter_batches(
     Examples
     --------
     >>> import numpy as np
-    >>> from sklearn_craft._data import iter_batches
+    >>> from sklearn_craft.images import iter_batches
     >>> images = np.zeros((10, 1, 4, 4), dtype=np.float32)
     >>> [tuple(batch.shape) for batch in iter_batches(images, 4)]
     [(4, 1, 4, 4), (4, 1, 4, 4), (2, 1, 4, 4)]
@@ -299,7 +301,7 @@ def input_channels(model):
     Examples
     --------
     >>> from torch import nn
-    >>> from sklearn_craft._data import input_channels
+    >>> from sklearn_craft.images import input_channels
     >>> input_channels(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU()))
     1
     """

@@ -1,0 +1,248 @@
+"""Network inspection: which module computes a convolution's response, what runs in what order.
+
+Every stage that runs or edits a network asks this module, so that pooling, selection, surgery,
+fine-tuning and profiling agree on the facts and depend on it rather than on each other:
+
+- :func:`find_responses` decides once for the whole library where a convolution's *response*
+  is read (the output of the nonlinearity that directly follows it, ``Conv -> [BatchNorm] ->
+  activation``): :class:`~sklearn_craft.pooling.ActivationPooler` pools it and
+  :func:`~sklearn_craft.surgery.truncate` cuts a network there;
+- small shared tools: a context manager that puts a network in eval mode and restores every
+  submodule's training flag, a recorder of the leaf-module calls of one forward pass, the
+  selection of convolutions by name or predicate, and moving a network to a device without
+  touching the user's copy.
+"""
+
+import copy
+import itertools
+import threading
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["ACTIVATIONS", "find_responses"]
+
+#: Elementwise nonlinearities whose output is taken as the response of the preceding conv.
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+)
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+# Hooks and eval() are set on the user's model itself; transforms running in threads (joblib's
+# threading backend) on one model would otherwise record each other's batches or restore
+# each other's training flags out of order.
+_FORWARD_LOCK = threading.Lock()
+
+
+def _check_model(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _select_convs(model, layers):
+    """Names of the nn.Conv2d modules selected by ``layers``, in registration order."""
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    if isinstance(layers, str):
+        if layers != "conv":
+            raise ValueError(f"layers must be 'conv', a list of module names or a callable, got {layers!r}")
+        selected = list(convs)
+    elif callable(layers):
+        selected = [name for name, module in convs.items() if layers(name, module)]
+    elif isinstance(layers, (list, tuple)):
+        modules = dict(model.named_modules())
+        for name in layers:
+            if name not in modules:
+                raise ValueError(
+                    f"layers contains {name!r}, which is not a module of the model; "
+                    f"conv layers are for instance {list(convs)[:5]}"
+                )
+            if not isinstance(modules[name], nn.Conv2d):
+                raise ValueError(
+                    f"layers must name nn.Conv2d modules, got {name!r}, " f"a {type(modules[name]).__name__}"
+                )
+        duplicates = [name for name, count in Counter(layers).items() if count > 1]
+        if duplicates:
+            raise ValueError(f"layers must not repeat a name, got {duplicates} more than once")
+        selected = list(layers)
+    else:
+        raise TypeError("layers must be 'conv', a list of module names or a callable, " f"got {type(layers).__name__}")
+    if not selected:
+        raise ValueError(f"layers={layers!r} selects no nn.Conv2d of the model")
+    return selected
+
+
+@contextmanager
+def _evaluating(model):
+    """Put ``model`` in eval mode, restoring every submodule's own training flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _leaves(model):
+    """(name, module) of every module without children, in registration order."""
+    return [(name, module) for name, module in model.named_modules() if next(module.children(), None) is None]
+
+
+@contextmanager
+def _recording_leaf_calls(model):
+    """Record ``(name, module, inputs, output)`` of every call of a leaf module; the hooks go afterwards."""
+    calls = []
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m, i, o)))
+        for name, module in _leaves(model)
+    ]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _call_sequence(model, example_input):
+    """Names of the leaf modules of ``model`` in the order they run on ``example_input``."""
+    with _FORWARD_LOCK, _evaluating(model), torch.inference_mode(), _recording_leaf_calls(model) as calls:
+        model(example_input)
+    return [name for name, _, _, _ in calls]
+
+
+def _traced_graph(model):
+    """The torch.fx graph of ``model`` in eval mode, or None when it does not trace."""
+    try:
+        with _FORWARD_LOCK, _evaluating(model):
+            return torch.fx.symbolic_trace(model).graph
+    # Untraceable Python (data-dependent control flow, unsupported calls) fails with many
+    # exception types; any of them means "use the fallback".
+    except Exception:
+        return None
+
+
+def _dataflow(model, example_input):
+    """What runs after what: (successor of each module, calls per module, first-run order)."""
+    graph = _traced_graph(model)
+    if graph is not None:
+        nodes = [node for node in graph.nodes if node.op == "call_module"]
+        calls = Counter(node.target for node in nodes)
+        following = {}
+        for node in nodes:
+            users = list(node.users)
+            if len(users) == 1 and users[0].op == "call_module":
+                following[node.target] = users[0].target
+        order = [node.target for node in nodes]
+    else:
+        if example_input is None:
+            order = [name for name, _ in _leaves(model)]
+        else:
+            order = _call_sequence(model, example_input)
+        # In registration order every module counts as run once: a shared one goes unnoticed.
+        calls = Counter(order)
+        following = dict(itertools.pairwise(order))
+    return following, calls, order
+
+
+def find_responses(model, layers="conv", *, example_input=None):
+    """Locate the module whose output is the response of each convolution.
+
+    The response of a convolution is the output of the elementwise activation that directly
+    follows it (``Conv -> [BatchNorm] -> activation``, the activation being one of
+    ``ACTIVATIONS``); when no activation follows, the output of its BatchNorm; else the
+    convolution's own output. "Directly follows" is read from the torch.fx graph: the conv's
+    only consumer is the BatchNorm or activation module, and so on. A module called more than
+    once in the graph (for instance one ``self.relu`` shared by the two convolutions of a
+    torchvision ResNet block) cannot be hooked for a single site, so the response stops
+    before it. Activations called as functions (``F.relu``) are not modules and are not
+    followed either.
+
+    When the model does not trace with torch.fx, the order in which leaf modules run on
+    ``example_input`` stands in for the graph (a module run more than once is still
+    excluded), or, without ``example_input``, their registration order (which cannot detect a
+    shared activation).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (not modified; its training flags are restored).
+    layers : "conv", list of str or callable, default="conv"
+        The convolutions: every ``nn.Conv2d``; their names; or a predicate
+        ``(name, module) -> bool`` called on every ``nn.Conv2d``.
+    example_input : torch.Tensor, default=None
+        A batch the model accepts, used only when the model does not trace with torch.fx.
+
+    Returns
+    -------
+    responses : dict
+        Conv name -> name of the module whose output is its response, in forward order
+        (convolutions that never run come last, mapped to themselves).
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not an ``nn.Module`` or ``layers`` of none of the accepted types.
+    ValueError
+        If a name in ``layers`` is unknown or not an ``nn.Conv2d``, or nothing is selected.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from sklearn_craft.inspection import find_responses
+    >>> model = nn.Sequential(
+    ...     nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+    ...     nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+    ...     nn.Conv2d(8, 4, 3),
+    ... )
+    >>> find_responses(model)
+    {'0': '2', '3': '4', '5': '5'}
+    """
+    _check_model(model)
+    convs = _select_convs(model, layers)
+    modules = dict(model.named_modules())
+    following, calls, order = _dataflow(model, example_input)
+
+    def next_if(name, kinds):
+        successor = following.get(name) if calls[name] == 1 else None
+        if successor is not None and isinstance(modules[successor], kinds):
+            if calls[successor] == 1:
+                return successor
+        return None
+
+    responses = {}
+    for conv in convs:
+        response = next_if(conv, _NORMS) or conv
+        responses[conv] = next_if(response, ACTIVATIONS) or response
+    first_run = {name: position for position, name in reversed(list(enumerate(order)))}
+    return dict(sorted(responses.items(), key=lambda item: first_run.get(item[0], len(order))))
+
+
+def _on_device(model, device):
+    """``model`` when all its tensors live on ``device``, else a moved copy (never move the user's)."""
+    device = torch.device(device)
+
+    def placed(tensor):
+        return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
+
+    if all(placed(tensor) for tensor in itertools.chain(model.parameters(), model.buffers())):
+        return model
+    return copy.deepcopy(model).to(device)
