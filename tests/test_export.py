@@ -7,8 +7,10 @@ import torch.fx
 from torch import nn
 
 from sklearn_craft.export import load_model, save_model
-from sklearn_craft.models import lightcnn9, resnet18, vgg16
+from sklearn_craft.models import lightcnn9, vgg16
 from sklearn_craft.surgery import prune_channels, truncate
+
+from conftest import ARCHITECTURES
 
 
 def _assert_round_trip(model, path, shape, **save_kwargs):
@@ -39,18 +41,10 @@ def _narrow_net():
     )
 
 
-@pytest.mark.parametrize(
-    "constructor, shape",
-    [
-        (lambda: vgg16(num_classes=3, input_size=32, width_mult=0.125, batch_norm=True), (3, 32, 32)),
-        (lambda: resnet18(num_classes=3, width_mult=0.125), (3, 32, 32)),
-        (lambda: lightcnn9(num_classes=3, input_size=32, width_mult=0.25), (1, 32, 32)),
-    ],
-    ids=["vgg16_bn", "resnet18", "lightcnn9"],
-)
-def test_round_trip_of_library_architectures(tmp_path, constructor, shape):
-    torch.manual_seed(0)
-    _assert_round_trip(constructor(), tmp_path / "model.pt2", shape, input_shape=shape)
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_round_trip_of_library_architectures(tmp_path, name):
+    shape = ARCHITECTURES[name].input_shape
+    _assert_round_trip(ARCHITECTURES[name].build(), tmp_path / "model.pt2", shape, input_shape=shape)
 
 
 def test_round_trip_of_a_pruned_network(tmp_path):

@@ -5,17 +5,7 @@ from torch import nn
 
 from sklearn_craft.finetune import FINETUNE_DEFAULTS, check_finetune_params, finetune, recalibrate_batchnorm
 
-
-def _net(n_outputs=1, seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(dropout),
-        nn.Linear(4, n_outputs),
-    )
+from conftest import trainable_net
 
 
 def _data(n=60, seed=0):
@@ -62,7 +52,7 @@ def test_same_random_state_gives_same_weights_and_other_seeds_differ():
     X, y = _data()
     runs = []
     for seed in (0, 0, 1):
-        model = _net(dropout=0.3)
+        model = trainable_net(dropout=0.3)
         finetune(model, X, y, loss="mse", epochs=3, batch_size=8, validation_fraction=0.2, random_state=seed)
         runs.append(_weights(model))
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
@@ -72,13 +62,13 @@ def test_same_random_state_gives_same_weights_and_other_seeds_differ():
 def test_global_torch_seed_is_untouched():
     X, y = _data()
     state = torch.random.get_rng_state()
-    finetune(_net(dropout=0.3), X, y, loss="mse", epochs=2, random_state=0)
+    finetune(trainable_net(dropout=0.3), X, y, loss="mse", epochs=2, random_state=0)
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_training_lowers_the_loss_and_leaves_eval_mode():
     X, y = _data()
-    model = _net().train()
+    model = trainable_net().train()
     history = finetune(model, X, y, loss="mse", epochs=30, lr=0.01, batch_size=16, random_state=0)
     assert list(history["epoch"]) == list(range(1, 31))
     assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
@@ -97,7 +87,7 @@ def test_training_lowers_the_loss_and_leaves_eval_mode():
 )
 def test_each_loss_trains(loss, make_target, n_outputs):
     X, y = _data()
-    model = _net(n_outputs)
+    model = trainable_net(n_outputs)
     before = _weights(model)
     history = finetune(model, X, make_target(y), loss=loss, epochs=5, lr=0.01, random_state=0)
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
@@ -109,7 +99,7 @@ def test_early_stopping_stops_and_restores_the_best_weights():
     # weights must give exactly the lowest validation loss of the history.
     X = np.repeat(np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32), 40, axis=0)
     y = np.full(40, 3.0)
-    model = _net()
+    model = trainable_net()
     history = finetune(
         model,
         X,
@@ -131,7 +121,7 @@ def test_early_stopping_stops_and_restores_the_best_weights():
 
 def test_frozen_parameters_stay_frozen():
     X, y = _data()
-    model = _net()
+    model = trainable_net()
     model[0].requires_grad_(False)
     frozen = model[0].weight.detach().clone()
     finetune(model, X, y, loss="mse", epochs=2, random_state=0)
@@ -141,22 +131,22 @@ def test_frozen_parameters_stay_frozen():
 
 def test_errors():
     X, y = _data()
-    frozen = _net().requires_grad_(False)
+    frozen = trainable_net().requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         finetune(frozen, X, y, loss="mse", epochs=1)
     with pytest.raises(ValueError, match="one row per image \\(60\\), got 59"):
-        finetune(_net(), X, y[:59], loss="mse", epochs=1)
+        finetune(trainable_net(), X, y[:59], loss="mse", epochs=1)
     with pytest.raises(ValueError, match="loss must be one of"):
-        finetune(_net(), X, y, loss="hinge", epochs=1)
+        finetune(trainable_net(), X, y, loss="hinge", epochs=1)
     with pytest.raises(ValueError, match="epochs"):
-        finetune(_net(), X, y, loss="mse", epochs=0)
+        finetune(trainable_net(), X, y, loss="mse", epochs=0)
     with pytest.raises(ValueError, match="leaves no training sample"):
-        finetune(_net(), X[:1], y[:1], loss="mse", epochs=1, validation_fraction=0.5)
+        finetune(trainable_net(), X[:1], y[:1], loss="mse", epochs=1, validation_fraction=0.5)
 
 
 def test_early_stopping_keeps_the_initial_weights_when_no_epoch_improves():
     X, y = _data()
-    model = _net()
+    model = trainable_net()
     before = _weights(model)
     # A huge SGD step makes every epoch worse than the start on the validation samples.
     history = finetune(
@@ -187,7 +177,7 @@ def test_recalibrate_batchnorm_averages_the_batch_statistics_and_restores_the_mo
 
 
 def test_recalibrate_batchnorm_leaves_a_network_without_batchnorm_alone():
-    model = _net()
+    model = trainable_net()
     before = _weights(model)
     assert recalibrate_batchnorm(model, _data()[0]) is model
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))

@@ -16,16 +16,7 @@ from sklearn_craft.models import (
 )
 from sklearn_craft.models.lightcnn import MFMLayer
 
-
-# Small versions of every architecture: (constructor, kwargs, input shape of one example).
-SMALL = {
-    "vgg16": (vgg16, {"input_size": 32, "width_mult": 0.125}, (3, 32, 32)),
-    "vgg16_bn": (vgg16, {"input_size": (64, 48), "width_mult": 0.125, "batch_norm": True}, (3, 64, 48)),
-    "resnet18": (resnet18, {"width_mult": 0.125}, (3, 40, 40)),
-    "mobilenet_v1": (mobilenet_v1, {"width_mult": 0.25}, (3, 64, 64)),
-    "mobilenet_v2": (mobilenet_v2, {"width_mult": 0.25}, (3, 64, 64)),
-    "lightcnn9": (lightcnn9, {"input_size": 36, "width_mult": 0.25}, (1, 36, 36)),
-}
+from conftest import ARCHITECTURES, CONFIGURABLE
 
 
 def _convs(model):
@@ -42,19 +33,18 @@ def _count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("name", CONFIGURABLE)
 @pytest.mark.parametrize("num_classes", [1, 7])
 def test_output_shape_follows_num_classes(name, num_classes):
-    constructor, kwargs, shape = SMALL[name]
-    model = constructor(num_classes=num_classes, **kwargs).eval()
-    assert model(torch.rand(3, *shape)).shape == (3, num_classes)
+    model = ARCHITECTURES[name].build(num_classes=num_classes)
+    assert model(torch.rand(3, *ARCHITECTURES[name].input_shape)).shape == (3, num_classes)
 
 
-@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_every_leaf_module_runs_once_per_forward(name):
     # The pooler hooks activation modules: a module called twice would mix two responses.
-    constructor, kwargs, shape = SMALL[name]
-    model = constructor(num_classes=3, **kwargs).eval()
+    shape = ARCHITECTURES[name].input_shape
+    model = ARCHITECTURES[name].build()
     calls = {}
     for module_name, module in model.named_modules():
         if next(module.children(), None) is None:
@@ -63,19 +53,18 @@ def test_every_leaf_module_runs_once_per_forward(name):
     assert calls and set(calls.values()) == {1}
 
 
-@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("name", CONFIGURABLE)
 def test_in_channels(name):
-    constructor, kwargs, shape = SMALL[name]
-    model = constructor(num_classes=2, in_channels=5, **kwargs).eval()
+    shape = ARCHITECTURES[name].input_shape
+    model = ARCHITECTURES[name].build(num_classes=2, in_channels=5)
     assert _convs(model)[0][1].in_channels == 5
     assert model(torch.rand(2, 5, *shape[1:])).shape == (2, 2)
 
 
-@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_symbolically_traceable(name):
-    constructor, kwargs, shape = SMALL[name]
-    model = constructor(num_classes=3, **kwargs).eval()
-    x = torch.rand(2, *shape)
+    model = ARCHITECTURES[name].build()
+    x = torch.rand(2, *ARCHITECTURES[name].input_shape)
     assert torch.equal(torch.fx.symbolic_trace(model)(x), model(x))
 
 
@@ -245,9 +234,7 @@ def test_bad_arguments(kwargs, error, match):
         vgg16(**kwargs)
 
 
-def _small_resnet(num_classes=2):
-    torch.manual_seed(0)
-    return resnet18(num_classes=num_classes, width_mult=0.125)
+RESNET = ARCHITECTURES["resnet18"]
 
 
 @pytest.mark.parametrize(
@@ -261,7 +248,7 @@ def _small_resnet(num_classes=2):
     ids=["raw", "state_dict", "net_state_dict", "module_prefix"],
 )
 def test_load_weights_round_trip(tmp_path, wrap):
-    source = _small_resnet()
+    source = RESNET.build(num_classes=2)
     path = tmp_path / "weights.pt"
     torch.save(wrap(source.state_dict()), path)
     target = resnet18(num_classes=2, width_mult=0.125)
@@ -271,12 +258,12 @@ def test_load_weights_round_trip(tmp_path, wrap):
 
 
 def test_load_weights_lists_missing_unexpected_and_shapes(tmp_path):
-    state = _small_resnet(num_classes=3).state_dict()
+    state = RESNET.build(num_classes=3).state_dict()
     del state["layer1.0.conv1.weight"]
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "weights.pt"
     torch.save(state, path)
-    target = _small_resnet(num_classes=2)
+    target = RESNET.build(num_classes=2)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(ValueError) as info:
         load_weights(target, path)
@@ -288,7 +275,7 @@ def test_load_weights_lists_missing_unexpected_and_shapes(tmp_path):
 
 
 def test_load_weights_not_strict_loads_what_matches(tmp_path):
-    source = _small_resnet(num_classes=3)
+    source = RESNET.build(num_classes=3)
     path = tmp_path / "weights.pt"
     torch.save(source.state_dict(), path)
     target = resnet18(num_classes=2, width_mult=0.125)
@@ -300,7 +287,7 @@ def test_load_weights_not_strict_loads_what_matches(tmp_path):
 
 
 def test_load_weights_transform(tmp_path):
-    source = _small_resnet()
+    source = RESNET.build(num_classes=2)
     path = tmp_path / "weights.pt"
     torch.save({f"backbone.{k}": v for k, v in source.state_dict().items()}, path)
     target = resnet18(num_classes=2, width_mult=0.125)
@@ -325,7 +312,7 @@ def test_load_weights_never_unpickles_code(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"state_dict": _Payload()}, path)
     with pytest.raises(pickle.UnpicklingError):
-        load_weights(_small_resnet(), path)
+        load_weights(RESNET.build(num_classes=2), path)
     assert not _UNPICKLED
 
 
@@ -333,9 +320,9 @@ def test_load_weights_rejects_non_state_dicts(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"epoch": 3, "conv.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=r"not a state dict: entries \['epoch'\]"):
-        load_weights(_small_resnet(), path)
+        load_weights(RESNET.build(num_classes=2), path)
     torch.save([torch.zeros(1)], path)
     with pytest.raises(ValueError, match="holds a list"):
-        load_weights(_small_resnet(), path)
+        load_weights(RESNET.build(num_classes=2), path)
     with pytest.raises(TypeError, match="path must be a str"):
-        load_weights(_small_resnet(), _small_resnet().state_dict())
+        load_weights(RESNET.build(num_classes=2), RESNET.build(num_classes=2).state_dict())

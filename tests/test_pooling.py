@@ -1,6 +1,6 @@
 import doctest
 import pickle
-import warnings
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
-from sklearn.utils.estimator_checks import estimator_checks_generator, parametrize_with_checks
+from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
@@ -19,6 +19,15 @@ from torch.utils.data import Dataset, TensorDataset
 import sklearn_craft.pooling
 from sklearn_craft.inspection import find_responses
 from sklearn_craft.pooling import ActivationPooler
+from sklearn_craft.surgery import truncate
+
+from conftest import (
+    ARCHITECTURES,
+    assert_expected_failures_are_current,
+    image_estimator_expected_failures,
+    response_kinds_net,
+    run_image_estimator_check,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "pooling.rst"
 
@@ -30,35 +39,6 @@ def _images(n=10, size=12, channels=3, seed=0):
 
 def _nchw(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
-
-
-def _randomise_batchnorm(model, seed=0):
-    """Non-trivial running statistics, so that train-mode and eval-mode outputs differ."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            module.weight.data.uniform_(0.5, 1.5, generator=generator)
-            module.bias.data.uniform_(-0.2, 0.2, generator=generator)
-    return model
-
-
-def _small_net(seed=0):
-    """Conv-BN-ReLU, Conv-BN, Conv alone, then a classifier head."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 5, 3, padding=1),
-        nn.BatchNorm2d(5),
-        nn.Conv2d(5, 4, 3),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 2),
-    )
-    return _randomise_batchnorm(model, seed)
 
 
 class _Counting(nn.Module):
@@ -113,7 +93,7 @@ class _Untraceable(_ResNetLike):
 
 
 def test_pooled_values_equal_channel_means_of_the_full_maps():
-    model = _small_net().train()
+    model = response_kinds_net().train()
     images = _images()
     pooler = ActivationPooler(model, batch_size=3).fit(images)
     features = pooler.transform(images)
@@ -132,8 +112,32 @@ def test_pooled_values_equal_channel_means_of_the_full_maps():
     np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_pools_every_convolution(name):
+    architecture = ARCHITECTURES[name]
+    model = architecture.build()
+    channels, height, width = architecture.input_shape
+    images = np.random.default_rng(0).integers(0, 256, size=(3, height, width, channels), dtype=np.uint8)
+    convs = {conv_name: m for conv_name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+    pooler = ActivationPooler(model).fit(images)
+    assert pooler.layers_ == list(convs)
+    assert pooler.n_channels_ == {conv_name: conv.out_channels for conv_name, conv in convs.items()}
+    assert pooler.n_features_out_ == sum(conv.out_channels for conv in convs.values())
+    features = pooler.transform(images)
+    assert features.shape == (3, pooler.n_features_out_) and np.isfinite(features).all()
+    # The first and the last layer's columns are the channel means of the network cut at their response.
+    x = _nchw(images)
+    offsets = np.cumsum([0, *pooler.n_channels_.values()])
+    for index in (0, len(convs) - 1):
+        layer = pooler.layers_[index]
+        with torch.no_grad():
+            expected = truncate(model, layer, x[:1])(x).mean(dim=(2, 3))
+        np.testing.assert_allclose(features[:, offsets[index] : offsets[index + 1]], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_fitted_attributes():
-    pooler = ActivationPooler(_small_net(), layers=["5", "0"]).fit(_images(n=2))
+    pooler = ActivationPooler(response_kinds_net(), layers=["5", "0"]).fit(_images(n=2))
     assert pooler.layers_ == ["0", "5"]
     assert pooler.n_channels_ == {"0": 6, "5": 4}
     assert pooler.n_features_out_ == 10
@@ -157,7 +161,7 @@ def test_layers_are_in_forward_order_not_registration_order():
 
 
 def test_layers_as_predicate():
-    pooler = ActivationPooler(_small_net(), layers=lambda name, conv: conv.out_channels < 6)
+    pooler = ActivationPooler(response_kinds_net(), layers=lambda name, conv: conv.out_channels < 6)
     assert pooler.fit(_images(n=2)).layers_ == ["3", "5"]
 
 
@@ -261,7 +265,7 @@ class _Pairs(Dataset):
 def test_every_input_format_gives_identical_features():
     images = _images()
     nchw = _nchw(images)
-    pooler = ActivationPooler(_small_net(), batch_size=4).fit(images)
+    pooler = ActivationPooler(response_kinds_net(), batch_size=4).fit(images)
     expected = pooler.transform(images)
     for X in (
         nchw.numpy(),
@@ -277,9 +281,9 @@ def test_every_input_format_gives_identical_features():
 def test_preprocess_is_applied_and_may_change_channels():
     gray = _images(channels=1)
     to_rgb = lambda batch: batch.expand(-1, 3, -1, -1)  # noqa: E731
-    pooler = ActivationPooler(_small_net(), preprocess=to_rgb).fit(gray)
+    pooler = ActivationPooler(response_kinds_net(), preprocess=to_rgb).fit(gray)
     rgb = np.repeat(gray, 3, axis=3)
-    expected = ActivationPooler(_small_net()).fit(rgb).transform(rgb)
+    expected = ActivationPooler(response_kinds_net()).fit(rgb).transform(rgb)
     np.testing.assert_allclose(pooler.transform(gray), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -296,8 +300,8 @@ def test_preprocess_is_applied_and_may_change_channels():
 )
 def test_bad_input_raises_value_error_in_fit_and_transform(X, message):
     with pytest.raises(ValueError, match=message):
-        ActivationPooler(_small_net()).fit(X)
-    fitted = ActivationPooler(_small_net()).fit(_images(n=2))
+        ActivationPooler(response_kinds_net()).fit(X)
+    fitted = ActivationPooler(response_kinds_net()).fit(_images(n=2))
     with pytest.raises(ValueError, match=message):
         fitted.transform(X)
 
@@ -305,7 +309,7 @@ def test_bad_input_raises_value_error_in_fit_and_transform(X, message):
 def test_nan_in_a_dataset_is_found_during_transform():
     x = _nchw(_images())
     x[7, 0, 0, 0] = float("nan")
-    pooler = ActivationPooler(_small_net(), batch_size=4).fit(x[:2])
+    pooler = ActivationPooler(response_kinds_net(), batch_size=4).fit(x[:2])
     with pytest.raises(ValueError, match=r"contains NaN or infinity \(among items \[4, 5, 6, 7\]\)"):
         pooler.transform(TensorDataset(x))
 
@@ -315,23 +319,23 @@ def test_bad_parameters():
     with pytest.raises(TypeError, match="'model' parameter"):
         ActivationPooler("vgg16").fit(images)
     with pytest.raises(ValueError, match=r"'nope', which is not a module.*\['0', '3', '5'\]"):
-        ActivationPooler(_small_net(), layers=["0", "nope"]).fit(images)
+        ActivationPooler(response_kinds_net(), layers=["0", "nope"]).fit(images)
     with pytest.raises(ValueError, match="must name nn.Conv2d modules, got '2', a ReLU"):
-        ActivationPooler(_small_net(), layers=["2"]).fit(images)
+        ActivationPooler(response_kinds_net(), layers=["2"]).fit(images)
     with pytest.raises(ValueError, match="must not repeat"):
-        ActivationPooler(_small_net(), layers=["0", "0"]).fit(images)
+        ActivationPooler(response_kinds_net(), layers=["0", "0"]).fit(images)
     with pytest.raises(ValueError, match="selects no nn.Conv2d"):
-        ActivationPooler(_small_net(), layers=lambda name, module: False).fit(images)
+        ActivationPooler(response_kinds_net(), layers=lambda name, module: False).fit(images)
     with pytest.raises(ValueError, match="selects no nn.Conv2d"):
         ActivationPooler(nn.Sequential(nn.Flatten(), nn.Linear(432, 2))).fit(images)
     with pytest.raises(ValueError, match="'layers' parameter"):
-        ActivationPooler(_small_net(), layers="dense").fit(images)
+        ActivationPooler(response_kinds_net(), layers="dense").fit(images)
     with pytest.raises(ValueError, match="device must be a torch device"):
-        ActivationPooler(_small_net(), device="gpu0").fit(images)
+        ActivationPooler(response_kinds_net(), device="gpu0").fit(images)
     with pytest.raises(ValueError, match="'batch_size' parameter"):
-        ActivationPooler(_small_net(), batch_size=0).fit(images)
+        ActivationPooler(response_kinds_net(), batch_size=0).fit(images)
     with pytest.raises(NotFittedError):
-        ActivationPooler(_small_net()).transform(images)
+        ActivationPooler(response_kinds_net()).transform(images)
 
 
 # ---------------------------------------------------------------- the user's model
@@ -342,7 +346,7 @@ def _snapshot(model):
 
 
 def test_model_is_unchanged_by_fit_and_transform():
-    model = _small_net()
+    model = response_kinds_net()
     model.train()
     model[4].eval()  # mixed flags must come back exactly
     flags = [module.training for module in model.modules()]
@@ -398,7 +402,7 @@ def test_a_pooled_layer_skipped_at_transform_time_is_an_error_not_garbage():
 
 
 def test_concurrent_transforms_of_one_model_do_not_mix_batches():
-    pooler = ActivationPooler(_small_net(), batch_size=2).fit(_images(n=2))
+    pooler = ActivationPooler(response_kinds_net(), batch_size=2).fit(_images(n=2))
     inputs = [_images(n=6, seed=seed) for seed in range(4)]
     expected = [pooler.transform(X) for X in inputs]
     with ThreadPoolExecutor(4) as pool:
@@ -412,7 +416,7 @@ def test_concurrent_transforms_of_one_model_do_not_mix_batches():
 
 def test_set_output_pandas():
     images = _images()
-    pooler = ActivationPooler(_small_net()).fit(images)
+    pooler = ActivationPooler(response_kinds_net()).fit(images)
     expected = pooler.transform(images)
     frame = pooler.set_output(transform="pandas").transform(images)
     assert isinstance(frame, pd.DataFrame)
@@ -423,18 +427,18 @@ def test_set_output_pandas():
 
 def test_features_do_not_depend_on_batching_order_or_subset():
     images = _images(n=11)
-    whole = ActivationPooler(_small_net(), batch_size=64).fit(images).transform(images)
-    small = ActivationPooler(_small_net(), batch_size=3).fit(images).transform(images)
+    whole = ActivationPooler(response_kinds_net(), batch_size=64).fit(images).transform(images)
+    small = ActivationPooler(response_kinds_net(), batch_size=3).fit(images).transform(images)
     np.testing.assert_allclose(small, whole, rtol=1e-5, atol=1e-6)
     order = np.random.default_rng(0).permutation(11)
-    pooler = ActivationPooler(_small_net(), batch_size=3).fit(images)
+    pooler = ActivationPooler(response_kinds_net(), batch_size=3).fit(images)
     np.testing.assert_allclose(pooler.transform(images[order]), small[order], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pooler.transform(images[5:9]), small[5:9], rtol=1e-5, atol=1e-6)
 
 
 def test_clone_pickle_refit_and_readonly_memmap(tmp_path):
     images = _images()
-    pooler = ActivationPooler(_small_net(), layers=["3"])
+    pooler = ActivationPooler(response_kinds_net(), layers=["3"])
     assert pooler.fit(images) is pooler
     expected = pooler.transform(images)
     attributes = (pooler.layers_, pooler.responses_, pooler.n_channels_)
@@ -449,7 +453,7 @@ def test_clone_pickle_refit_and_readonly_memmap(tmp_path):
 
 
 def test_progress_bar_on_stderr(capsys):
-    pooler = ActivationPooler(_small_net(), batch_size=4, progress=True).fit(_images())
+    pooler = ActivationPooler(response_kinds_net(), batch_size=4, progress=True).fit(_images())
     capsys.readouterr()
     pooler.transform(_images())
     err = capsys.readouterr().err
@@ -526,16 +530,14 @@ def test_unhashable_input_warns_and_still_pools(tmp_path):
         def __getitem__(self, index):
             return torch.full((3, 8, 8), index / 3)
 
-    pooler = ActivationPooler(_small_net(), memory=str(tmp_path)).fit(Local())
+    pooler = ActivationPooler(response_kinds_net(), memory=str(tmp_path)).fit(Local())
     with pytest.warns(UserWarning, match="memory is not used"):
         assert pooler.transform(Local()).shape == (3, 15)
 
 
 # ---------------------------------------------------------------- estimator checks
 
-_TABULAR = "feeds 2-D tabular X; the pooler takes images only (this behaviour is tested with images " "in {test})"
-_NOT_FOR_IMAGES = "tests a tabular-only feature: {what}"
-
+#: Where this module tests, with images, what scikit-learn's checks test with 2-D tabular X.
 _COVERED_WITH_IMAGES = {
     "check_fit_score_takes_y": "test_fitted_attributes",
     "check_estimators_overwrite_params": "test_clone_pickle_refit_and_readonly_memmap",
@@ -560,45 +562,17 @@ _COVERED_WITH_IMAGES = {
     "check_fit_idempotent": "test_clone_pickle_refit_and_readonly_memmap",
     "check_fit_check_is_fitted": "test_bad_parameters",
 }
-_TABULAR_ONLY = {
-    "check_n_features_in_after_fitting": "n_features_in_ (images have no feature count)",
-    "check_n_features_in": "n_features_in_ (images have no feature count)",
-    "check_complex_data": "complex-valued columns",
-    "check_dtype_object": "object-dtype columns",
-    "check_estimator_sparse_tag": "sparse matrices",
-    "check_estimator_sparse_array": "sparse matrices",
-    "check_estimator_sparse_matrix": "sparse matrices",
-    "check_transformer_data_not_an_array": "array-likes that are not arrays (lists)",
-}
-#: Checks that must fail, with the reason: they fit on 2-D tabular data, which an image
-#: transformer rejects.
-EXPECTED_FAILED_CHECKS = {
-    **{check: _TABULAR.format(test=test) for check, test in _COVERED_WITH_IMAGES.items()},
-    **{check: _NOT_FOR_IMAGES.format(what=what) for check, what in _TABULAR_ONLY.items()},
-}
-
-
+EXPECTED_FAILED_CHECKS = image_estimator_expected_failures(_COVERED_WITH_IMAGES)
 _CHECKED = ActivationPooler(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
 
 
 @parametrize_with_checks([_CHECKED])
 def test_sklearn_contract(estimator, check):
-    # Expected failures are asserted here rather than marked xfail through
-    # expected_failed_checks: pytest formats every xfail traceback by re-parsing sklearn's
-    # estimator_checks.py, about a minute for these 32 checks.
-    name = getattr(check, "func", check).__name__
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if name not in EXPECTED_FAILED_CHECKS:
-            check(estimator)
-            return
-        with pytest.raises((ValueError, TypeError, AssertionError)):
-            check(estimator)
+    run_image_estimator_check(estimator, check, EXPECTED_FAILED_CHECKS)
 
 
 def test_every_expected_failure_names_a_check_that_runs():
-    names = {getattr(check, "func", check).__name__ for _, check in estimator_checks_generator(_CHECKED)}
-    assert set(EXPECTED_FAILED_CHECKS) <= names
+    assert_expected_failures_are_current(_CHECKED, EXPECTED_FAILED_CHECKS, sys.modules[__name__])
 
 
 def test_documentation_examples_run():

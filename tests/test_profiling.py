@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from sklearn_craft.models import lightcnn9, mobilenet_v1, mobilenet_v2, resnet18, vgg16
+from sklearn_craft.models import resnet18
 from sklearn_craft.profiling import (
     compare_models,
     count_flops,
@@ -14,27 +14,7 @@ from sklearn_craft.profiling import (
     model_size_bytes,
 )
 
-
-def _small_net():
-    """Conv (stride 2, padding 1) -> BN -> ReLU -> depthwise conv -> grouped 1x1 conv -> Flatten -> Linear."""
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1),  # 9x11 -> 5x6
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, groups=8, bias=False),  # 5x6 -> 3x4
-        nn.Conv2d(8, 6, 1, groups=2),
-        nn.Flatten(),
-        nn.Linear(6 * 3 * 4, 5),
-    )
-
-
-SMALL_ARCHITECTURES = {
-    "vgg16_bn": (lambda: vgg16(num_classes=3, input_size=32, width_mult=0.125, batch_norm=True), (3, 32, 32)),
-    "resnet18": (lambda: resnet18(num_classes=3, width_mult=0.125), (3, 48, 40)),
-    "mobilenet_v1": (lambda: mobilenet_v1(num_classes=3, width_mult=0.25), (3, 64, 64)),
-    "mobilenet_v2": (lambda: mobilenet_v2(num_classes=3, width_mult=0.25), (3, 48, 48)),
-    "lightcnn9": (lambda: lightcnn9(num_classes=3, input_size=40, width_mult=0.25), (1, 40, 40)),
-}
+from conftest import ARCHITECTURES, strided_grouped_net
 
 
 def test_flops_equal_analytic_count():
@@ -47,9 +27,9 @@ def test_flops_equal_analytic_count():
         0,
         72 * 5,
     ]
-    table = count_flops(_small_net(), (3, 9, 11), by_layer=True)
+    table = count_flops(strided_grouped_net(), (3, 9, 11), by_layer=True)
     assert table["flops"].tolist() == expected
-    assert count_flops(_small_net(), (3, 9, 11)) == sum(expected)
+    assert count_flops(strided_grouped_net(), (3, 9, 11)) == sum(expected)
 
 
 def test_flops_of_1d_and_transposed_convolutions():
@@ -58,10 +38,10 @@ def test_flops_of_1d_and_transposed_convolutions():
     assert count_flops(model, (4, 10)) == 6 * 4 * 3 * 8 + (6 * 2 * 4) * 1 * 2 * 2
 
 
-@pytest.mark.parametrize("name", SMALL_ARCHITECTURES)
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_flops_are_half_of_flop_counter_mode(name):
-    constructor, shape = SMALL_ARCHITECTURES[name]
-    model = constructor().eval()
+    shape = ARCHITECTURES[name].input_shape
+    model = ARCHITECTURES[name].build()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.rand(1, *shape))
     assert count_flops(model, shape) == counter.get_total_flops() // 2
@@ -81,7 +61,7 @@ def test_flop_table_lists_leaf_calls_in_forward_order():
 
 
 def test_profiling_leaves_model_unchanged():
-    model = _small_net().train()
+    model = strided_grouped_net().train()
     model[1].eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     count_flops(model, (3, 9, 11))
@@ -126,7 +106,7 @@ def test_flops_warns_when_no_layer_module_is_seen():
 
 
 def test_parameters_and_size():
-    model = _small_net()
+    model = strided_grouped_net()
     parameters = (8 * 3 * 9 + 8) + 2 * 8 + 8 * 9 + (6 * 4 + 6) + (72 * 5 + 5)
     assert count_parameters(model) == parameters
     # Buffers: BatchNorm running mean and var (float32) and its int64 batch counter.
@@ -190,7 +170,7 @@ def test_latency_needs_a_cpu_model():
 
 
 def test_compare_models_report():
-    original = _small_net()
+    original = strided_grouped_net()
     pruned = nn.Sequential(
         nn.Conv2d(3, 4, 3, stride=2, padding=1),
         nn.BatchNorm2d(4),

@@ -1,9 +1,12 @@
-import warnings
+import pickle
+import sys
 
+import joblib
 import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
@@ -11,28 +14,18 @@ from torch import nn
 import sklearn_craft.finetune
 import sklearn_craft.pooling
 import sklearn_craft.pruner
-from sklearn_craft.models import lightcnn9, mobilenet_v1, resnet18, vgg16
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.profiling import count_flops, count_parameters
 from sklearn_craft.pruner import CraftPruner
 from sklearn_craft.surgery import coupled_groups, truncate
 
-
-def _net(n_outputs=None, seed=0):
-    torch.manual_seed(seed)
-    layers = [
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 12, 3, padding=1),
-        nn.ReLU(),
-    ]
-    if n_outputs is not None:
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, n_outputs)]
-    return nn.Sequential(*layers).eval()
+from conftest import (
+    ARCHITECTURES,
+    assert_expected_failures_are_current,
+    conv_chain,
+    image_estimator_expected_failures,
+    run_image_estimator_check,
+)
 
 
 def _scores(model, X, layer, columns, seed=0):
@@ -63,7 +56,7 @@ TARGET_KINDS = ["continuous", "continuous-multioutput", "binary", "multiclass", 
 @pytest.fixture(scope="module")
 def data():
     X = np.random.default_rng(0).random((160, 1, 16, 16), dtype=np.float32)
-    return X, _scores(_net(), X, "6", [1, 5, 9])
+    return X, _scores(conv_chain(), X, "6", [1, 5, 9])
 
 
 def _satellite_output(satellite, features):
@@ -97,7 +90,7 @@ def _same_state(a, b):
 def test_satellite_head_is_the_refitted_satellite(data, kind):
     X, scores = data
     y = _targets(kind, scores)
-    pruner = CraftPruner(_net(), gamma=0.05, random_state=0).fit(X, y)
+    pruner = CraftPruner(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
     head = pruner.head_layer_
     features = pruner.transform(X)
     satellite = pruner.satellites_[head]
@@ -124,7 +117,7 @@ def test_satellite_head_is_the_refitted_satellite(data, kind):
 def test_keep_matches_the_network_selection_and_report(data):
     X, scores = data
     y = scores[:, 0]
-    pruner = CraftPruner(_net(), gamma=0.05, random_state=0).fit(X, y)
+    pruner = CraftPruner(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
     body = pruner.pruned_model_.body
     assert pruner.layers_ == ["0", "4", "6"]
     for layer in pruner.layers_:
@@ -154,8 +147,8 @@ class _FirstFilters(CraftPruner):
 def test_choose_filters_override_replaces_the_lasso_choice_everywhere(data):
     X, scores = data
     y = scores[:, 0]
-    lasso = CraftPruner(_net(), gamma=0.05, random_state=0).fit(X, y)
-    first = _FirstFilters(_net(), gamma=0.05, random_state=0).fit(X, y)
+    lasso = CraftPruner(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
+    first = _FirstFilters(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
     body = first.pruned_model_.body
     assert any(not np.array_equal(lasso.selected_[layer], np.arange(len(lasso.selected_[layer]))) for layer in lasso.layers_)
     for layer in first.layers_:
@@ -165,7 +158,7 @@ def test_choose_filters_override_replaces_the_lasso_choice_everywhere(data):
         assert body.get_submodule(layer).out_channels == count
         if layer != first.head_layer_:
             assert first.satellites_[layer][0].n_features_in_ == count
-    first_conv = _net().get_submodule("0").weight[np.arange(len(first.keep_["0"]))]
+    first_conv = conv_chain().get_submodule("0").weight[np.arange(len(first.keep_["0"]))]
     torch.testing.assert_close(body.get_submodule("0").weight, first_conv)
 
 
@@ -174,7 +167,7 @@ def test_gamma_zero_keeps_every_filter_and_larger_gamma_keeps_fewer(data):
     y = scores[:, 0]
     kept = []
     for gamma in (0.0, 0.01, 0.1, 0.5):
-        pruner = CraftPruner(_net(), gamma=gamma, random_state=0).fit(X, y)
+        pruner = CraftPruner(conv_chain(), gamma=gamma, random_state=0).fit(X, y)
         kept.append([len(pruner.keep_[layer]) for layer in pruner.layers_])
     assert kept[0] == [8, 16, 12]
     totals = [sum(k) for k in kept]
@@ -183,8 +176,8 @@ def test_gamma_zero_keeps_every_filter_and_larger_gamma_keeps_fewer(data):
 
 def test_truncate_best_cuts_after_the_best_scoring_layer():
     X = np.random.default_rng(1).random((160, 1, 16, 16), dtype=np.float32)
-    y = _scores(_net(), X, "0", [2, 6])[:, 0]
-    pruner = CraftPruner(_net(), gamma=0.05, head_layer="best", random_state=0).fit(X, y)
+    y = _scores(conv_chain(), X, "0", [2, 6])[:, 0]
+    pruner = CraftPruner(conv_chain(), gamma=0.05, head_layer="best", random_state=0).fit(X, y)
     scores = pruner.satellite_scores_
     assert list(scores.index) == pruner.layers_
     assert pruner.head_layer_ == scores.idxmax()
@@ -199,7 +192,7 @@ def test_truncate_best_cuts_after_the_best_scoring_layer():
 
 def test_head_original_without_pruning_reproduces_the_model(data):
     X, scores = data
-    model = _net(n_outputs=2)
+    model = conv_chain(n_outputs=2)
     pruner = CraftPruner(model, gamma=0.0, head="original", random_state=0).fit(X, scores)
     with torch.no_grad():
         expected = model(torch.as_tensor(X)).numpy()
@@ -213,7 +206,7 @@ def test_head_original_without_pruning_reproduces_the_model(data):
 def test_head_original_keeps_the_classifier_with_pruned_inputs(data):
     X, scores = data
     y = _targets("multiclass", scores)
-    pruner = CraftPruner(_net(n_outputs=3), gamma=0.1, head="original", random_state=0).fit(X, y)
+    pruner = CraftPruner(conv_chain(n_outputs=3), gamma=0.1, head="original", random_state=0).fit(X, y)
     linear = pruner.pruned_model_[-1]
     assert isinstance(linear, nn.Linear)
     assert (linear.in_features, linear.out_features) == (len(pruner.keep_["6"]), 3)
@@ -221,7 +214,7 @@ def test_head_original_keeps_the_classifier_with_pruned_inputs(data):
         logits = pruner.pruned_model_(torch.as_tensor(X)).numpy()
     np.testing.assert_array_equal(pruner.predict(X), pruner.classes_[logits.argmax(axis=1)])
     with pytest.raises(ValueError, match="head='original' needs a model with 3 outputs .* got 2"):
-        CraftPruner(_net(n_outputs=2), head="original").fit(X, y)
+        CraftPruner(conv_chain(n_outputs=2), head="original").fit(X, y)
 
 
 @pytest.mark.parametrize(
@@ -246,7 +239,8 @@ def test_finetune_loss_follows_the_target(data, monkeypatch, kind, n_outputs, lo
 
     monkeypatch.setattr(sklearn_craft.pruner, "finetune", recording)
     head = "satellite" if n_outputs is None else "original"
-    pruner = CraftPruner(_net(n_outputs), gamma=0.1, head=head, finetune_params={"epochs": 1}, random_state=0)
+    model = conv_chain(n_outputs=n_outputs)
+    pruner = CraftPruner(model, gamma=0.1, head=head, finetune_params={"epochs": 1}, random_state=0)
     pruner.fit(X[:64], y[:64])
     ((used, target),) = calls
     assert used == loss
@@ -259,8 +253,8 @@ def test_finetune_is_deterministic_and_changes_the_weights(data):
     X, scores = data
     y = _targets("binary", scores)
     params = {"epochs": 2, "lr": 1e-2, "batch_size": 32, "validation_fraction": 0.2}
-    runs = [CraftPruner(_net(), gamma=0.1, finetune_params=params, random_state=3).fit(X, y) for _ in range(2)]
-    plain = CraftPruner(_net(), gamma=0.1, random_state=3).fit(X, y)
+    runs = [CraftPruner(conv_chain(), gamma=0.1, finetune_params=params, random_state=3).fit(X, y) for _ in range(2)]
+    plain = CraftPruner(conv_chain(), gamma=0.1, random_state=3).fit(X, y)
     first, second = (dict(run.pruned_model_.state_dict()) for run in runs)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert runs[0].keep_ == plain.keep_
@@ -273,7 +267,7 @@ def test_finetune_is_deterministic_and_changes_the_weights(data):
 @pytest.mark.parametrize("head", ["satellite", "original"])
 def test_user_model_is_unchanged(data, head):
     X, scores = data
-    model = _net(n_outputs=1).train()
+    model = conv_chain(n_outputs=1).train()
     model[0].requires_grad_(False)
     before = _state(model)
     pruner = CraftPruner(model, gamma=0.1, head=head, finetune_params={"epochs": 1}, random_state=0).fit(X, scores[:, 0])
@@ -300,7 +294,7 @@ def _batchnorm_inputs(model, X):
 
 def test_batchnorm_statistics_are_re_estimated_after_pruning(data):
     X, scores = data
-    model = _net()
+    model = conv_chain()
     # A BatchNorm after the second convolution sees different inputs once the first is pruned.
     model[5] = nn.BatchNorm2d(16).eval()
     model[5].running_mean.fill_(7.0)
@@ -328,7 +322,7 @@ def test_batchnorm_statistics_are_re_estimated_after_pruning(data):
 
 def test_scale_filters_multiplies_the_kept_filters_by_their_lasso_coefficient(data):
     X, scores = data
-    model = _net()
+    model = conv_chain()
     model[1] = nn.Identity()  # no BatchNorm: the scale lands on the convolution itself
     y = scores[:, 0]
     plain = CraftPruner(model, gamma=0.1, random_state=0).fit(X, y)
@@ -365,7 +359,7 @@ def _count_full_poolings(monkeypatch, model):
 def test_grid_search_over_gamma_pools_each_training_set_once_with_memory(data, monkeypatch, tmp_path, use_memory):
     X, scores = data
     X, y = X[:120], scores[:120, 0]
-    model = _net()
+    model = conv_chain()
     calls = _count_full_poolings(monkeypatch, model)
     memory = str(tmp_path) if use_memory else None
     search = GridSearchCV(
@@ -381,7 +375,7 @@ def test_grid_search_over_gamma_pools_each_training_set_once_with_memory(data, m
 
 def test_clone_gives_an_independent_estimator(data):
     X, scores = data
-    pruner = CraftPruner(_net(), gamma=0.1, random_state=0)
+    pruner = CraftPruner(conv_chain(), gamma=0.1, random_state=0)
     twin = clone(pruner)
     assert twin.model is not pruner.model and twin.get_params()["gamma"] == 0.1
     twin.fit(X, scores[:, 0])
@@ -421,7 +415,7 @@ class _Branchy(nn.Module):
 )
 def test_bad_parameters_leave_nothing_fitted(data, params, error, match):
     X, scores = data
-    pruner = CraftPruner(_net(), **params)
+    pruner = CraftPruner(conv_chain(), **params)
     with pytest.raises(error, match=match):
         pruner.fit(X, scores[:, 0])
     assert not _fitted_attributes(pruner)
@@ -438,9 +432,11 @@ def test_bad_input_leaves_nothing_fitted(data):
         ((np.repeat(X, 3, axis=1), scores[:, 0]), "3 channels, the model expects n_channels=1"),
         ((X[:, 0], scores[:, 0]), "4-D array"),
         ((X, np.zeros(len(X))), "constant target"),
+        ((X[:0], scores[:0, 0]), "empty"),
+        ((np.where(np.arange(X.size).reshape(X.shape) == 5, np.nan, X), scores[:, 0]), "NaN or infinity"),
     ]
     for (images, target), match in cases:
-        pruner = CraftPruner(_net())
+        pruner = CraftPruner(conv_chain())
         with pytest.raises(ValueError, match=match):
             pruner.fit(images, target)
         assert not _fitted_attributes(pruner)
@@ -452,7 +448,7 @@ def test_bad_input_leaves_nothing_fitted(data):
 
 def test_failed_refit_keeps_the_previous_fit(data):
     X, scores = data
-    pruner = CraftPruner(_net(), gamma=0.1, random_state=0).fit(X, scores[:, 0])
+    pruner = CraftPruner(conv_chain(), gamma=0.1, random_state=0).fit(X, scores[:, 0])
     fitted = {name: getattr(pruner, name) for name in _fitted_attributes(pruner)}
     with pytest.raises(ValueError, match="one row per image"):
         pruner.fit(X, scores[:5, 0])
@@ -460,22 +456,12 @@ def test_failed_refit_keeps_the_previous_fit(data):
     assert all(getattr(pruner, name) is value for name, value in fitted.items())
 
 
-def _architecture_case(name):
-    if name == "vgg16":
-        return vgg16(num_classes=3, input_size=32, width_mult=0.125, batch_norm=True), 3
-    if name == "mobilenet_v1":
-        return mobilenet_v1(num_classes=3, width_mult=0.25), 3
-    if name == "resnet18":
-        return resnet18(num_classes=3, width_mult=0.125), 3
-    return lightcnn9(num_classes=3, input_size=32, width_mult=0.25), 1
-
-
-@pytest.mark.parametrize("name", ["vgg16", "mobilenet_v1", "resnet18", "lightcnn9"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_architectures(name):
-    torch.manual_seed(0)
-    model, channels = _architecture_case(name)
-    model.eval()
-    X = np.random.default_rng(0).random((96, channels, 32, 32), dtype=np.float32)
+    architecture = ARCHITECTURES[name]
+    model = architecture.build()
+    X = np.random.default_rng(0).random((96, *architecture.input_shape), dtype=np.float32)
+    example = torch.zeros(1, *architecture.input_shape)
     layers = ActivationPooler(model).fit(X[:1]).layers_
     y = _scores(model, X, layers[len(layers) // 2], [0, 1, 2])[:, 0]
     before = _state(model)
@@ -495,14 +481,14 @@ def test_architectures(name):
         # A Max-Feature-Map keeps both halves of each kept pair (LightCNN).
         assert len(kept) <= width <= min(2 * len(kept), modules[layer].out_channels)
     # Coupled layers (residual streams, depthwise convolutions) keep the same filters.
-    for group in coupled_groups(truncate(model, head, torch.zeros(1, channels, 32, 32)), torch.zeros(1, channels, 32, 32)):
+    for group in coupled_groups(truncate(model, head, example), example):
         assert len({tuple(pruner.keep_[layer]) for layer in group}) == 1
 
 
 def test_head_original_on_resnet18_keeps_fc_with_pruned_inputs():
-    torch.manual_seed(0)
-    model = resnet18(num_classes=1, width_mult=0.125).eval()
-    X = np.random.default_rng(0).random((96, 3, 32, 32), dtype=np.float32)
+    architecture = ARCHITECTURES["resnet18"]
+    model = architecture.build(num_classes=1)
+    X = np.random.default_rng(0).random((96, *architecture.input_shape), dtype=np.float32)
     y = _scores(model, X, "layer3.0.conv1", [0, 1, 2])[:, 0]
     pruner = CraftPruner(model, gamma=0.1, head="original", random_state=0, selector_params={"alphas": 30})
     pruner.fit(X, y)
@@ -514,57 +500,97 @@ def test_head_original_on_resnet18_keeps_fc_with_pruned_inputs():
     np.testing.assert_array_equal(pruner.predict(X), outputs)
 
 
-def _expected_failed_checks(estimator):
-    """Checks that fit on 2-D tabular data, which an image estimator must reject."""
-    tabular = (
-        "feeds 2-D tabular X; CraftPruner takes images only (the behaviour is tested with images in this file)"
-    )
-    checks = [
-        "check_fit_score_takes_y",
-        "check_estimators_overwrite_params",
-        "check_dont_overwrite_parameters",
-        "check_estimators_fit_returns_self",
-        "check_readonly_memmap_input",
-        "check_n_features_in_after_fitting",
-        "check_positive_only_tag_during_fit",
-        "check_estimators_dtypes",
-        "check_complex_data",
-        "check_dtype_object",
-        "check_estimators_empty_data_messages",
-        "check_pipeline_consistency",
-        "check_estimators_nan_inf",
-        "check_estimator_sparse_tag",
-        "check_estimator_sparse_array",
-        "check_estimator_sparse_matrix",
-        "check_estimators_pickle",
-        "check_estimators_pickle(readonly_memmap=True)",
-        "check_f_contiguous_array_estimator",
-        "check_transformer_data_not_an_array",
-        "check_transformer_general",
-        "check_transformer_general(readonly_memmap=True)",
-        "check_transformer_preserve_dtypes",
-        "check_methods_sample_order_invariance",
-        "check_methods_subset_invariance",
-        "check_fit2d_1sample",
-        "check_fit2d_1feature",
-        "check_dict_unchanged",
-        "check_fit_idempotent",
-        "check_fit_check_is_fitted",
-        "check_n_features_in",
-        "check_fit2d_predict1d",
-    ]
-    return {check: tabular for check in checks}
+def test_estimator_contract_with_images(data, tmp_path):
+    X, scores = data
+    y = scores[:, 0]
+    pruner = CraftPruner(conv_chain(), gamma=0.1, finetune_params={"epochs": 1}, random_state=0)
+    params = {name: value for name, value in pruner.get_params().items() if name != "model"}
+    model_state = _state(pruner.model)
+    with pytest.raises(NotFittedError):
+        pruner.predict(X)
+    assert pruner.fit(X, y) is pruner
+    assert {name: value for name, value in pruner.get_params().items() if name != "model"} == params
+    assert _same_state(model_state, _state(pruner.model))
+    public = [name for name in vars(pruner) if not name.startswith("_")]
+    assert all(name.endswith("_") or name in params or name == "model" for name in public)
+    predictions, features = pruner.predict(X), pruner.transform(X)
+    assert features.dtype == np.float32
+
+    attributes = dict(vars(pruner))
+    pruner.score(X, y)
+    assert vars(pruner).keys() == attributes.keys() and all(vars(pruner)[k] is v for k, v in attributes.items())
+    np.testing.assert_array_equal(pruner.fit(X, y).predict(X), predictions)
+    np.testing.assert_array_equal(clone(pruner).fit_transform(X, y), features)
+    order = np.random.default_rng(0).permutation(len(X))
+    np.testing.assert_allclose(pruner.predict(X[order]), predictions[order], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pruner.predict(X[10:20]), predictions[10:20], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pruner.predict(X.astype(np.float64)), predictions, rtol=1e-5, atol=1e-6)
+
+    joblib.dump(X, tmp_path / "images.joblib")
+    readonly = joblib.load(tmp_path / "images.joblib", mmap_mode="r")
+    for images in (readonly, np.asfortranarray(X)):
+        np.testing.assert_array_equal(clone(pruner).fit(images, y).predict(images), predictions)
 
 
-@parametrize_with_checks(
-    [CraftPruner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))],
-    expected_failed_checks=_expected_failed_checks,
-    xfail_strict=True,
+@pytest.mark.xfail(
+    raises=TypeError,
+    strict=True,
+    reason="known bug: a fitted CraftPruner pickles but does not unpickle, torch.fx rebuilds the truncated "
+    "GraphModule with surgery._ResponseTracer(), whose __init__ needs a response argument",
 )
+def test_fitted_pruner_pickles(data):
+    X, scores = data
+    pruner = CraftPruner(conv_chain(), gamma=0.1, random_state=0).fit(X, scores[:, 0])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(pruner)).predict(X), pruner.predict(X))
+
+
+_CONTRACT = "test_estimator_contract_with_images"
+#: Where this module tests, with images, what scikit-learn's checks test with 2-D tabular X.
+_COVERED_WITH_IMAGES = {
+    "check_fit_score_takes_y": "test_satellite_head_is_the_refitted_satellite",
+    "check_positive_only_tag_during_fit": "test_preprocess_is_applied_before_every_forward_pass",
+    "check_estimators_pickle": "test_fitted_pruner_pickles",
+    **dict.fromkeys(
+        [
+            "check_estimators_empty_data_messages",
+            "check_estimators_nan_inf",
+            "check_fit2d_1sample",
+            "check_fit2d_1feature",
+            "check_fit2d_predict1d",
+        ],
+        "test_bad_input_leaves_nothing_fitted",
+    ),
+    **dict.fromkeys(
+        [
+            "check_estimators_overwrite_params",
+            "check_dont_overwrite_parameters",
+            "check_estimators_fit_returns_self",
+            "check_readonly_memmap_input",
+            "check_estimators_dtypes",
+            "check_pipeline_consistency",
+            "check_f_contiguous_array_estimator",
+            "check_transformer_general",
+            "check_transformer_preserve_dtypes",
+            "check_methods_sample_order_invariance",
+            "check_methods_subset_invariance",
+            "check_dict_unchanged",
+            "check_fit_idempotent",
+            "check_fit_check_is_fitted",
+        ],
+        _CONTRACT,
+    ),
+}
+EXPECTED_FAILED_CHECKS = image_estimator_expected_failures(_COVERED_WITH_IMAGES)
+_CHECKED = CraftPruner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+@parametrize_with_checks([_CHECKED])
 def test_sklearn_contract(estimator, check):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        check(estimator)
+    run_image_estimator_check(estimator, check, EXPECTED_FAILED_CHECKS)
+
+
+def test_every_expected_failure_names_a_check_that_runs():
+    assert_expected_failures_are_current(_CHECKED, EXPECTED_FAILED_CHECKS, sys.modules[__name__])
 
 
 def test_preprocess_is_applied_before_every_forward_pass(data):
@@ -572,8 +598,9 @@ def test_preprocess_is_applied_before_every_forward_pass(data):
     y = scores[:, 0]
     shift = lambda batch: 2.0 * batch - 0.5  # noqa: E731
     finetune = {"epochs": 1, "lr": 1e-3}
-    with_preprocess = CraftPruner(_net(), gamma=0.05, finetune_params=finetune, preprocess=shift, random_state=0).fit(X, y)
-    on_shifted = CraftPruner(_net(), gamma=0.05, finetune_params=finetune, random_state=0).fit(2.0 * X - 0.5, y)
+    with_preprocess = CraftPruner(conv_chain(), gamma=0.05, finetune_params=finetune, preprocess=shift, random_state=0)
+    with_preprocess.fit(X, y)
+    on_shifted = CraftPruner(conv_chain(), gamma=0.05, finetune_params=finetune, random_state=0).fit(2.0 * X - 0.5, y)
 
     assert with_preprocess.keep_.keys() == on_shifted.keep_.keys()
     assert all(np.array_equal(with_preprocess.keep_[k], on_shifted.keep_[k]) for k in on_shifted.keep_)
@@ -585,7 +612,7 @@ def test_head_weights_stay_small_for_nearly_constant_filters(data):
     # A filter whose response barely varies must not take a huge head weight: folded into the
     # head, it would turn the smallest change of that filter during fine-tuning into a huge output.
     X, scores = data
-    pruner = CraftPruner(_net(), gamma=0.0, random_state=0).fit(X, scores[:, 0])
+    pruner = CraftPruner(conv_chain(), gamma=0.0, random_state=0).fit(X, scores[:, 0])
     stds = pruner.transform(X).std(axis=0)
     assert stds[stds > 0].min() < 1e-5
     assert pruner.pruned_model_.head.weight.abs().max().item() < 100.0

@@ -9,12 +9,13 @@ import torch
 from joblib import parallel_config
 from matplotlib.patches import Rectangle
 from sklearn.model_selection import KFold
-from torch import nn
 
 from sklearn_craft.plotting import plot_layer_task_matrix, plot_task_matrix
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.relationships import layer_task_matrix, relative_drop, task_relationship_matrix
 from sklearn_craft.satellites import _best_threshold
+
+from conftest import conv_chain
 
 
 @pytest.fixture(autouse=True)
@@ -257,20 +258,6 @@ def test_relative_drop_of_a_computed_matrix_uses_its_metric_direction():
     assert drop.loc["s2", "s1"] > 0 and drop.loc["s1", "s2"] < 0
 
 
-def _tiny_net():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 2),
-    )
-
-
 def _images_and_tasks(n=60):
     rng = np.random.RandomState(0)
     images = rng.rand(n, 3, 8, 8).astype(np.float32)
@@ -283,9 +270,9 @@ def _images_and_tasks(n=60):
 
 def test_network_source_is_pooled_at_its_last_conv():
     images, tasks = _images_and_tasks()
-    net = _tiny_net().train()
+    net = conv_chain(in_channels=3, n_outputs=2).train()
     before = copy.deepcopy(net.state_dict())
-    pooled = ActivationPooler(copy.deepcopy(net), layers=["3"]).fit_transform(images)
+    pooled = ActivationPooler(copy.deepcopy(net), layers=["6"]).fit_transform(images)
     matrix = task_relationship_matrix({"net": net, "pooled": pooled}, images, tasks, cv=3, random_state=0)
     pd.testing.assert_series_equal(matrix.loc["net"], matrix.loc["pooled"], check_names=False)
     explicit = task_relationship_matrix({"net": net}, images, tasks, layer="0", cv=3, random_state=0)
@@ -296,15 +283,15 @@ def test_network_source_is_pooled_at_its_last_conv():
 
 def test_layer_task_matrix_scores_every_conv_layer():
     images, tasks = _images_and_tasks()
-    net = _tiny_net()
+    net = conv_chain(in_channels=3, n_outputs=2)
     matrix, best_layer, details = layer_task_matrix(
         net, images, tasks, cv=3, random_state=0, return_details=True
     )
-    assert list(matrix.index) == ["0", "3"] and matrix.index.name == "layer"
+    assert list(matrix.index) == ["0", "4", "6"] and matrix.index.name == "layer"
     assert list(matrix.columns) == ["redness", "bright"]
     assert best_layer["redness"] == matrix["redness"].idxmin()
     assert best_layer["bright"] == matrix["bright"].idxmax()
-    assert set(details["layer"]) == {"0", "3"}
+    assert set(details["layer"]) == {"0", "4", "6"}
     with pytest.raises(TypeError, match="model must be"):
         layer_task_matrix(images, images, tasks)
     with pytest.raises(ValueError, match="samples but tasks has"):

@@ -8,6 +8,8 @@ from sklearn_craft.models import lightcnn9, mobilenet_v1, mobilenet_v2, resnet18
 from sklearn_craft.inspection import find_responses
 from sklearn_craft.surgery import coupled_groups, merge_keep, prune_channels, truncate
 
+from conftest import ARCHITECTURES, randomize
+
 ATOL = 1e-5
 
 
@@ -112,21 +114,6 @@ class DataDependent(nn.Module):
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _randomize(model, seed=0):
-    """Random BatchNorm statistics and affine parameters, PReLU slopes: a BN shift then matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(module.num_features, generator=generator))
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            elif isinstance(module, nn.PReLU):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator))
-    return model.eval()
-
-
 def _convs(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
@@ -181,7 +168,7 @@ def _n_parameters(model):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_vgg16_pruned_equals_masked(batch_norm, seed):
     # 64x64 input: the last map is 2x2, so Flatten -> Linear loses 4 features per channel.
-    model = _randomize(vgg16(num_classes=5, batch_norm=batch_norm, input_size=64, width_mult=0.125), seed)
+    model = randomize(vgg16(num_classes=5, batch_norm=batch_norm, input_size=64, width_mult=0.125), seed)
     x = torch.randn(3, 3, 64, 64)
     keep = _random_keep(model, np.random.default_rng(seed), fraction=0.4)
     pruned = prune_channels(model, keep, x)
@@ -190,7 +177,7 @@ def test_vgg16_pruned_equals_masked(batch_norm, seed):
 
 
 def test_mobilenet_v1_depthwise_pruned_equals_masked():
-    model = _randomize(mobilenet_v1(num_classes=4, width_mult=0.25))
+    model = randomize(mobilenet_v1(num_classes=4, width_mult=0.25))
     x = torch.randn(2, 3, 32, 32)
     rng = np.random.default_rng(3)
     keep = _random_keep(model, rng)
@@ -230,7 +217,7 @@ def test_mfm_keeps_both_halves_of_a_pair():
 
 @pytest.mark.parametrize("net", [ChunkMFMNet, ReferenceMFMNet, ConcatNet])
 def test_small_nets_pruned_equal_masked(net):
-    model = _randomize(net())
+    model = randomize(net())
     x = torch.randn(2, 3, 4, 4)
     keep = {}
     for name, conv in _convs(model).items():
@@ -254,7 +241,7 @@ def test_reference_mfm_stored_split_size_is_updated():
 
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_scale_multiplies_the_response_of_kept_filters(batch_norm):
-    model = _randomize(vgg16(num_classes=3, batch_norm=batch_norm, input_size=32, width_mult=0.125))
+    model = randomize(vgg16(num_classes=3, batch_norm=batch_norm, input_size=32, width_mult=0.125))
     x = torch.randn(2, 3, 32, 32)
     rng = np.random.default_rng(5)
     keep = _random_keep(model, rng)
@@ -275,7 +262,7 @@ def test_scale_multiplies_the_response_of_kept_filters(batch_norm):
 
 
 def test_scale_follows_keep_order():
-    model = _randomize(vgg16(num_classes=3, input_size=32, width_mult=0.125))
+    model = randomize(vgg16(num_classes=3, input_size=32, width_mult=0.125))
     x = torch.randn(1, 3, 32, 32)
     a = prune_channels(model, {"features.0": [4, 1]}, x, scale={"features.0": [2.0, 3.0]})
     b = prune_channels(model, {"features.0": [1, 4]}, x, scale={"features.0": [3.0, 2.0]})
@@ -325,7 +312,7 @@ def _prune_random_residual(model, x, seed, fraction):
 
 
 def test_resnet18_pruned_runs_with_union_channels_and_analytic_parameters():
-    model = _randomize(resnet18(num_classes=3, width_mult=0.25))
+    model = randomize(resnet18(num_classes=3, width_mult=0.25))
     assert _resnet18_parameters({n: c.out_channels for n, c in _convs(model).items()}, 3) == _n_parameters(model)
     pruned, counts = _prune_random_residual(model, torch.randn(2, 3, 32, 32), seed=6, fraction=0.3)
     assert _n_parameters(pruned) == _resnet18_parameters(counts, 3) < _n_parameters(model)
@@ -357,12 +344,52 @@ def _mobilenet_v2_parameters(model, counts, num_classes):
 
 
 def test_mobilenet_v2_pruned_runs_with_analytic_parameters():
-    model = _randomize(mobilenet_v2(num_classes=3, width_mult=0.25))
+    model = randomize(mobilenet_v2(num_classes=3, width_mult=0.25))
     assert _mobilenet_v2_parameters(model, {n: c.out_channels for n, c in _convs(model).items()}, 3) == _n_parameters(
         model
     )
     pruned, counts = _prune_random_residual(model, torch.randn(2, 3, 32, 32), seed=7, fraction=0.4)
     assert _n_parameters(pruned) == _mobilenet_v2_parameters(model, counts, 3) < _n_parameters(model)
+
+
+# --- every architecture of the catalogue ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_pruned_equals_masked(name):
+    architecture = ARCHITECTURES[name]
+    model = randomize(architecture.build())
+    x = torch.randn(2, *architecture.input_shape)
+    convs = _convs(model)
+    widths = {conv_name: conv.out_channels for conv_name, conv in convs.items()}
+    before = _state(model)
+    rng = np.random.default_rng(0)
+    # A random half of every filter bank, except an output layer whose width is the network's output.
+    keep = {
+        conv_name: sorted(rng.choice(width, max(1, width // 2), replace=False).tolist())
+        for conv_name, width in widths.items()
+        if conv_name != architecture.output_conv
+    }
+    pruned, kept = prune_channels(model, keep, x[:1], return_kept=True)
+    pruned_convs = _convs(pruned)
+    assert list(pruned_convs) == list(convs)
+    for conv_name, indices in keep.items():
+        # Coupled channels (depthwise, residual additions, Max-Feature-Map pairs) may keep more than asked.
+        assert set(indices) <= set(kept[conv_name])
+    expected_widths = {conv_name: len(kept.get(conv_name, range(width))) for conv_name, width in widths.items()}
+    assert {conv_name: conv.out_channels for conv_name, conv in pruned_convs.items()} == expected_widths
+    for conv in pruned_convs.values():
+        if conv.groups > 1:
+            assert conv.groups == conv.in_channels == conv.out_channels
+    assert sum(conv.out_channels for conv in pruned_convs.values()) < sum(widths.values())
+    with torch.no_grad():
+        got = pruned(x)
+    expected = _masked_output(model, kept, x)
+    assert got.shape == expected.shape
+    # Outputs range from 1e-6 (VGG16 without BatchNorm) to 40: float32 differences scale with them.
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=ATOL * expected.abs().max().item())
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    assert {conv_name: conv.out_channels for conv_name, conv in _convs(model).items()} == widths
 
 
 # --- merge_keep -------------------------------------------------------------------------------
@@ -406,7 +433,7 @@ def test_layers_missing_from_keep_are_intact():
 
 
 def test_model_untouched_and_flags_preserved():
-    model = _randomize(vgg16(num_classes=3, batch_norm=True, input_size=32, width_mult=0.125))
+    model = randomize(vgg16(num_classes=3, batch_norm=True, input_size=32, width_mult=0.125))
     model.train()
     model.features[1].eval()  # a mixed state must come back as it was
     model.features[0].weight.requires_grad_(False)
@@ -514,16 +541,12 @@ def test_prune_channels_rejects_grouped_convolution():
 
 
 @pytest.mark.parametrize(
-    "build, layer, shape",
-    [
-        (lambda: vgg16(num_classes=3, batch_norm=True, input_size=32, width_mult=0.125), "features.10", (2, 3, 32, 32)),
-        (lambda: resnet18(num_classes=3, width_mult=0.125), "layer2.0.conv1", (2, 3, 32, 32)),
-        (lambda: lightcnn9(num_classes=3, input_size=32, width_mult=0.25), "features.4.conv_a.filter", (2, 1, 32, 32)),
-    ],
+    "name, layer",
+    [("vgg16_bn", "features.10"), ("resnet18", "layer2.0.conv1"), ("lightcnn9", "features.4.conv_a.filter")],
 )
-def test_truncate_outputs_the_response(build, layer, shape):
-    model = _randomize(build())
-    x = torch.randn(*shape)
+def test_truncate_outputs_the_response(name, layer):
+    model = randomize(ARCHITECTURES[name].build())
+    x = torch.randn(2, *ARCHITECTURES[name].input_shape)
     response = find_responses(model, [layer], example_input=x)[layer]
     recorded = []
     handle = model.get_submodule(response).register_forward_hook(lambda m, i, o: recorded.append(o))
