@@ -1,27 +1,17 @@
 import copy
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from joblib import parallel_config
-from matplotlib.patches import Rectangle
 from sklearn.model_selection import KFold
 
-from sklearn_craft.plotting import plot_layer_task_matrix, plot_task_matrix
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.relationships import layer_task_matrix, relative_drop, task_relationship_matrix
 from sklearn_craft.satellites import _best_threshold
 
 from conftest import conv_chain
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
 
 
 def _sources_and_tasks(n=240, d=8, seed=0):
@@ -296,45 +286,3 @@ def test_layer_task_matrix_scores_every_conv_layer():
         layer_task_matrix(images, images, tasks)
     with pytest.raises(ValueError, match="samples but tasks has"):
         layer_task_matrix(net, images[:-1], tasks)
-
-
-def test_plot_task_matrix_draws_one_annotated_cell_per_entry():
-    matrix = pd.DataFrame(
-        {"gender": [0.9, 0.7, np.nan], "yaw": [12.0, 9.5, 20.0]}, index=["identity", "yaw_net", "smile"]
-    )
-    matrix.attrs = {
-        "metric": {"gender": "accuracy", "yaw": "rmse"},
-        "greater_is_better": {"gender": True, "yaw": False},
-    }
-    ax = plot_task_matrix(matrix)
-    assert isinstance(ax, matplotlib.axes.Axes)
-    colours = ax.images[0].get_array()
-    assert colours.shape == matrix.shape
-    assert [t.get_text() for t in ax.texts] == ["0.9", "12", "0.7", "9.5", "20"]
-    # Per-task colours: the best cell of every column is 1, lowest RMSE included.
-    assert colours[0, 0] == 1.0 and colours[1, 1] == 1.0 and colours[2, 1] == 0.0 and colours.mask[2, 0]
-
-    _, axes = plt.subplots()
-    assert plot_task_matrix(matrix, ax=axes, annotate=False, normalize="global") is axes
-    assert not axes.texts and np.ma.allequal(axes.images[0].get_array(), matrix.to_numpy())
-    clipped = plot_task_matrix(matrix, normalize="global", vmax=10.0)
-    assert clipped.images[0].get_clim() == (0.7, 10.0) and clipped.texts[1].get_text() == "12"
-    with pytest.raises(ValueError, match="normalize"):
-        plot_task_matrix(matrix, normalize="rows")
-    with pytest.raises(ValueError, match="vmin and vmax"):
-        plot_task_matrix(matrix, vmax=10.0)
-    with pytest.raises(TypeError, match="DataFrame"):
-        plot_task_matrix(matrix.to_numpy())
-
-
-def test_plot_layer_task_matrix_outlines_the_best_layer_of_each_task():
-    matrix = pd.DataFrame({"pose": [0.5, 0.7, 0.6], "smile": [0.8, 0.7, 0.9]}, index=["c1", "c2", "c3"])
-    ax = plot_layer_task_matrix(matrix)
-    assert ax.images[0].get_array().shape == (3, 2) and len(ax.texts) == 6
-    outlined = sorted((p.get_x(), p.get_y()) for p in ax.patches if isinstance(p, Rectangle))
-    assert outlined == [(-0.5, 0.5), (0.5, 1.5)]
-
-    ax = plot_layer_task_matrix(matrix, best_layer={"pose": "c1", "smile": "c1"})
-    assert sorted((p.get_x(), p.get_y()) for p in ax.patches) == [(-0.5, -0.5), (0.5, -0.5)]
-    with pytest.raises(ValueError, match="not a row"):
-        plot_layer_task_matrix(matrix, best_layer={"pose": "c9", "smile": "c1"})

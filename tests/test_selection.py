@@ -5,7 +5,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import joblib
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,9 +18,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
 import sklearn_craft._lasso_path
-import sklearn_craft.plotting
 import sklearn_craft.selection
-from sklearn_craft.plotting import plot_characteristic_curves
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.selection import LassoFilterSelector, characteristic_curve, find_knee
 from sklearn_craft.targets import encode_target
@@ -48,7 +45,6 @@ def test_sklearn_compatible(estimator, check):
 
 def test_docstring_examples_run():
     assert doctest.testmod(sklearn_craft.selection).failed == 0
-    assert doctest.testmod(sklearn_craft.plotting).failed == 0
 
 
 def test_docs_page_example_runs():
@@ -566,31 +562,6 @@ def test_pandas_pipeline_groups_by_layer(planted):
     selected = search.best_estimator_[:-1].transform(images)
     assert isinstance(selected, pd.DataFrame)
     assert [c for c in selected.columns if c.startswith("features.0:")] == channels
-
-
-# --------------------------------------------------------------------------- plot
-
-
-def test_plot_one_curve_and_one_knee_per_group():
-    X, y = _regression(p=12, informative=(1, 2, 9))
-    selector = LassoFilterSelector(groups=np.repeat(["a", "b", "c"], 4), alphas=30, random_state=0).fit(X, y)
-    ax = plot_characteristic_curves(selector)
-    assert [line.get_label() for line in ax.lines] == ["a", "b", "c"]
-    assert len(ax.collections) == 3
-    for line, marker, (_, knee) in zip(ax.lines, ax.collections, selector.knees_.iterrows()):
-        np.testing.assert_array_equal(line.get_ydata(), selector.curves_.query("group == @knee.group")["rmse"])
-        np.testing.assert_array_equal(marker.get_offsets(), [[knee["n_selected"], knee["rmse"]]])
-    plt.close(ax.figure)
-
-    _, ax = plt.subplots()
-    assert plot_characteristic_curves(selector, groups=["c"], ax=ax) is ax
-    assert [line.get_label() for line in ax.lines] == ["c"]
-    assert len(ax.collections) == 1
-    with pytest.raises(ValueError, match=r"unknown \['z'\]"):
-        plot_characteristic_curves(selector, groups=["z"], ax=ax)
-    with pytest.raises(NotFittedError):
-        plot_characteristic_curves(LassoFilterSelector(), ax=ax)
-    plt.close("all")
 
 
 def test_solver_convergence_warnings_are_folded_into_one_per_fit():
