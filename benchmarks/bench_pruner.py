@@ -7,45 +7,41 @@ P4   For VGG16 (VGG-Face layout) and MobileNet V1 at 112x112, with either head, 
      by the FLOPs ratio (original / pruned FLOPs, ``profiling.count_flops``). Goal >= 0.7: the
      measured speed-up is at least 70 % of what the FLOPs promise. Latency is the median over
      alternating rounds of ``profiling.measure_latency`` (batch 1), original and pruned in turn.
-Fit  ``CraftPruner(model, gamma=0.01, finetune_params=None).fit`` on synthetic faces
-     (``datasets.make_faces``, yaw regression), split by ``timings_`` into pooling / selection /
-     satellites / surgery / report.
+Fit  ``CraftPruner(model, gamma=0.01, finetune_params=None).fit`` (100 alphas) on synthetic faces
+     (``datasets.make_faces``, yaw: a continuous target), split by ``timings_`` into pooling /
+     selection / satellites / surgery / report.
 
-Run: python benchmarks/bench_pruner.py [--threads 1] [--rounds 7] [--fit-images 400]
-Writes benchmarks/results/pruner.md.
+--quick: both networks at width x0.125 and 64x64, 1 latency round, 60 faces and LASSO paths of 10
+alphas for the fit: a smoke run of the whole script, not a measurement.
+Run: python benchmarks/bench_pruner.py [--quick] [--threads 1] [--rounds 7] [--fit-images 400]
+Writes benchmarks/results/pruner.md (or --results PATH).
 """
 
-import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import sklearn
 import torch
 
+import _bench
 from sklearn_craft.datasets import make_faces
 from sklearn_craft.models import mobilenet_v1, vgg16
 from sklearn_craft.profiling import count_flops, measure_latency
 from sklearn_craft.pruner import CraftPruner
 from sklearn_craft.surgery import coupled_groups, prune_channels, truncate
 
-RESULTS = Path(__file__).resolve().parent / "results" / "pruner.md"
-SIZE = 112
 FRACTIONS = (0.30, 0.10, 0.03)
 GOAL = 0.7
+FULL = dict(size=112, width_mult=1.0, rounds=7, fit_images=400, alphas=100)
+QUICK = dict(size=64, width_mult=0.125, rounds=1, fit_images=60, alphas=10)
 
 
-def build(name):
+def build(name, size, width_mult):
     torch.manual_seed(0)
     if name == "vgg16":
-        return vgg16(input_size=SIZE).eval()
-    return mobilenet_v1().eval()
+        return vgg16(input_size=size, width_mult=width_mult).eval()
+    return mobilenet_v1(width_mult=width_mult).eval()
 
 
 def random_keep(model, example, fraction, seed):
@@ -82,9 +78,9 @@ def satellite_network(body, n_channels):
     return torch.nn.Sequential(body, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(n_channels, 1))
 
 
-def variants(name, example):
+def variants(name, example, width_mult):
     """(head, original network, pruned networks at FRACTIONS) for both heads of CraftPruner."""
-    model = build(name)
+    model = build(name, example.shape[-1], width_mult)
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     keeps = [random_keep(model, example, fraction, seed=index) for index, fraction in enumerate(FRACTIONS)]
     original_head = [prune_channels(model, keep, example) for keep in keeps]
@@ -96,12 +92,12 @@ def variants(name, example):
     return [("satellite", satellite_network(body, width), satellite_head), ("original", model, original_head)]
 
 
-def p4(rounds, threads):
+def p4(size, width_mult, rounds, threads):
     rows = []
-    shape = (3, SIZE, SIZE)
+    shape = (3, size, size)
     example = torch.zeros(1, *shape)
     for name in ("vgg16", "mobilenet_v1"):
-        for head, model, pruned_models in variants(name, example):
+        for head, model, pruned_models in variants(name, example, width_mult):
             flops = count_flops(model, shape)
             seconds = latencies([model, *pruned_models], shape, rounds, threads)
             for fraction, pruned, latency in zip(FRACTIONS, pruned_models, seconds[1:]):
@@ -126,68 +122,66 @@ def p4(rounds, threads):
     return rows
 
 
-def fit_times(n_images, threads):
-    images, labels = make_faces(n_images, image_size=SIZE, random_state=0)
+def fit_times(size, width_mult, n_images, alphas):
+    images, labels = make_faces(n_images, image_size=size, random_state=0)
     y = labels["yaw"].to_numpy(dtype=np.float64)
     rows = []
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for name in ("vgg16", "mobilenet_v1"):
-            model = build(name)
-            start = time.perf_counter()
-            pruner = CraftPruner(model, gamma=0.01, finetune_params=None, batch_size=32, random_state=0).fit(images, y)
-            total = time.perf_counter() - start
-            kept = sum(len(k) for k in pruner.keep_.values()) / sum(
-                m.out_channels for n, m in model.named_modules() if n in pruner.keep_
-            )
-            rows.append(
-                {
-                    "model": name,
-                    "total": total,
-                    **pruner.timings_.to_dict(),
-                    "kept": kept,
-                    "flops_reduction": pruner.report_.loc["flops", "reduction_pct"],
-                    "r2": pruner.score(images, y),
-                }
-            )
-            print(f"fit {name}: {total:.1f} s {pruner.timings_.round(2).to_dict()}")
-    finally:
-        torch.set_num_threads(previous)
+    for name in ("vgg16", "mobilenet_v1"):
+        model = build(name, size, width_mult)
+        start = time.perf_counter()
+        pruner = CraftPruner(
+            model, gamma=0.01, finetune_params=None, selector_params={"alphas": alphas}, batch_size=32, random_state=0
+        ).fit(images, y)
+        total = time.perf_counter() - start
+        kept = sum(len(k) for k in pruner.keep_.values()) / sum(
+            m.out_channels for n, m in model.named_modules() if n in pruner.keep_
+        )
+        rows.append(
+            {
+                "model": name,
+                "total": total,
+                **pruner.timings_.to_dict(),
+                "kept": kept,
+                "flops_reduction": pruner.report_.loc["flops", "reduction_pct"],
+                "r2": pruner.score(images, y),
+            }
+        )
+        print(f"fit {name}: {total:.1f} s {pruner.timings_.round(2).to_dict()}")
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for latency and fit")
-    parser.add_argument("--rounds", type=int, default=7, help="alternating latency rounds (5 passes each)")
-    parser.add_argument("--fit-images", type=int, default=400, help="synthetic faces for the fit timing")
-    args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+def main(argv=None):
+    parser = _bench.parser(__doc__, real_data=False)
+    parser.set_defaults(threads=1)
+    parser.add_argument("--size", type=int, default=None, help="input height and width (full size: 112)")
+    parser.add_argument("--width-mult", type=float, default=None, help="width of both networks (full size: 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating latency rounds (5 passes each)")
+    parser.add_argument("--fit-images", type=int, default=None, help="synthetic faces for the fit timing")
+    parser.add_argument("--alphas", type=int, default=None, help="LASSO path length of the fit (full size: 100)")
+    args = parser.parse_args(argv)
+    config = _bench.settings(args, FULL, QUICK)
+    # Every measurement (latency and fit) on the same number of threads, recorded in the section.
+    torch.set_num_threads(args.threads)
+    results = args.results or _bench.RESULTS / "pruner.md"
+    size, width_mult = config["size"], config["width_mult"]
 
-    p4_rows = p4(args.rounds, args.threads)
+    p4_rows = p4(size, width_mult, config["rounds"], args.threads)
     load_p4 = os.getloadavg()[0]
-    fit_rows = fit_times(args.fit_images, args.threads)
+    fit_rows = fit_times(size, width_mult, config["fit_images"], config["alphas"])
     load_fit = os.getloadavg()[0]
 
+    linears = [m for m in build("vgg16", size, width_mult).modules() if isinstance(m, torch.nn.Linear)]
+    shapes = [f"{m.in_features}x{m.out_features}" for m in linears]
     lines = [
-        "## CraftPruner (P4, time of fit)",
-        "",
-        f"- Machine: `{platform.platform()}`, cpu count {os.cpu_count()}, {args.threads} torch thread(s) "
-        "for every measurement",
-        f"- torch {torch.__version__}, scikit-learn {sklearn.__version__}, numpy {np.__version__}",
-        f"- Command: `{command}`",
-        f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        "",
         f"### P4: latency speed-up / FLOPs ratio (goal >= {GOAL})",
         "",
-        f"Random-weight VGG16 and MobileNet V1 x1.0 at {SIZE}x{SIZE}, a random share of the filters of "
+        f"Random-weight VGG16 and MobileNet V1 x{width_mult:g} at {size}x{size}, a random share of the filters of "
         "every group of coupled convolutions kept with `surgery.prune_channels`, with either head of "
         "CraftPruner: `satellite` (cut after the last convolution, global average pooling, one Linear "
         "output; the original is the unpruned network with the same head) or `original` (the "
-        "network's own classifier with pruned inputs: VGG16's three Linear layers, 4608x4096, "
-        "4096x4096 and 4096x2622, of which only the first shrinks). Latency: batch 1, median over "
-        f"{args.rounds} alternating rounds of `measure_latency(repeats=5, warmup=1)`. Load average "
+        f"network's own classifier with pruned inputs: VGG16's three Linear layers, {shapes[0]}, "
+        f"{shapes[1]} and {shapes[2]}, of which only the first shrinks). Latency: batch 1, median over "
+        f"{config['rounds']} alternating rounds of `measure_latency(repeats=5, warmup=1)`. Load average "
         f"after P4: {load_p4:.1f} on {os.cpu_count()} cpus (other jobs share the machine).",
         "",
         "| model | head | target share | filters kept | FLOPs ratio | latency original / pruned (ms) | speed-up | "
@@ -208,6 +202,7 @@ def main():
         key = (row["model"], row["head"])
         floors[key] = min(floors.get(key, np.inf), row["latency_ms"][1])
     floor_text = ", ".join(f"{model} ({head} head) {ms:.1f} ms" for (model, head), ms in floors.items())
+    unpruned = sum(m.weight.numel() for m in linears[1:])
     lines += [
         "",
         f"**P4: {passed} of {len(p4_rows)} configurations reach the goal.** At batch 1 on one thread, "
@@ -215,16 +210,17 @@ def main():
         "overhead that does not shrink with the layer, and narrow convolutions (a few to a few "
         "dozen channels, in counts that are not multiples of the SIMD width) use the CPU less "
         "efficiently than wide ones. The fastest pruned model of each kind gives that floor: "
-        f"{floor_text}. With the original head, VGG16's unpruned 4096x4096 and 4096x2622 Linear "
-        "layers (27.5 M weights read per image) add to it. The best ratio, "
+        f"{floor_text}. With the original head, VGG16's unpruned {shapes[1]} and {shapes[2]} Linear "
+        f"layers ({unpruned / 1e6:.1f} M weights read per image) add to it. The best ratio, "
         f"{best['ratio']:.2f}, is for {best['model']} with the {best['head']} head at {best['target']:.0%}.",
     ]
     lines += [
         "",
         "### Time of `CraftPruner.fit` without fine-tuning",
         "",
-        f"`CraftPruner(model, gamma=0.01, finetune_params=None, batch_size=32, random_state=0)` on "
-        f"{args.fit_images} synthetic {SIZE}x{SIZE} faces (`make_faces`, yaw regression), "
+        f"`CraftPruner(model, gamma=0.01, finetune_params=None, selector_params={{'alphas': {config['alphas']}}}, "
+        "batch_size=32, random_state=0)` on "
+        f"{config['fit_images']} synthetic {size}x{size} faces (`make_faces`, yaw: a continuous target), "
         "random-weight networks, seconds per stage from `timings_` (the report measures latency "
         f"of both networks with `compare_models`). Load average after the fits: {load_fit:.1f}.",
         "",
@@ -238,10 +234,8 @@ def main():
             f"{row['satellites']:.1f} | {row['surgery']:.1f} | {row['report']:.1f} | {row['kept']:.1%} | "
             f"{row['flops_reduction']:.1f} % | {row['r2']:.2f} |"
         )
-    lines.append("")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(f"wrote {RESULTS}")
+    intro = "Latency against FLOPs of pruned networks (P4) and the time of `CraftPruner.fit`."
+    _bench.write_section(results, "CraftPruner (P4, time of fit)", intro, lines, args.quick)
 
 
 if __name__ == "__main__":

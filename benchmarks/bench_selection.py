@@ -17,23 +17,20 @@ P3   GridSearchCV (3 folds) over 8 gamma values of ActivationPooler + LassoFilte
      features.28 alone (the issue's composition) and all 13 convs (grouped by layer); the
      cost of each step of one warm fit shows where an extra gamma goes.
 
-Run: python benchmarks/bench_selection.py [--n-samples 20000] [--baseline-every 10]
-Writes benchmarks/results/selection.md.
+--quick: 300 samples of VGG16's widths x0.125, one round of P2, the baseline at every 50th alpha, P3 on
+60 images of 32x32 through VGG16 at width x0.0625, once: a smoke run of the whole script, not a
+measurement.
+Run: python benchmarks/bench_selection.py [--quick] [--n-samples 20000] [--baseline-every 10]
+Writes benchmarks/results/selection.md (or --results PATH).
 """
 
-import argparse
-import datetime
 import os
-import platform
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import joblib
 import numpy as np
-import sklearn
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import Lasso, RidgeCV
@@ -42,24 +39,37 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+import _bench
 from sklearn_craft.models import vgg16
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.selection import LassoFilterSelector
 
-RESULTS = Path(__file__).resolve().parent / "results" / "selection.md"
+FULL = dict(
+    n_samples=20_000, p2_width_mult=1.0, repeats=3, baseline_every=10, p3_images=600, p3_size=64, p3_width_mult=0.25,
+    p3_repeats=3,
+)
+QUICK = dict(
+    n_samples=300, p2_width_mult=0.125, repeats=1, baseline_every=50, p3_images=60, p3_size=32, p3_width_mult=0.0625,
+    p3_repeats=1,
+)
 VGG16_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 GAMMAS = (0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.2, 0.5)
 
 
-def structured_features(n_samples, seed=0, n_factors=16):
-    """Features of VGG16's widths, ReLU of shared latent factors plus noise; and the factors."""
+def group_widths(width_mult):
+    """VGG16's conv widths scaled by ``width_mult`` (at least one feature per group)."""
+    return tuple(max(1, round(width * width_mult)) for width in VGG16_WIDTHS)
+
+
+def structured_features(n_samples, widths, seed=0, n_factors=16):
+    """Features of ``widths``, ReLU of shared latent factors plus noise; and the factors."""
     rng = np.random.default_rng(seed)
     factors = rng.normal(size=(n_samples, n_factors))
     blocks = [
         np.maximum(factors @ rng.normal(size=(n_factors, width)) + rng.normal(size=(n_samples, width)), 0)
-        for width in VGG16_WIDTHS
+        for width in widths
     ]
-    groups = np.repeat(np.arange(len(VGG16_WIDTHS)), VGG16_WIDTHS)
+    groups = np.repeat(np.arange(len(widths)), widths)
     return np.hstack(blocks), groups, factors
 
 
@@ -86,12 +96,12 @@ def p2_fits(X, groups, targets, n_jobs_values, repeats):
     return [(*config, np.median(wall[config]), np.median(cpu[config]), kept[config]) for config in configs]
 
 
-def lasso_baseline(X, groups, y, every):
+def lasso_baseline(X, groups, widths, y, every):
     """Seconds of separate Lasso fits at each alpha, one group per width, extrapolated."""
     train, test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0)
     per_width, unconverged, n_fits = {}, 0, 0
-    for width in sorted(set(VGG16_WIDTHS)):
-        group = VGG16_WIDTHS.index(width)
+    for width in sorted(set(widths)):
+        group = widths.index(width)
         columns = groups == group
         scaler = StandardScaler().fit(X[train][:, columns])
         X_train, X_test = scaler.transform(X[train][:, columns]), scaler.transform(X[test][:, columns])
@@ -112,7 +122,7 @@ def lasso_baseline(X, groups, y, every):
         n_fits += len(sampled)
         per_width[width] = wall * len(alphas) / len(sampled)
         print(f"baseline width {width}: {wall:.2f} s for {len(sampled)} alphas -> {per_width[width]:.1f} s", flush=True)
-    total = sum(per_width[width] for width in VGG16_WIDTHS)
+    total = sum(per_width[width] for width in widths)
     return per_width, total, (unconverged, n_fits)
 
 
@@ -171,31 +181,37 @@ def p3(n_images, size, width_mult, repeats):
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-samples", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of P2 fits (medians are reported)")
-    parser.add_argument("--baseline-every", type=int, default=10, help="time the Lasso baseline at every k-th alpha")
-    parser.add_argument("--p3-images", type=int, default=600)
-    parser.add_argument("--p3-size", type=int, default=64)
-    parser.add_argument("--p3-width-mult", type=float, default=0.25)
-    parser.add_argument("--p3-repeats", type=int, default=3)
-    args = parser.parse_args()
-    command = "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
+def main(argv=None):
+    parser = _bench.parser(__doc__, real_data=False)
+    parser.add_argument("--n-samples", type=int, default=None)
+    parser.add_argument("--p2-width-mult", type=float, default=None, help="scale of VGG16's widths (full size: 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds of P2 fits (medians are reported)")
+    parser.add_argument("--baseline-every", type=int, default=None, help="time the Lasso baseline at every k-th alpha")
+    parser.add_argument("--p3-images", type=int, default=None)
+    parser.add_argument("--p3-size", type=int, default=None)
+    parser.add_argument("--p3-width-mult", type=float, default=None)
+    parser.add_argument("--p3-repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    config = _bench.settings(args, FULL, QUICK)
+    torch.set_num_threads(args.threads)
+    results = args.results or _bench.RESULTS / "selection.md"
     warnings.simplefilter("ignore", ConvergenceWarning)
 
-    X, groups, factors = structured_features(args.n_samples)
+    widths = group_widths(config["p2_width_mult"])
+    X, groups, factors = structured_features(config["n_samples"], widths)
     rng = np.random.default_rng(1)
     targets = {
-        "1 output": factors[:, :3].sum(axis=1) + 0.5 * rng.normal(size=args.n_samples),
-        "10 outputs": factors[:, :10] + 0.5 * rng.normal(size=(args.n_samples, 10)),
-        "10 classes": np.argmax(factors[:, :10] + 0.5 * rng.normal(size=(args.n_samples, 10)), axis=1),
+        "1 output": factors[:, :3].sum(axis=1) + 0.5 * rng.normal(size=config["n_samples"]),
+        "10 outputs": factors[:, :10] + 0.5 * rng.normal(size=(config["n_samples"], 10)),
+        "10 classes": np.argmax(factors[:, :10] + 0.5 * rng.normal(size=(config["n_samples"], 10)), axis=1),
     }
-    fits = p2_fits(X, groups, targets, (1, 2), args.repeats)
+    fits = p2_fits(X, groups, targets, (1, 2), config["repeats"])
     load_p2 = os.getloadavg()[0]
-    per_width, baseline, (unconverged, n_fits) = lasso_baseline(X, groups, targets["1 output"], args.baseline_every)
+    per_width, baseline, (unconverged, n_fits) = lasso_baseline(
+        X, groups, widths, targets["1 output"], config["baseline_every"]
+    )
     with threadpool_limits(limits=1, user_api="blas"):
-        p3_results = p3(args.p3_images, args.p3_size, args.p3_width_mult, args.p3_repeats)
+        p3_results = p3(config["p3_images"], config["p3_size"], config["p3_width_mult"], config["p3_repeats"])
     load_p3 = os.getloadavg()[0]
 
     wall = {(name, n_jobs): seconds for name, n_jobs, seconds, _, _ in fits}
@@ -210,19 +226,14 @@ def main():
         return "pass" if ok else "FAIL"
 
     lines = [
-        "## LassoFilterSelector (P2, P2b, P3)",
-        "",
-        f"- Machine: `{platform.platform()}`, cpu count {os.cpu_count()}",
-        f"- torch {torch.__version__}, scikit-learn {sklearn.__version__}, numpy {np.__version__}",
-        f"- Command: `{command}`",
-        f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        f"- Load average after P2: {load_p2:.1f}, after P3: {load_p3:.1f} on {os.cpu_count()} cpus (other "
+        f"Load average after P2: {load_p2:.1f}, after P3: {load_p3:.1f} on {os.cpu_count()} cpus (other "
         "jobs were running, so wall times are noisy; CPU times of the process are given too).",
         "",
-        f"### P2: 13 groups of VGG16 widths, n = {args.n_samples}, 100 alphas (goal <= 10 s on 2 cores, >= 5x)",
+        f"### P2: 13 groups of VGG16 widths ({', '.join(map(str, widths))}), n = {config['n_samples']}, "
+        "100 alphas (goal <= 10 s on 2 cores, >= 5x)",
         "",
         "Features: ReLU of 16 shared latent factors plus noise; one group per conv width; "
-        f"validation split 0.25; `standardize=True`. Median of {args.repeats} rounds in rotating order.",
+        f"validation split 0.25; `standardize=True`. Median of {config['repeats']} rounds in rotating order.",
         "",
         "| target | n_jobs | wall s | CPU s | filters kept | wall / 1-output wall (same n_jobs) |",
         "|---|---|---|---|---|---|",
@@ -234,7 +245,7 @@ def main():
         "",
         f"- Wall time, 1 output, n_jobs=2: **{single:.2f} s** ({verdict(single <= 10)}).",
         f"- Lasso baseline: separate `Lasso(alpha)` fits on the standardized training part at every "
-        f"{args.baseline_every}th alpha of each group's grid, one group per width, extrapolated to 100 "
+        f"{config['baseline_every']}th alpha of each group's grid, one group per width, extrapolated to 100 "
         f"alphas and 13 groups: "
         + ", ".join(f"width {width}: {seconds:.1f} s" for width, seconds in per_width.items())
         + f"; total **{baseline:.0f} s**. It only computes the held-out curve; the selector also refits "
@@ -258,11 +269,11 @@ def main():
         "### P3: GridSearchCV over 8 gammas / over 1 gamma, with memory (goal <= 1.5)",
         "",
         f"`make_pipeline(ActivationPooler, LassoFilterSelector, RidgeCV()).set_output(transform='pandas')` "
-        f"on a VGG16 layout at width x{args.p3_width_mult} ({args.p3_size}x{args.p3_size} input), "
-        f"{args.p3_images} random images, 3 folds (GridSearchCV refits on all images at the end); a fresh "
+        f"on a VGG16 layout at width x{config['p3_width_mult']} ({config['p3_size']}x{config['p3_size']} input), "
+        f"{config['p3_images']} random images, 3 folds (GridSearchCV refits on all images at the end); a fresh "
         "`joblib.Memory` for each search, shared by pooler and selector; BLAS on one thread (RidgeCV's "
         "eigendecompositions are erratic with OpenBLAS threads on a busy machine); median of "
-        f"{args.p3_repeats} alternating runs. Gammas: {', '.join(map(str, GAMMAS))} (the first alone for 1 gamma).",
+        f"{config['p3_repeats']} alternating runs. Gammas: {', '.join(map(str, GAMMAS))} (the first alone for 1 gamma).",
         "",
         "| pooled layers | 1 gamma s | 8 gammas s | ratio | goal |",
         "|---|---|---|---|---|",
@@ -280,10 +291,8 @@ def main():
     ]
     for name, result in p3_results.items():
         lines.append(f"| {name} | " + " | ".join(f"{seconds:.2f}" for seconds in result["steps"].values()) + " |")
-    lines.append("")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(f"wrote {RESULTS}")
+    intro = "Fit time of `LassoFilterSelector` (P2, P2b) and the cost of a grid over gamma (P3)."
+    _bench.write_section(results, "LassoFilterSelector (P2, P2b, P3)", intro, lines, args.quick)
 
 
 if __name__ == "__main__":

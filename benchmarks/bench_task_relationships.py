@@ -93,7 +93,7 @@ def speed_claim(task, images, labels, net, layer, input_preset, epochs):
     """Satellite ridge vs frozen-convolution transfer learning with a trained Linear head."""
     y = labels.astype(str)
     classes, y_index = np.unique(y, return_inverse=True)
-    train, test = _bench.split(np.arange(len(y)), y, classification=True)[:2]
+    train, test = _bench.split(np.arange(len(y)), y, _bench.TASKS[task][2])[:2]
 
     start = time.perf_counter()
     features = pooled(net, layer, input_preset, images[train])
@@ -149,11 +149,11 @@ def main(argv=None):
                 for task, (speed_set, column) in SPEED_TASKS.items():
                     if speed_set == dataset:
                         speed += speed_claim(task, images, labels[column].to_numpy(), net, layer, input_preset, epochs)
-        regression = {task: metric for task, metric in SCORING.items() if task in tasks}
+        continuous = {task: metric for task, metric in SCORING.items() if task in tasks}
         # Integer ages would be read as classes: the kind is set, not inferred.
         matrix = task_relationship_matrix(
-            features, None, tasks.astype({task: float for task in regression}), cv=cv, scoring=regression,
-            task_types={task: "continuous" for task in regression}, random_state=_bench.SEED,
+            features, None, tasks.astype({task: float for task in continuous}), cv=cv, scoring=continuous,
+            task_types={task: "continuous" for task in continuous}, random_state=_bench.SEED,
         )
         matrices.append(matrix)
         metrics.update(matrix.attrs["metric"])

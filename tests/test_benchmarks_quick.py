@@ -1,9 +1,12 @@
-"""The paper-reproduction benchmarks run end to end on a tiny subset of the real data.
+"""The benchmarks run end to end in their --quick mode.
 
 Each script is run as a command (``python benchmarks/bench_x.py --quick`` with smaller overrides),
-writing its markdown, CSV and figures into ``tmp_path`` so the committed results stay untouched.
+writing its markdown, CSV and figures into ``tmp_path`` so the committed results stay untouched:
+the paper reproductions on a tiny subset of the real data, the performance benchmarks (pooler,
+selection, pruner) on small random inputs.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +18,23 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _run(script, shared_data, tmp_path, *options):
+def _run(script, tmp_path, *options):
     results = tmp_path / f"{script}.md"
     command = [
-        sys.executable, str(BENCHMARKS / f"bench_{script}.py"), "--quick", "--data-root", str(shared_data),
-        "--results", str(results), "--figures", str(tmp_path), "--threads", "1", *options,
+        sys.executable, str(BENCHMARKS / f"bench_{script}.py"), "--quick", "--results", str(results),
+        "--threads", "1", *options,
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # One BLAS thread too: on a busy machine a second one only adds contention.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     text = results.read_text()
     assert "--quick" in text and "Machine:" in text and "Command:" in text
     return results, text
+
+
+def _run_on_real_data(script, shared_data, tmp_path, *options):
+    return _run(script, tmp_path, "--data-root", str(shared_data), "--figures", str(tmp_path), *options)
 
 
 def _finite(frame, columns):
@@ -35,8 +44,8 @@ def _finite(frame, columns):
 
 @pytest.mark.realdata
 def test_etl_table_has_one_row_per_method_and_changes_against_the_baseline(shared_data, tmp_path):
-    results, text = _run("etl_table", shared_data, tmp_path, "--tasks", "gender", "--n", "48", "--gammas", "0.1",
-                         "--alphas", "5", "--epochs", "1")
+    results, text = _run_on_real_data("etl_table", shared_data, tmp_path, "--tasks", "gender", "--n", "48",
+                                      "--gammas", "0.1", "--alphas", "5", "--epochs", "1")
     frame = pd.read_csv(results.with_suffix(".csv"))
     numeric = ["score", "parameters", "flops", "latency_ms", "time_s"]
     assert list(frame["method"]) == ["baseline", "craft g=0.1", "l1 g=0.1", "random g=0.1"]
@@ -50,8 +59,8 @@ def test_etl_table_has_one_row_per_method_and_changes_against_the_baseline(share
 
 @pytest.mark.realdata
 def test_gamma_tradeoff_gives_a_row_per_gamma_and_a_figure(shared_data, tmp_path):
-    results, _ = _run("gamma_tradeoff", shared_data, tmp_path, "--tasks", "yaw", "--n", "48", "--gammas", "0", "0.1",
-                      "--alphas", "5")
+    results, _ = _run_on_real_data("gamma_tradeoff", shared_data, tmp_path, "--tasks", "yaw", "--n", "48",
+                                   "--gammas", "0", "0.1", "--alphas", "5")
     frame = pd.read_csv(results.with_suffix(".csv"))
     assert frame["gamma"].tolist() == [0.0, 0.1] and set(frame["task"]) == {"yaw"}
     assert _finite(frame, ["score_before_ft", "score", "flops", "size_bytes", "flops_pct", "size_pct"])
@@ -61,7 +70,7 @@ def test_gamma_tradeoff_gives_a_row_per_gamma_and_a_figure(shared_data, tmp_path
 
 @pytest.mark.realdata
 def test_yaw_filters_ranks_filters_by_their_correlation_with_pan(shared_data, tmp_path):
-    results, _ = _run("yaw_filters", shared_data, tmp_path, "--n", "120", "--top", "3")
+    results, _ = _run_on_real_data("yaw_filters", shared_data, tmp_path, "--n", "120", "--top", "3")
     frame = pd.read_csv(results.with_suffix(".csv"))
     assert len(frame) == 3 and frame["filter"].str.startswith("linear1.conv:").all()
     assert frame["ranked_by"].tolist() == ["yaw", "yaw", "abs_yaw"]
@@ -73,8 +82,8 @@ def test_yaw_filters_ranks_filters_by_their_correlation_with_pan(shared_data, tm
 
 @pytest.mark.realdata
 def test_task_relationships_has_every_source_and_task(shared_data, tmp_path):
-    results, text = _run("task_relationships", shared_data, tmp_path, "--n", "40", "--cv", "2", "--epochs", "1",
-                         "--etl-results", str(tmp_path / "absent.csv"))
+    results, text = _run_on_real_data("task_relationships", shared_data, tmp_path, "--n", "40", "--cv", "2",
+                                      "--epochs", "1", "--etl-results", str(tmp_path / "absent.csv"))
     frame = pd.read_csv(results.with_suffix(".csv"))
     tasks = ["Male", "Smiling", "Eyeglasses", "Young", "age", "utk_gender", "yaw", "emotion"]
     for kind in ("score", "relative_drop_pct"):
@@ -88,3 +97,62 @@ def test_task_relationships_has_every_source_and_task(shared_data, tmp_path):
     assert speed.groupby("task").size().to_dict() == {"emotion": 2, "gender": 2}
     assert _finite(speed, ["accuracy", "time_s", "speedup_vs_transfer"])
     assert "best source" in text
+
+
+def _table(text, header):
+    """The data rows of the markdown table whose header row starts with ``header``, as lists of cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _committed(name):
+    path = BENCHMARKS / "results" / f"{name}.md"
+    return path.read_bytes() if path.exists() else None
+
+
+@pytest.mark.slow
+def test_pooler_quick_run_measures_both_models_and_every_p5_run(tmp_path):
+    committed = _committed("pooler")
+    _, text = _run("pooler", tmp_path)
+    p1 = _table(text, "| model | pooled layers |")
+    assert [row[0] for row in p1] == ["VGG16 with classifier", "VGG16 conv trunk only"]
+    assert all(row[1] == "13" and float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0 for row in p1)
+    runs = _table(text, "| batch | run | images |")
+    assert [row[:3] for row in runs] == [["8", "bare", "16"], ["8", "pool", "16"], ["8", "pool", "32"]]
+    assert all(float(row[3]) > 0 and float(row[4]) >= float(row[3]) for row in runs)
+    assert len(_table(text, "| batch | pooler's own memory")) == 1
+    assert _committed("pooler") == committed
+
+
+@pytest.mark.slow
+def test_selection_quick_run_times_every_target_and_both_searches(tmp_path):
+    committed = _committed("selection")
+    _, text = _run("selection", tmp_path)
+    p2 = _table(text, "| target | n_jobs |")
+    assert [row[:2] for row in p2] == [[target, n_jobs] for target in ("1 output", "10 outputs", "10 classes")
+                                       for n_jobs in ("1", "2")]
+    assert all(float(row[2]) > 0 and int(row[4]) > 0 for row in p2)
+    p3 = _table(text, "| pooled layers | 1 gamma s |")
+    assert [row[0] for row in p3] == ["features.28 (the issue's composition)", "all 13 convs, grouped by layer"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in p3)
+    assert _committed("selection") == committed
+
+
+@pytest.mark.slow
+def test_pruner_quick_run_prunes_every_configuration_and_times_both_fits(tmp_path):
+    committed = _committed("pruner")
+    _, text = _run("pruner", tmp_path)
+    p4 = _table(text, "| model | head | target share |")
+    assert [row[:3] for row in p4] == [[model, head, share] for model in ("vgg16", "mobilenet_v1")
+                                       for head in ("satellite", "original") for share in ("30%", "10%", "3%")]
+    assert all(float(row[4]) > 1 for row in p4)  # every pruned network needs fewer FLOPs
+    fits = _table(text, "| model | total s |")
+    assert [row[0] for row in fits] == ["vgg16", "mobilenet_v1"]
+    assert all(float(row[1]) > 0 for row in fits)
+    assert _committed("pruner") == committed
