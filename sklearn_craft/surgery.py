@@ -405,7 +405,11 @@ def _truncated_graph_module(model, layer, response):
     # code elimination keeps because they are impure.
     for node in reversed(nodes[nodes.index(output) + 1 : -1]):
         graph.erase_node(node)
-    shared = fx.GraphModule(model, graph)
+    # A GraphModule keeps the class of its graph's tracer and instantiates it without arguments
+    # when it is unpickled; the plain graph copy records none, so the result pickles.
+    plain = fx.Graph()
+    plain.output(plain.graph_copy(graph, {}))
+    shared = fx.GraphModule(model, plain)
     shared.graph.eliminate_dead_code()
     # The copy unshares the parameters and takes only what the remaining graph uses.
     return _copy(shared, class_name=f"Truncated{type(model).__name__}")
@@ -483,3 +487,4 @@ def truncate(model, layer, example_input):
     for name, module in truncated.named_modules():
         module.training = modes.get(name, model.training)
     return truncated
+
