@@ -62,9 +62,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     ``fit`` pools the global-average response of every filter of the chosen convolutions over the
     task's images (once, cached by ``memory``), selects each layer's filters at the knee of its
     LASSO characteristic curve at tolerance ``gamma``, cuts all other filters out of a copy of
-    the network in one shot (Algorithm 1 of the ETL paper, channels coupled by residual
-    additions or depthwise convolutions being kept when any coupled layer selects them), attaches
-    a head, optionally fine-tunes and measures the savings. The model passed in is never modified.
+    the network in one shot (Algorithm 1 of the ETL paper; a channel of a residual stream is kept
+    when any convolution of the stream selects it, and a depthwise convolution keeps the channels
+    of its input), attaches a head, optionally fine-tunes and measures the savings. The model
+    passed in is never modified.
 
     Targets are read like :func:`sklearn_craft.targets.encode_target` reads them: floats are
     regressed (1-D or several outputs), integer or string labels are binary or multi-class
@@ -174,9 +175,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Layer -> indices of the filters LASSO selected (knee of its characteristic curve).
     keep_ : dict of str to list of int
         Layer -> indices of the filters left in ``pruned_model_`` (``selected_`` merged over
-        coupled layers with :func:`sklearn_craft.surgery.merge_keep`), for the layers it still
-        has. A convolution followed by a Max-Feature-Map also keeps the partner (i ± C/2) of every
-        listed channel (see :func:`sklearn_craft.surgery.prune_channels`).
+        coupled layers with :func:`sklearn_craft.surgery.merge_keep`: a depthwise convolution
+        has those of its input), for the layers it still has. A convolution followed by a
+        Max-Feature-Map also keeps the partner (i ± C/2) of every listed channel (see
+        :func:`sklearn_craft.surgery.prune_channels`).
     satellites_ : dict of str to sklearn.pipeline.Pipeline
         Layer -> fitted linear model on the pooled responses of ``selected_[layer]`` in the
         original network; for ``head_layer_`` (satellite head) on ``transform(X)`` instead.

@@ -1,4 +1,6 @@
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -587,3 +589,61 @@ def test_pruned_model_is_independent_and_trainable():
     pruned(x).sum().backward()
     optimizer.step()
     assert pruned.features[0].weight.grad.shape == (3, 3, 3, 3)
+
+
+# --- depthwise convolutions follow their input ------------------------------------------------
+
+
+def test_expand_conv_named_alone_loses_channels_and_its_depthwise_partner_follows():
+    model = _randomize(mobilenet_v2(num_classes=3, width_mult=0.25), seed=2)
+    x = torch.randn(2, 3, 32, 32)
+    keep = {"features.2.conv.0.0": [0, 5, 7, 30, 47], "features.4.conv.0.0": [1, 2, 3, 40]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned, kept = prune_channels(model, keep, x, return_kept=True)
+    followed = {"features.2.conv.1.0": keep["features.2.conv.0.0"], "features.4.conv.1.0": keep["features.4.conv.0.0"]}
+    assert kept == {**keep, **followed}
+    assert pruned.get_submodule("features.2.conv.1.0").groups == 5
+    _assert_exact(model, pruned, {**keep, **followed}, x)
+    groups, followers = coupled_groups(model, x, return_followers=True)
+    assert groups == coupled_groups(model, x)
+    assert ["features.2.conv.0.0", "features.2.conv.1.0"] in groups
+    assert followers == [name for name, conv in _convs(model).items() if conv.groups > 1]
+
+
+def test_mobilenet_v1_depthwise_convolutions_follow_the_pointwise_ones():
+    model = _randomize(mobilenet_v1(num_classes=4, width_mult=0.25), seed=5)
+    x = torch.randn(2, 3, 32, 32)
+    names = list(_convs(model))
+    rng = np.random.default_rng(5)
+    dense = {name: conv for name, conv in _convs(model).items() if conv.groups == 1}
+    keep = {name: sorted(rng.choice(conv.out_channels, size=conv.out_channels // 3, replace=False)) for name, conv in dense.items()}
+    # A depthwise convolution's own entry is not consulted: it keeps its input's channels.
+    keep["features.2.0"] = [0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned, kept = prune_channels(model, keep, x, return_kept=True)
+    masked = dict(keep)
+    for producer, depthwise in zip(names[:-1], names[1:]):
+        if model.get_submodule(depthwise).groups > 1:
+            masked[depthwise] = keep[producer]
+            assert kept[depthwise] == keep[producer]
+    _assert_exact(model, pruned, masked, x)
+    # Named alone, a depthwise convolution cannot drop channels its input's producer keeps.
+    with pytest.warns(UserWarning, match=r"\['features.2.0'\] keep all their channels.*features.1.3"):
+        _, kept = prune_channels(model, {"features.2.0": [0, 1]}, x, return_kept=True)
+    assert kept["features.2.0"] == kept["features.1.3"] == list(range(16))
+
+
+def test_merge_keep_followers_take_the_channels_of_their_group():
+    groups = [["a", "dw"], ["b", "c", "dw2"]]
+    n = {"a": 4, "dw": 4, "b": 6, "c": 6, "dw2": 6}
+    merged = merge_keep({"a": [1, 3], "b": [0], "c": [5], "dw2": [2]}, groups, n, followers=["dw", "dw2"])
+    assert merged == {"a": [1, 3], "b": [0, 5], "c": [0, 5], "dw2": [0, 5]}
+    with pytest.warns(UserWarning, match=r"\['dw'\] keep all their channels.*\['a'\]"):
+        assert merge_keep({"dw": [1]}, groups, n, followers=["dw", "dw2"]) == {"dw": [0, 1, 2, 3]}
+    # Without followers, every member is a partner (the union, and a missing one freezes the group).
+    with pytest.warns(UserWarning):
+        assert merge_keep({"a": [1]}, groups, n) == {"a": [0, 1, 2, 3]}
+    with pytest.raises(TypeError, match="followers"):
+        merge_keep({"a": [1]}, groups, n, followers="dw")
