@@ -10,7 +10,6 @@ This module only composes them.
 """
 
 import time
-from collections import OrderedDict
 from numbers import Integral, Real
 
 import numpy as np
@@ -30,7 +29,7 @@ from .pooling import ActivationPooler
 from .profiling import compare_models
 from .satellites import fit_layer_satellites, make_satellite, satellite_head
 from .selection import LassoFilterSelector
-from .surgery import prune_channels, truncate
+from .surgery import attach_head, prune_channels, truncate
 from .targets import CLASSIFICATION_KINDS, encode_target
 
 #: Share of the samples held out to score each layer's satellite (``satellite_scores_``).
@@ -164,8 +163,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     Attributes
     ----------
     pruned_model_ : torch.nn.Module
-        The pruned network, in eval mode. With ``head="satellite"`` an ``nn.Sequential`` of
-        ``body`` (the cut network), ``pool``, ``flatten`` and ``head`` (the Linear layer).
+        The pruned network, in eval mode, whose layers keep their names in ``model`` (the names
+        of ``layers_`` and ``keep_``). With ``head="satellite"`` a ``torch.fx.GraphModule``: the
+        cut network followed by the modules ``pool`` (global average pooling), ``flatten`` and
+        ``head`` (the Linear layer), see :func:`sklearn_craft.surgery.attach_head`.
     head_layer_ : str
         The convolution whose pooled responses ``transform`` returns: the layer the satellite head
         reads, or the last pooled layer with ``head="original"``.
@@ -455,14 +456,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
 
     def _with_satellite_head(self, body, satellite):
         """The cut network followed by global average pooling and the satellite as a Linear layer."""
-        return nn.Sequential(
-            OrderedDict(
-                body=body,
-                pool=nn.AdaptiveAvgPool2d(1),
-                flatten=nn.Flatten(),
-                head=satellite_head(satellite),
-            )
-        ).to(self.device)
+        return attach_head(body, satellite_head(satellite)).to(self.device)
 
     def _choose_filters(self, selected):
         """Filters kept in every pooled layer, given LASSO's choice (an extension point for subclasses).
@@ -612,8 +606,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             One column per filter left in ``head_layer_``.
         """
         check_is_fitted(self)
-        layer = f"body.{self.head_layer_}" if self.head == "satellite" else self.head_layer_
-        return self._pooler(self.pruned_model_, [layer]).fit(X).transform(X)
+        return self._pooler(self.pruned_model_, [self.head_layer_]).fit(X).transform(X)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

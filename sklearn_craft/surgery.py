@@ -21,7 +21,7 @@ from torch import fx, nn
 from ._channel_graph import _ChannelGraph, _scale_target, _traceable
 from .inspection import _check_model, find_responses
 
-__all__ = ["coupled_groups", "merge_keep", "prune_channels", "truncate"]
+__all__ = ["attach_head", "coupled_groups", "merge_keep", "prune_channels", "truncate"]
 
 
 def _check_example_input(example_input):
@@ -522,3 +522,78 @@ def truncate(model, layer, example_input):
         module.training = modes.get(name, model.training)
     return truncated
 
+
+def _free_name(module, stem):
+    """``stem``, or ``stem_1``, ``stem_2``... : the first that is not an attribute of ``module``."""
+    name, number = stem, 0
+    while hasattr(module, name):
+        number += 1
+        name = f"{stem}_{number}"
+    return name
+
+
+def attach_head(model, head):
+    """Return a copy of ``model`` followed by global average pooling, Flatten and ``head``, as one graph.
+
+    The result is a single ``torch.fx.GraphModule`` whose modules keep their names in ``model``
+    (``features.10`` stays ``features.10``), so that everything addressing a layer by name (pooling,
+    pruning, ``get_submodule``) works on the network with its head as on ``model``. Three modules
+    are added at the top level: ``pool`` (``nn.AdaptiveAvgPool2d(1)``), ``flatten``
+    (``nn.Flatten()``) and ``head`` (a copy of ``head``); a name ``model`` already uses gets a
+    numeric suffix (``pool_1``).
+
+    Parameters
+    ----------
+    model : torch.fx.GraphModule
+        A network returning one N×C×H×W map, such as :func:`truncate` returns (and
+        :func:`prune_channels` returns for a truncated network); never modified.
+    head : torch.nn.Module
+        Maps the N×C pooled responses to the outputs, e.g. an ``nn.Linear(C, n_outputs)``.
+
+    Returns
+    -------
+    network : torch.fx.GraphModule
+        ``head(flatten(pool(model(x))))``, with the training flags of ``model`` and ``head``.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a ``torch.fx.GraphModule`` or ``head`` not an ``nn.Module``.
+    ValueError
+        If ``model``'s graph does not return a single value.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_craft.surgery import attach_head, truncate
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(576, 2))
+    >>> network = attach_head(truncate(model, "0", torch.zeros(1, 3, 16, 16)), nn.Linear(8, 5))
+    >>> network(torch.zeros(2, 3, 16, 16)).shape
+    torch.Size([2, 5])
+    >>> [name for name, _ in network.named_children()]
+    ['0', '1', 'pool', 'flatten', 'head']
+    """
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(f"model must be a torch.fx.GraphModule, such as truncate returns, got {type(model).__name__}")
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"head must be a torch.nn.Module, got {type(head).__name__}")
+    network = _copy(model)
+    graph = network.graph
+    output = next(node for node in graph.nodes if node.op == "output")
+    if len(output.args) != 1 or not isinstance(output.args[0], fx.Node):
+        raise ValueError(f"model must return a single tensor, its graph returns {output.args!r}")
+    value = output.args[0]
+    added = {
+        "pool": nn.AdaptiveAvgPool2d(1).train(network.training),
+        "flatten": nn.Flatten().train(network.training),
+        "head": copy.deepcopy(head),
+    }
+    with graph.inserting_before(output):
+        for stem, module in added.items():
+            name = _free_name(network, stem)
+            network.add_submodule(name, module)
+            value = graph.call_module(name, (value,))
+    output.args = (value,)
+    network.recompile()
+    return network

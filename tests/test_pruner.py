@@ -125,7 +125,7 @@ def test_keep_matches_the_network_selection_and_report(data):
     X, scores = data
     y = scores[:, 0]
     pruner = CraftPruner(_net(), gamma=0.05, random_state=0).fit(X, y)
-    body = pruner.pruned_model_.body
+    body = pruner.pruned_model_
     assert pruner.layers_ == ["0", "4", "6"]
     for layer in pruner.layers_:
         # No coupling in a plain chain: kept = selected, and the network has exactly those filters.
@@ -156,7 +156,7 @@ def test_choose_filters_override_replaces_the_lasso_choice_everywhere(data):
     y = scores[:, 0]
     lasso = CraftPruner(_net(), gamma=0.05, random_state=0).fit(X, y)
     first = _FirstFilters(_net(), gamma=0.05, random_state=0).fit(X, y)
-    body = first.pruned_model_.body
+    body = first.pruned_model_
     assert any(not np.array_equal(lasso.selected_[layer], np.arange(len(lasso.selected_[layer]))) for layer in lasso.layers_)
     for layer in first.layers_:
         count = len(lasso.selected_[layer])
@@ -189,7 +189,7 @@ def test_truncate_best_cuts_after_the_best_scoring_layer():
     assert list(scores.index) == pruner.layers_
     assert pruner.head_layer_ == scores.idxmax()
     position = pruner.layers_.index(pruner.head_layer_)
-    convs = [name for name, m in pruner.pruned_model_.body.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [name for name, m in pruner.pruned_model_.named_modules() if isinstance(m, nn.Conv2d)]
     assert convs == pruner.layers_[: position + 1]
     assert list(pruner.keep_) == convs
     features = pruner.transform(X)
@@ -308,11 +308,11 @@ def test_batchnorm_statistics_are_re_estimated_after_pruning(data):
     pruned = CraftPruner(model, gamma=0.1, random_state=0, batch_size=len(X)).fit(X, y)
     stale = CraftPruner(model, gamma=0.1, random_state=0, recalibrate_bn=False).fit(X, y)
     assert len(pruned.keep_["0"]) < 8 and pruned.keep_ == stale.keep_
-    body = pruned.pruned_model_.body
+    body = pruned.pruned_model_
     for name, mean in _batchnorm_inputs(body, X).items():
         torch.testing.assert_close(body.get_submodule(name).running_mean, mean, rtol=1e-4, atol=1e-5)
     kept = stale.keep_["4"]
-    torch.testing.assert_close(stale.pruned_model_.body.get_submodule("5").running_mean, model[5].running_mean[kept])
+    torch.testing.assert_close(stale.pruned_model_.get_submodule("5").running_mean, model[5].running_mean[kept])
     # The head is fitted after the re-estimation: it still equals the refitted satellite.
     np.testing.assert_allclose(
         pruned.decision_function(X),
@@ -322,7 +322,7 @@ def test_batchnorm_statistics_are_re_estimated_after_pruning(data):
     )
     # Nothing cut, nothing re-estimated: the statistics stay the original ones.
     full = CraftPruner(model, gamma=0.0, random_state=0).fit(X, y)
-    torch.testing.assert_close(full.pruned_model_.body.get_submodule("5").running_mean, model[5].running_mean)
+    torch.testing.assert_close(full.pruned_model_.get_submodule("5").running_mean, model[5].running_mean)
     assert model[5].running_mean.eq(7.0).all()
 
 
@@ -337,11 +337,11 @@ def test_scale_filters_multiplies_the_kept_filters_by_their_lasso_coefficient(da
     assert kept == plain.keep_["0"]
     coef = scaled.selector_.coef_[kept]
     assert np.all(coef != 0)
-    conv = scaled.pruned_model_.body.get_submodule("0")
+    conv = scaled.pruned_model_.get_submodule("0")
     factors = torch.as_tensor(coef, dtype=torch.float32)
     torch.testing.assert_close(conv.weight, model[0].weight[kept] * factors[:, None, None, None])
     torch.testing.assert_close(conv.bias, model[0].bias[kept] * factors)
-    torch.testing.assert_close(plain.pruned_model_.body.get_submodule("0").weight, model[0].weight[kept])
+    torch.testing.assert_close(plain.pruned_model_.get_submodule("0").weight, model[0].weight[kept])
 
 
 def _count_full_poolings(monkeypatch, model):
@@ -489,7 +489,7 @@ def test_architectures(name):
     )
     assert pruner.report_.loc["flops", "reduction_pct"] > 0
     modules = dict(model.named_modules())
-    body = pruner.pruned_model_.body
+    body = pruner.pruned_model_
     for layer, kept in pruner.keep_.items():
         width = body.get_submodule(layer).out_channels
         # A Max-Feature-Map keeps both halves of each kept pair (LightCNN).
@@ -589,3 +589,24 @@ def test_head_weights_stay_small_for_nearly_constant_filters(data):
     stds = pruner.transform(X).std(axis=0)
     assert stds[stds > 0].min() < 1e-5
     assert pruner.pruned_model_.head.weight.abs().max().item() < 100.0
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "resnet18"])
+def test_pruned_model_keeps_the_original_layer_names(name):
+    torch.manual_seed(0)
+    model, channels = _architecture_case(name)
+    model.eval()
+    X = np.random.default_rng(0).random((64, channels, 32, 32), dtype=np.float32)
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][:6]
+    y = _scores(model, X, layers[-1], [0, 1, 2])[:, 0]
+    pruner = CraftPruner(model, gamma=0.1, layers=layers, random_state=0, selector_params={"alphas": 20}).fit(X, y)
+    modules = dict(pruner.pruned_model_.named_modules())
+    assert {"pool", "flatten", "head"} <= set(modules)
+    for layer, kept in pruner.keep_.items():
+        assert modules[layer].out_channels == len(kept)
+        features = ActivationPooler(pruner.pruned_model_, layers=[layer]).fit(X).transform(X)
+        assert features.shape == (len(X), len(kept))
+    head = pruner.head_layer_
+    np.testing.assert_array_equal(
+        ActivationPooler(pruner.pruned_model_, layers=[head]).fit(X).transform(X), pruner.transform(X)
+    )

@@ -8,7 +8,7 @@ from torch import nn
 
 from sklearn_craft.models import lightcnn9, mobilenet_v1, mobilenet_v2, resnet18, vgg16
 from sklearn_craft.inspection import find_responses
-from sklearn_craft.surgery import coupled_groups, merge_keep, prune_channels, truncate
+from sklearn_craft.surgery import attach_head, coupled_groups, merge_keep, prune_channels, truncate
 
 ATOL = 1e-5
 
@@ -647,3 +647,40 @@ def test_merge_keep_followers_take_the_channels_of_their_group():
         assert merge_keep({"a": [1]}, groups, n) == {"a": [0, 1, 2, 3]}
     with pytest.raises(TypeError, match="followers"):
         merge_keep({"a": [1]}, groups, n, followers="dw")
+
+
+# --- attach_head --------------------------------------------------------------------------------
+
+
+class _PoolsTwice(nn.Module):
+    """A network whose own ``pool`` module runs before the cut: the added pooling must not replace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5 * 2 * 2, 2)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv2(self.pool(torch.relu(self.conv1(x))))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_attach_head_keeps_the_layer_names_and_computes_pool_then_head():
+    model = _randomize(_PoolsTwice())
+    x = torch.randn(3, 3, 8, 8)
+    truncated = truncate(model, "conv2", x)
+    head = nn.Linear(5, 4)
+    network = attach_head(truncated, head)
+    names = dict(network.named_modules())
+    assert {"conv1", "pool", "conv2", "pool_1", "flatten", "head"} <= set(names)
+    assert names["pool"] is not names["pool_1"] and isinstance(names["pool"], nn.MaxPool2d)
+    assert names["head"] is not head and [n for n, _ in truncated.named_children()] == ["conv1", "pool", "conv2"]
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), head(truncated(x).mean(dim=(2, 3))))
+    assert find_responses(network, ["conv2"], example_input=x) == find_responses(truncated, ["conv2"], example_input=x)
+    with pytest.raises(TypeError, match="GraphModule"):
+        attach_head(model, head)
+    with pytest.raises(TypeError, match="head must be a torch.nn.Module"):
+        attach_head(truncated, lambda z: z)
