@@ -23,11 +23,12 @@ from sklearn.model_selection import check_cv, train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 from sklearn.utils.validation import (
+    _get_feature_names,
     check_array,
     check_consistent_length,
     check_is_fitted,
     check_memory,
-    validate_data,
+    check_X_y,
 )
 from threadpoolctl import threadpool_limits
 
@@ -320,9 +321,12 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         self : LassoFilterSelector
             The fitted selector.
         """
-        X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, ensure_min_samples=2)
+        # validate_data would set n_features_in_ and feature_names_in_ before y, alphas, groups
+        # and cv are checked: everything is validated into locals, and attributes set at the end.
+        feature_names = _get_feature_names(X)
+        X, y = check_X_y(X, y, dtype=np.float64, multi_output=True, ensure_min_samples=2, estimator=self)
         alphas = _check_alphas(self.alphas)
-        groups = self._feature_groups(X.shape[1])
+        groups = self._feature_groups(X.shape[1], feature_names)
         Y, target_type, _ = encode_target(y)
         labels = y if target_type in ("binary", "multiclass") else None
         splits = _held_out_splits(len(X), labels, self.validation_fraction, self.cv, self.random_state)
@@ -360,12 +364,16 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         self.curves_ = pd.concat(curves, ignore_index=True)[["group", "alpha", "n_selected", "rmse"]]
         self.knees_ = pd.DataFrame(knees, columns=["group", "alpha", "n_selected", "rmse"])
         self.groups_ = groups
+        self.n_features_in_ = X.shape[1]
+        if feature_names is not None:
+            self.feature_names_in_ = feature_names
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
         return self
 
-    def _feature_groups(self, n_features):
+    def _feature_groups(self, n_features, names):
         """Group label of every column, from ``groups`` or the ``"<layer>:<channel>"`` names."""
         if isinstance(self.groups, str):
-            names = getattr(self, "feature_names_in_", None)
             if names is not None and all(":" in name for name in names):
                 return np.array([name.rsplit(":", 1)[0] for name in names], dtype=object)
             return np.full(n_features, "all", dtype=object)

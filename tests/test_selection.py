@@ -604,3 +604,38 @@ def test_solver_convergence_warnings_are_folded_into_one_per_fit():
         LassoFilterSelector(gamma=0.01, groups=np.repeat(["a", "b"], 75), random_state=0).fit(X, y)
     assert len(caught) == 1 and issubclass(caught[0].category, ConvergenceWarning)
     assert re.search(r"at \d+ of 400 \(path, alpha\) fits", str(caught[0].message))
+
+
+def _fitted_state(estimator):
+    return {name: value for name, value in vars(estimator).items() if name.endswith("_") and not name.startswith("_")}
+
+
+@pytest.mark.parametrize(
+    "params, y_of, error, match",
+    [
+        ({}, lambda y: np.where(np.arange(len(y)) == 3, np.nan, y), ValueError, "y contains NaN"),
+        ({}, lambda y: np.zeros_like(y), ValueError, "constant"),
+        ({"alphas": [0.1, -1.0]}, lambda y: y, ValueError, "alphas must be"),
+        ({"groups": [0, 1]}, lambda y: y, ValueError, "groups must hold one label per feature"),
+        ({"cv": 1000}, lambda y: y, ValueError, "n_splits=1000"),
+    ],
+    ids=["nan_y", "constant_y", "alphas", "groups", "cv"],
+)
+def test_failed_fit_leaves_nothing_fitted_and_a_failed_refit_keeps_the_previous_fit(params, y_of, error, match):
+    X, y = _regression(n=60, p=8)
+    X = pd.DataFrame(X, columns=[f"conv:{i}" for i in range(8)])
+    fresh = LassoFilterSelector(**{"alphas": 10, "random_state": 0, **params})
+    with pytest.raises(error, match=match):
+        fresh.fit(X, y_of(y))
+    assert not _fitted_state(fresh)
+    with pytest.raises(NotFittedError):
+        fresh.get_support()
+
+    fitted = LassoFilterSelector(alphas=10, random_state=0).fit(X, y)
+    before = _fitted_state(fitted)
+    with pytest.raises(error, match=match):
+        fitted.set_params(**params).fit(X.to_numpy(), y_of(y))
+    after = _fitted_state(fitted)
+    assert after.keys() == before.keys() and all(after[name] is value for name, value in before.items())
+    assert fitted.transform(X).shape == (60, fitted.support_.sum())
+
