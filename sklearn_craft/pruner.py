@@ -166,7 +166,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         The pruned network, in eval mode, whose layers keep their names in ``model`` (the names
         of ``layers_`` and ``keep_``). With ``head="satellite"`` a ``torch.fx.GraphModule``: the
         cut network followed by the modules ``pool`` (global average pooling), ``flatten`` and
-        ``head`` (the Linear layer), see :func:`sklearn_craft.surgery.attach_head`.
+        ``head`` (the Linear layer), see :func:`sklearn_craft.surgery.attach_head`. Its
+        ``input_shape`` attribute (one example, no batch dimension) lets
+        :func:`sklearn_craft.export.save_model` save it without an example input.
     head_layer_ : str
         The convolution whose pooled responses ``transform`` returns: the layer the satellite head
         reads, or the last pooled layer with ``head="original"``.
@@ -392,6 +394,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         report = compare_models(_on_device(self.model, "cpu"), _on_device(pruned, "cpu"), tuple(example.shape[1:]))
         clock.stop()
 
+        # save_model reads it, so that the pruned network can be exported without an example input.
+        pruned.input_shape = tuple(example.shape[1:])
         # Attributes are set only now, so that a failing fit leaves no half-fitted estimator.
         self.pruned_model_ = pruned
         self.head_layer_ = head_layer
