@@ -19,7 +19,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 from torch import nn
 
 from .images import as_image_dataset, input_channels, iter_batches
@@ -27,7 +27,7 @@ from .finetune import check_finetune_params, finetune, recalibrate_batchnorm
 from .inspection import _evaluating, _on_device, _select_convs
 from .pooling import ActivationPooler
 from .profiling import compare_models
-from .satellites import fit_layer_satellites, make_satellite, satellite_head
+from .satellites import fit_layer_satellites, fit_satellite, make_satellite, satellite_head
 from .selection import LassoFilterSelector
 from .surgery import attach_head, prune_channels, truncate
 from .targets import CLASSIFICATION_KINDS, encode_target
@@ -311,7 +311,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         )
 
     @_fit_context(prefer_skip_nested_validation=False)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Select filters, cut the network, attach the head, fine-tune and measure.
 
         Parameters
@@ -321,6 +321,13 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             Dataset of ``x`` or ``(x, y)`` items (see :func:`sklearn_craft.images.as_image_dataset`).
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Continuous targets, class labels or a 0/1 multi-label matrix.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the images in the LASSO paths and curves
+            (:meth:`LassoFilterSelector.fit <sklearn_craft.selection.LassoFilterSelector.fit>`),
+            the satellites and their held-out scores
+            (:func:`~sklearn_craft.satellites.fit_satellite`) and the fine-tuning loss
+            (:func:`~sklearn_craft.finetune.finetune`). Pooling, BatchNorm re-estimation and the
+            held-out splits are not weighted.
 
         Returns
         -------
@@ -334,6 +341,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Y, target_type, classes = encode_target(y)
         if len(Y) != len(dataset):
             raise ValueError(f"y must have one row per image ({len(dataset)}), got {len(Y)} rows")
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, Y, dtype=np.float64, ensure_non_negative=True)
         example = next(iter_batches(dataset, 1))
         if self.head == "original":
             n_outputs = 1 if target_type == "binary" else Y.shape[1]
@@ -352,7 +361,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         }
 
         clock.start("selection")
-        selector, selected = self._select(features, y, layers, widths, seeds[0])
+        selector, selected = self._select(features, y, layers, widths, seeds[0], sample_weight)
 
         clock.start("satellites")
         satellites, scores = fit_layer_satellites(
@@ -362,6 +371,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             {layer: columns[layer][selected[layer]] for layer in layers},
             test_size=_SCORE_FRACTION,
             random_state=seeds[1],
+            sample_weight=sample_weight,
         )
         head_layer = self._resolve_head_layer(layers, scores)
 
@@ -369,7 +379,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         scale = self._filter_scales(selector.coef_, selected, columns) if self.scale_filters else None
         pruned, keep = self._cut(dataset, example, head_layer, selected, scale)
         if self.head == "satellite":
-            satellites[head_layer] = make_satellite(target_type).fit(self._pooler(pruned, [head_layer]).fit(X).transform(X), y)
+            pooled = self._pooler(pruned, [head_layer]).fit(X).transform(X)
+            satellites[head_layer] = fit_satellite(make_satellite(target_type), pooled, y, sample_weight)
             pruned = self._with_satellite_head(pruned, satellites[head_layer])
         pruned.eval()
         width = self._output_width(pruned, example)
@@ -387,6 +398,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                 preprocess=self.preprocess,
                 random_state=seeds[2],
                 progress=self.progress,
+                sample_weight=sample_weight,
                 **finetune_params,
             )
 
@@ -418,7 +430,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.timings_ = pd.Series(clock.seconds, name="seconds")
         return self
 
-    def _select(self, features, y, layers, widths, seed):
+    def _select(self, features, y, layers, widths, seed, sample_weight=None):
         """Selection stage: the fitted LassoFilterSelector and the filters kept per layer."""
         selector = LassoFilterSelector(
             gamma=self.gamma,
@@ -426,7 +438,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             memory=self.memory,
             random_state=seed,
             **(self.selector_params or {}),
-        ).fit(features, y)
+        ).fit(features, y, sample_weight=sample_weight)
         support = np.split(selector.support_, np.cumsum(widths)[:-1])
         selected = {layer: np.flatnonzero(mask) for layer, mask in zip(layers, support)}
         return selector, self._choose_filters(selected)

@@ -23,6 +23,7 @@ from sklearn.model_selection import check_cv, train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 from sklearn.utils.validation import (
+    _check_sample_weight,
     _get_feature_names,
     check_array,
     check_consistent_length,
@@ -306,7 +307,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         self.memory = memory
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Compute every group's characteristic curve and select the filters at its knee.
 
         Parameters
@@ -315,6 +316,11 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
             Pooled filter responses (columns grouped by layer).
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Continuous target(s) or class labels (see :func:`encode_target`).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the samples in every LASSO fit (weighted means, variances and
+            cross-products) and in the held-out RMSE of the curves: a sample of weight 2 counts
+            as that sample twice. The validation split (or ``cv``) is drawn over samples, not
+            weights, and every part of it must have a positive total weight.
 
         Returns
         -------
@@ -325,11 +331,20 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         # and cv are checked: everything is validated into locals, and attributes set at the end.
         feature_names = _get_feature_names(X)
         X, y = check_X_y(X, y, dtype=np.float64, multi_output=True, ensure_min_samples=2, estimator=self)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         alphas = _check_alphas(self.alphas)
         groups = self._feature_groups(X.shape[1], feature_names)
         Y, target_type, _ = encode_target(y)
         labels = y if target_type in ("binary", "multiclass") else None
         splits = _held_out_splits(len(X), labels, self.validation_fraction, self.cv, self.random_state)
+        if sample_weight is not None:
+            for train, test in splits:
+                if sample_weight[train].sum() <= 0 or sample_weight[test].sum() <= 0:
+                    raise ValueError(
+                        "sample_weight must give a positive total weight to both parts of every validation "
+                        f"split, got {sample_weight[train].sum()!r} (fit) and {sample_weight[test].sum()!r} (held out)"
+                    )
 
         group_path = check_memory(self.memory).cache(_group_path)
         labels_in_order = pd.unique(pd.Series(groups, dtype=object))
@@ -337,7 +352,8 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             paths = Parallel(n_jobs=self.n_jobs, prefer="threads")(
-                delayed(group_path)(X[:, cols], Y, splits, alphas, self.eps, self.standardize) for cols in columns
+                delayed(group_path)(X[:, cols], Y, splits, alphas, self.eps, self.standardize, sample_weight)
+                for cols in columns
             )
         _summarise_warnings(caught, n_fits=len(columns) * (len(splits) + 1) * len(paths[0][0]))
 
@@ -352,7 +368,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
                 knee = find_knee(curve, self.gamma)
                 keep = np.any(coefs[:, :, knee] != 0, axis=0)
                 if not keep.any():
-                    keep[_first_to_enter(X[:, cols], Y, self.standardize)] = True
+                    keep[_first_to_enter(X[:, cols], Y, self.standardize, sample_weight)] = True
             support[cols] = keep
             coef[:, cols] = coefs[:, :, knee]
             curves.append(curve.assign(group=label))

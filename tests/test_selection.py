@@ -639,3 +639,43 @@ def test_failed_fit_leaves_nothing_fitted_and_a_failed_refit_keeps_the_previous_
     assert after.keys() == before.keys() and all(after[name] is value for name, value in before.items())
     assert fitted.transform(X).shape == (60, fitted.support_.sum())
 
+
+def _repeated(X, y, weights, splits):
+    """Every sample repeated ``weights[i]`` times, and the splits mapped onto the repeated rows."""
+    rows = np.repeat(np.arange(len(X)), weights)
+    where = {i: np.flatnonzero(rows == i) for i in range(len(X))}
+    mapped = [tuple(np.concatenate([where[i] for i in part]) for part in split) for split in splits]
+    return X[rows], y[rows], mapped
+
+
+@pytest.mark.parametrize("kind", ["continuous", "multiclass"])
+def test_sample_weight_is_repeating_samples(kind):
+    X, y = _regression(n=90, p=8)
+    if kind == "multiclass":
+        y = np.digitize(y, np.quantile(y, [1 / 3, 2 / 3]))
+    weights = np.random.default_rng(1).integers(0, 3, size=len(X))
+    splits = list(KFold(3, shuffle=True, random_state=0).split(X))
+    weighted = LassoFilterSelector(alphas=15, groups=[0] * 4 + [1] * 4, cv=splits).fit(X, y, sample_weight=weights)
+    X_rep, y_rep, rep_splits = _repeated(X, y, weights, splits)
+    repeated = LassoFilterSelector(alphas=15, groups=[0] * 4 + [1] * 4, cv=rep_splits).fit(X_rep, y_rep)
+    np.testing.assert_array_equal(weighted.support_, repeated.support_)
+    np.testing.assert_allclose(weighted.coef_, repeated.coef_, rtol=1e-6, atol=1e-9)
+    pd.testing.assert_frame_equal(weighted.curves_, repeated.curves_, check_exact=False, rtol=1e-6)
+    # Weights of one change nothing.
+    ones = LassoFilterSelector(alphas=15, groups=[0] * 4 + [1] * 4, cv=splits).fit(X, y, sample_weight=np.ones(len(X)))
+    plain = LassoFilterSelector(alphas=15, groups=[0] * 4 + [1] * 4, cv=splits).fit(X, y)
+    pd.testing.assert_frame_equal(ones.curves_, plain.curves_)
+
+
+def test_bad_sample_weight_is_rejected_before_anything_is_fitted():
+    X, y = _regression(n=40, p=8)
+    splits = [(np.arange(20), np.arange(20, 40))]
+    for weights, error, match in [
+        (np.ones(39), ValueError, "sample_weight.shape"),
+        (-np.ones(40), ValueError, "Negative values in data passed to `sample_weight`"),
+        (np.r_[np.ones(20), np.zeros(20)], ValueError, "positive total weight to both parts"),
+    ]:
+        selector = LassoFilterSelector(alphas=5, cv=splits)
+        with pytest.raises(error, match=match):
+            selector.fit(X, y, sample_weight=weights)
+        assert not _fitted_state(selector)
