@@ -15,7 +15,7 @@ from numbers import Integral, Real
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin, _fit_context
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
@@ -69,7 +69,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     Targets are read like :func:`sklearn_craft.targets.encode_target` reads them: floats are
     regressed (1-D or several outputs), integer or string labels are binary or multi-class
     classes, and a 0/1 matrix is a multi-label target. Cast integer targets to float to regress
-    on them.
+    on them, or use :class:`CraftRegressor` (and :class:`CraftClassifier` for class labels),
+    which also carry scikit-learn's regressor and classifier identities.
 
     **Satellites.** For every pooled layer, ``satellites_[layer]`` is the satellite of the
     target's kind (:func:`sklearn_craft.satellites.make_satellite`: centring, then ridge
@@ -338,7 +339,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         dataset = as_image_dataset(X, n_channels=input_channels(self.model))
-        Y, target_type, classes = encode_target(y)
+        y, Y, target_type, classes = self._check_target(y)
         if len(Y) != len(dataset):
             raise ValueError(f"y must have one row per image ({len(dataset)}), got {len(Y)} rows")
         if sample_weight is not None:
@@ -429,6 +430,14 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.report_ = report
         self.timings_ = pd.Series(clock.seconds, name="seconds")
         return self
+
+    def _check_target(self, y):
+        """``y`` as every stage reads it, and its encoding: ``(y, Y, target_type, classes)``.
+
+        The encoding is :func:`sklearn_craft.targets.encode_target`'s; CraftClassifier and
+        CraftRegressor restrict the kinds they accept.
+        """
+        return (y, *encode_target(y))
 
     def _select(self, features, y, layers, widths, seed, sample_weight=None):
         """Selection stage: the fitted LassoFilterSelector and the filters kept per layer."""
@@ -630,3 +639,87 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         tags.target_tags.multi_output = True
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+class CraftClassifier(ClassifierMixin, CraftPruner):
+    """CRAFT / ETL pruning for a classification task: a :class:`CraftPruner` that is a classifier.
+
+    Parameters, fitted attributes and methods are :class:`CraftPruner`'s; ``y`` must be class
+    labels (integers, strings or booleans; binary or multi-class) or a 0/1 multi-label matrix,
+    and anything else (floats to regress, in particular) is refused with a ``ValueError``. The
+    estimator carries scikit-learn's classifier identity: ``is_classifier`` is True, so
+    ``cross_val_score(..., cv=3)`` and ``GridSearchCV(..., cv=3)`` split with ``StratifiedKFold``,
+    and :meth:`score` is the accuracy (subset accuracy for multi-label targets).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.base import is_classifier
+    >>> from torch import nn
+    >>> from sklearn_craft import CraftClassifier
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU())
+    >>> X = np.random.default_rng(0).random((90, 1, 16, 16), dtype=np.float32)
+    >>> y = np.where(X[:, 0, :8].mean(axis=(1, 2)) > X[:, 0, 8:].mean(axis=(1, 2)), "top", "bottom")
+    >>> classifier = CraftClassifier(net, gamma=0.1, random_state=0).fit(X, y)
+    >>> is_classifier(classifier), classifier.classes_.tolist(), classifier.predict(X[:2]).shape
+    (True, ['bottom', 'top'], (2,))
+    """
+
+    def _check_target(self, y):
+        y, Y, target_type, classes = super()._check_target(y)
+        if target_type not in ("binary", "multiclass", "multilabel-indicator"):
+            raise ValueError(
+                f"{type(self).__name__} needs class labels (integers, strings or booleans) or a 0/1 label matrix, "
+                f"got a {target_type} target; floats are values to regress (use CraftRegressor), "
+                "cast float class labels to int"
+            )
+        return y, Y, target_type, classes
+
+    # The accuracy, as ClassifierMixin's; its docstring links labels of scikit-learn's own docs.
+    score = CraftPruner.score
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class CraftRegressor(RegressorMixin, CraftPruner):
+    """CRAFT / ETL pruning for a regression task: a :class:`CraftPruner` that is a regressor.
+
+    Parameters, fitted attributes and methods are :class:`CraftPruner`'s; ``y`` must be numeric
+    (one or several outputs) and is always regressed: integer targets such as ages in years are
+    values, not class labels, and strings are refused with a ``ValueError``. The estimator
+    carries scikit-learn's regressor identity (``is_regressor`` is True, plain ``KFold`` splits),
+    and :meth:`score` is R².
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.base import is_regressor
+    >>> from torch import nn
+    >>> from sklearn_craft import CraftRegressor
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU())
+    >>> X = np.random.default_rng(0).random((90, 1, 16, 16), dtype=np.float32)
+    >>> age = np.rint(40 + 100 * (X[:, 0, :8].mean(axis=(1, 2)) - X[:, 0, 8:].mean(axis=(1, 2)))).astype(int)
+    >>> regressor = CraftRegressor(net, gamma=0.1, random_state=0).fit(X, age)
+    >>> is_regressor(regressor), regressor.target_type_, regressor.predict(X[:2]).dtype
+    (True, 'continuous', dtype('float32'))
+    """
+
+    def _check_target(self, y):
+        values = np.asarray(y)
+        refused = ValueError(
+            f"{type(self).__name__} needs numeric targets, got an array of dtype {values.dtype}; "
+            "use CraftClassifier for class labels"
+        )
+        if values.dtype.kind not in "biufO":
+            raise refused
+        try:
+            values = values.astype(np.float64)
+        except (TypeError, ValueError) as error:
+            raise refused from error
+        return super()._check_target(values)
+
+    # R², as RegressorMixin's; its docstring links labels of scikit-learn's own docs.
+    score = CraftPruner.score

@@ -77,3 +77,23 @@ def test_pruned_model_pickles_and_torch_saves(data, tmp_path):
     # Loading a whole module unpickles code: the user's choice for a file they wrote themselves.
     loaded = torch.load(tmp_path / "pruned.pt", weights_only=False)
     assert torch.equal(_outputs(loaded, x), _outputs(pruned, x))
+
+
+@pytest.mark.slow
+def test_cross_validate_returns_estimators_from_worker_processes(data):
+    from sklearn.model_selection import cross_validate
+
+    from sklearn_craft.pruner import CraftRegressor
+
+    X, y = data
+    results = cross_validate(
+        CraftRegressor(_net(), gamma=0.1, random_state=0, selector_params={"alphas": 10}),
+        X,
+        y,
+        cv=2,
+        n_jobs=2,
+        return_estimator=True,
+        return_indices=True,
+    )
+    for estimator, test, score in zip(results["estimator"], results["indices"]["test"], results["test_score"]):
+        assert estimator.score(X[test], y[test]) == pytest.approx(score)

@@ -3,8 +3,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from sklearn.base import clone
-from sklearn.model_selection import GridSearchCV
+from sklearn.base import clone, is_classifier, is_regressor
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, check_cv, cross_validate
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
@@ -14,7 +15,7 @@ import sklearn_craft.pruner
 from sklearn_craft.models import lightcnn9, mobilenet_v1, resnet18, vgg16
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.profiling import count_flops, count_parameters
-from sklearn_craft.pruner import CraftPruner
+from sklearn_craft.pruner import CraftClassifier, CraftPruner, CraftRegressor
 from sklearn_craft.surgery import coupled_groups, truncate
 
 
@@ -559,6 +560,27 @@ def _expected_failed_checks(estimator):
         "check_sample_weights_shape",
         "check_sample_weights_not_overwritten",
         "check_sample_weight_equivalence_on_dense_data",
+        "check_supervised_y_2d",
+        "check_classifier_data_not_an_array",
+        "check_classifiers_one_label",
+        "check_classifiers_one_label_sample_weights",
+        "check_classifiers_classes",
+        "check_classifier_multioutput",
+        "check_classifiers_train",
+        "check_classifiers_train(readonly_memmap=True)",
+        "check_classifiers_train(readonly_memmap=True,X_dtype=float32)",
+        "check_classifiers_regression_target",
+        "check_classifiers_multilabel_representation_invariance",
+        "check_classifiers_multilabel_output_format_predict",
+        "check_classifiers_multilabel_output_format_predict_proba",
+        "check_classifiers_multilabel_output_format_decision_function",
+        "check_regressors_train",
+        "check_regressors_train(readonly_memmap=True)",
+        "check_regressors_train(readonly_memmap=True,X_dtype=float32)",
+        "check_regressor_data_not_an_array",
+        "check_regressor_multioutput",
+        "check_regressors_no_decision_function",
+        "check_regressors_int",
     ]
     return {check: tabular for check in checks}
 
@@ -617,3 +639,55 @@ def test_pruned_model_keeps_the_original_layer_names(name):
     np.testing.assert_array_equal(
         ActivationPooler(pruner.pruned_model_, layers=[head]).fit(X).transform(X), pruner.transform(X)
     )
+
+
+def test_classifier_and_regressor_identities_and_stratified_splits(data):
+    X, scores = data
+    X, labels = X[:60], _targets("multiclass", scores)[:60]
+    classifier = CraftClassifier(_net(), gamma=0.1, random_state=0, selector_params={"alphas": 10})
+    regressor = CraftRegressor(_net())
+    assert is_classifier(classifier) and not is_regressor(classifier)
+    assert is_regressor(regressor) and not is_classifier(regressor)
+    assert not is_classifier(CraftPruner(_net())) and not is_regressor(CraftPruner(_net()))
+    assert isinstance(check_cv(3, labels, classifier=is_classifier(classifier)), StratifiedKFold)
+    results = cross_validate(classifier, X, labels, cv=3, return_indices=True, return_estimator=True)
+    stratified = [test for _, test in StratifiedKFold(3).split(X, labels)]
+    for test, expected in zip(results["indices"]["test"], stratified):
+        np.testing.assert_array_equal(test, expected)
+    for estimator, test, score in zip(results["estimator"], stratified, results["test_score"]):
+        assert score == accuracy_score(labels[test], estimator.predict(X[test]))
+
+
+def test_classifier_and_regressor_refuse_the_other_kind_of_target(data):
+    X, scores = data
+    cases = [
+        (CraftClassifier(_net()), scores[:, 0], "CraftClassifier needs class labels .* got a continuous target"),
+        (CraftClassifier(_net()), scores, "got a continuous-multioutput target"),
+        (CraftRegressor(_net()), _targets("binary", scores), "CraftRegressor needs numeric targets"),
+    ]
+    for estimator, y, match in cases:
+        with pytest.raises(ValueError, match=match):
+            estimator.fit(X, y)
+        assert not _fitted_attributes(estimator)
+    # Integer targets are values for a regressor, classes for a classifier and for CraftPruner.
+    ages = np.rint(10 * scores[:, 0]).astype(int)
+    regressor = CraftRegressor(_net(), gamma=0.1, random_state=0).fit(X, ages)
+    assert regressor.target_type_ == "continuous" and not hasattr(regressor, "classes_")
+    assert regressor.score(X, ages) == pytest.approx(r2_score(ages, regressor.predict(X)))
+    classes = _targets("multiclass", scores)
+    classifier = CraftClassifier(_net(), gamma=0.1, random_state=0).fit(X, classes)
+    pruner = CraftPruner(_net(), gamma=0.1, random_state=0).fit(X, classes)
+    assert classifier.target_type_ == pruner.target_type_ == "multiclass"
+    np.testing.assert_array_equal(classifier.predict(X), pruner.predict(X))
+
+
+@parametrize_with_checks(
+    [CraftClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), CraftRegressor(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))],
+    expected_failed_checks=_expected_failed_checks,
+    xfail_strict=True,
+)
+def test_classifier_and_regressor_sklearn_contract(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        check(estimator)
+
