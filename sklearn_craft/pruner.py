@@ -633,6 +633,29 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         return self._pooler(self.pruned_model_, [self.head_layer_]).fit(X).transform(X)
 
+    def get_feature_names_out(self, input_features=None):
+        """Names of the columns of :meth:`transform`, ``"<head_layer_>:<channel>"``.
+
+        Channels are numbered as in the original network (the indices of
+        ``keep_[head_layer_]``), in the format of
+        :meth:`ActivationPooler.get_feature_names_out
+        <sklearn_craft.pooling.ActivationPooler.get_feature_names_out>`, so that
+        ``set_output(transform="pandas")`` names every column after the filter it pools.
+
+        Parameters
+        ----------
+        input_features : None
+            Ignored: the input is images, not named columns.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+            One name per column of :meth:`transform`.
+        """
+        check_is_fitted(self)
+        names = [f"{self.head_layer_}:{channel}" for channel in self.keep_[self.head_layer_]]
+        return np.asarray(names, dtype=object)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True

@@ -1,6 +1,7 @@
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.base import clone, is_classifier, is_regressor
@@ -691,3 +692,18 @@ def test_classifier_and_regressor_sklearn_contract(estimator, check):
         warnings.simplefilter("ignore", UserWarning)
         check(estimator)
 
+
+def test_transform_feature_names_and_pandas_output(data):
+    X, scores = data
+    y = scores[:, 0]
+    pruner = CraftPruner(_net(), gamma=0.1, random_state=0).fit(X, y)
+    names = pruner.get_feature_names_out()
+    assert names.tolist() == [f"6:{channel}" for channel in pruner.keep_["6"]]
+    assert len(names) < 12
+    frame = clone(pruner).set_output(transform="pandas").fit(X, y).transform(X)
+    assert isinstance(frame, pd.DataFrame) and frame.columns.tolist() == names.tolist()
+    np.testing.assert_array_equal(frame.to_numpy(), pruner.transform(X))
+    # Nothing pruned: the same columns, names and values as ActivationPooler's on the original network.
+    full = CraftPruner(_net(), gamma=0.0, random_state=0).set_output(transform="pandas")
+    pooler = ActivationPooler(_net(), layers=["6"]).set_output(transform="pandas")
+    pd.testing.assert_frame_equal(full.fit_transform(X, y), pooler.fit_transform(X), rtol=1e-5)
