@@ -14,8 +14,9 @@ random    the same counts chosen at random (seeded), same fine-tuning.
 
 l1 and random are CraftPruner subclasses overriding its ``_choose_filters`` extension point, so
 satellites, surgery, head, fine-tuning and profiling are the library's, identical for all rules.
-Residual additions and depthwise convolutions couple channels (``surgery.merge_keep`` keeps a
-channel when any coupled layer keeps it), so the final sizes of the three rules may differ.
+Residual additions couple channels (``surgery.merge_keep`` keeps a channel when any convolution
+of the stream keeps it) and depthwise convolutions keep the channels of their input, so the final
+sizes of the three rules may differ.
 
 Columns: score (accuracy, or MAE in the label's unit) on the test quarter, parameters, FLOPs and
 CPU latency per image (``profiling.measure_latency``, batch 1, 1 thread, median over alternating

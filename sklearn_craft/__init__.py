@@ -3,14 +3,24 @@
 :class:`ActivationPooler` pools every conv layer's filter responses over a labelled data set of a
 new task, :class:`LassoFilterSelector` keeps each layer's filters at the knee of its LASSO
 characteristic curve, and :class:`CraftPruner` cuts the other filters out of the network, attaches
-a head and fine-tunes it.
+a head and fine-tunes it (:class:`CraftClassifier` and :class:`CraftRegressor` are its forms with
+scikit-learn's classifier and regressor identities).
 """
 
 from .export import load_model, save_model
 from .pooling import ActivationPooler
-from .pruner import CraftPruner
+from .pruner import CraftClassifier, CraftPruner, CraftRegressor
 from .selection import LassoFilterSelector
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationPooler", "CraftPruner", "LassoFilterSelector", "load_model", "save_model", "__version__"]
+__all__ = [
+    "ActivationPooler",
+    "CraftClassifier",
+    "CraftPruner",
+    "CraftRegressor",
+    "LassoFilterSelector",
+    "load_model",
+    "save_model",
+    "__version__",
+]

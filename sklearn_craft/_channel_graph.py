@@ -126,10 +126,16 @@ class _MaxFeatureMapPruner(tp.pruner.BasePruningFunc):
         return 2 * self.channels[layer]
 
 
+def _follows_input(conv):
+    """Whether ``conv`` is depthwise: its output channel i is computed from its input channel i only."""
+    return 1 < conv.groups == conv.in_channels == conv.out_channels
+
+
 class _ChannelGraph:
     """Torch-Pruning's DependencyGraph of ``model`` (traced on ``example_input``), gaps filled.
 
-    Build it inside :func:`_traceable`. ``order`` lists the conv names in the order they first run.
+    Build it inside :func:`_traceable`. ``order`` lists the conv names in the order they first run;
+    :meth:`groups` fills ``followers``.
     """
 
     def __init__(self, model, example_input):
@@ -137,6 +143,7 @@ class _ChannelGraph:
         calls = _record_calls(model, example_input)
         self.order = list(dict.fromkeys(self.names[m] for m, _, _ in calls if isinstance(m, nn.Conv2d)))
         self.convs = {name: model.get_submodule(name) for name in self.order}
+        self.followers = []
         self._remapped, self._halving = {}, {}
         channels, classes = _halving_modules(calls)
         pruner = _MaxFeatureMapPruner(channels)
@@ -191,8 +198,13 @@ class _ChannelGraph:
         }
 
     def groups(self):
-        """Lists of conv names whose output channels are coupled one to one, in forward order."""
-        groups, seen = [], set()
+        """Lists of conv names whose output channels are coupled one to one, in forward order.
+
+        Also sets ``followers``: the depthwise convolutions of groups that hold another kind of
+        convolution, in forward order. Their channels are those of their input, which the other
+        members decide; in a group of depthwise convolutions only, none follows.
+        """
+        groups, seen, followers = [], set(), set()
         for name in self.order:
             if name in seen:
                 continue
@@ -208,10 +220,14 @@ class _ChannelGraph:
             group = [m for m in self.order if m in members]
             seen.update(group)
             groups.append(group)
+            depthwise = [m for m in group if _follows_input(self.convs[m])]
+            if len(depthwise) < len(group):
+                followers.update(depthwise)
             self._remapped[group[0]] = any(dep.target.type in _REMAPPING for dep, _ in pruning)
             self._halving[group[0]] = sorted(
                 {self.names[dep.target.module] for dep, _ in pruning if dep.target.type == tp.ops.OPTYPE.CUSTOMIZED}
             )
+        self.followers = [name for name in self.order if name in followers]
         return groups
 
     def paired(self, name):

@@ -7,6 +7,10 @@ are those of all samples minus those of its held-out rows. One target goes to sc
 one-hot classes) give the multi-task (L2,1) path, which selects filters jointly for all of them,
 solved by an accelerated proximal gradient on the Gram matrix with scikit-learn's duality-gap
 stopping rule (``lasso_path`` with 2-D ``y`` ignores the Gram matrix and is many times slower).
+
+Sample weights enter through the cross-products alone: with weighted means, ``C = Σ_i w_i z_i z_iᵀ``
+and ``Σ_i w_i`` in place of the number of samples, a sample of weight 2 counts exactly as the same
+sample twice, in every fit and in the held-out errors.
 """
 
 import warnings
@@ -18,43 +22,54 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import lasso_path
 
 
-def _group_path(X, Y, splits, alphas, eps, standardize):
+def _group_path(X, Y, splits, alphas, eps, standardize, sample_weight=None):
     """Characteristic curve and all-sample coefficient path of one group (what ``memory`` caches).
 
     The cross-products of every training part are those of all samples minus those of its
     held-out part, so the n×p data are multiplied once, plus once more over the held-out rows.
+    ``sample_weight`` (None: every sample weighs 1) weights the cross-products and the means.
     Returns the curve DataFrame (alpha, n_selected, rmse) and the path of shape
     (n_targets, n_features, n_alphas) in the original feature scale.
     """
-    n_samples, n_features = X.shape
-    Z, x_mean = _centred(X, Y)
-    products = Z.T @ Z
-    full = _moments(products, n_samples, x_mean, n_features, standardize)
+    n_features = X.shape[1]
+    Z, x_mean = _centred(X, Y, sample_weight)
+    weighted, total = _weighted(Z, sample_weight)
+    products = Z.T @ weighted
+    full = _moments(products, total, x_mean, n_features, standardize)
     grid = _alpha_grid(full, alphas, eps)
     coefs = _solve_path(full, grid)
 
     rmse = np.zeros(len(grid))
     for train, test in splits:
         Z_test = Z[test]
-        test_products, test_sum = Z_test.T @ Z_test, Z_test.sum(axis=0)
+        weighted_test, test_total = _weighted(Z_test, None if sample_weight is None else sample_weight[test])
+        test_products, test_sum = Z_test.T @ weighted_test, weighted_test.sum(axis=0)
+        train_total = total - test_total
         # Means of the training part relative to the all-sample means, which are zero.
-        shift = -test_sum / len(train)
-        train_products = products - test_products - len(train) * np.outer(shift, shift)
-        part = _moments(train_products, len(train), x_mean + shift[:n_features], n_features, standardize)
+        shift = -test_sum / train_total
+        train_products = products - test_products - train_total * np.outer(shift, shift)
+        part = _moments(train_products, train_total, x_mean + shift[:n_features], n_features, standardize)
         # Cross-products of the held-out rows centred on the training means, the fit's intercept.
         held_out = test_products - np.outer(test_sum, shift) - np.outer(shift, test_sum)
-        held_out += len(test) * np.outer(shift, shift)
-        rmse += _held_out_rmse(held_out, len(test), _solve_path(part, grid))
+        held_out += test_total * np.outer(shift, shift)
+        rmse += _held_out_rmse(held_out, test_total, _solve_path(part, grid))
     curve = pd.DataFrame(
         {"alpha": grid, "n_selected": np.count_nonzero(np.any(coefs != 0, axis=0), axis=0), "rmse": rmse / len(splits)}
     )
     return curve, coefs
 
 
-def _centred(X, Y):
-    """``[X Y]`` minus its column means, and the means of ``X``."""
-    x_mean = X.mean(axis=0)
-    return np.hstack([X - x_mean, Y - Y.mean(axis=0)]), x_mean
+def _centred(X, Y, sample_weight=None):
+    """``[X Y]`` minus its (weighted) column means, and the means of ``X``."""
+    x_mean = np.average(X, axis=0, weights=sample_weight)
+    return np.hstack([X - x_mean, Y - np.average(Y, axis=0, weights=sample_weight)]), x_mean
+
+
+def _weighted(Z, sample_weight):
+    """``Z`` with every row multiplied by its weight, and the total weight (None: weights of 1)."""
+    if sample_weight is None:
+        return Z, len(Z)
+    return Z * sample_weight[:, None], sample_weight.sum()
 
 
 def _moments(products, n_samples, x_mean, n_features, standardize):
@@ -194,6 +209,8 @@ def _gram_root(C):
 def _held_out_rmse(products, n_test, coefs):
     """RMSE over all outputs of every α's model, from the held-out cross-products ``[X Y]ᵀ[X Y]``.
 
+    ``n_test`` is the number (or the total weight) of the held-out samples.
+
     ``‖Y − XW‖² = tr(YᵀY) − 2·tr(WᵀXᵀY) + tr(WᵀXᵀXW)``: a p×p product per output instead of
     predicting every held-out sample at every α.
     """
@@ -205,8 +222,9 @@ def _held_out_rmse(products, n_test, coefs):
     return np.sqrt(np.clip(squared, 0, None))
 
 
-def _first_to_enter(X, Y, standardize):
+def _first_to_enter(X, Y, standardize, sample_weight=None):
     """Index of the feature with the largest ``‖X_jᵀY‖₂``: the first to enter the LASSO path."""
-    Z, x_mean = _centred(X, Y)
-    stats = _moments(Z.T @ Z, len(X), x_mean, X.shape[1], standardize)
+    Z, x_mean = _centred(X, Y, sample_weight)
+    weighted, total = _weighted(Z, sample_weight)
+    stats = _moments(Z.T @ weighted, total, x_mean, X.shape[1], standardize)
     return int(np.argmax(_correlation_norms2(stats)))

@@ -41,9 +41,8 @@ _PAYLOAD_CONFIGS = {
 
 def _example_batch(example_input, input_shape):
     """A batch of two examples, from ``example_input`` (its first example) or zeros of ``input_shape``."""
-    if (example_input is None) == (input_shape is None):
-        given = "neither" if example_input is None else "both"
-        raise ValueError(f"save_model needs exactly one of example_input and input_shape, got {given}")
+    if example_input is not None and input_shape is not None:
+        raise ValueError("save_model needs one of example_input and input_shape, got both")
     if input_shape is not None:
         return torch.zeros((2, *_check_input_shape(input_shape)))
     if not isinstance(example_input, torch.Tensor):
@@ -75,7 +74,9 @@ def save_model(model, path, *, example_input=None, input_shape=None):
         A batch (N, ...) of inputs; only its first example is used.
     input_shape : tuple of int, optional
         Shape of one example without the batch dimension, e.g. ``(3, 112, 112)``, used instead of
-        ``example_input`` (float32 zeros). Give exactly one of the two.
+        ``example_input`` (float32 zeros). Give at most one of the two; with neither, the
+        model's own ``input_shape`` attribute is used, which the ``pruned_model_`` of
+        :class:`~sklearn_craft.pruner.CraftPruner` has.
 
     Returns
     -------
@@ -85,8 +86,9 @@ def save_model(model, path, *, example_input=None, input_shape=None):
     Raises
     ------
     ValueError
-        If neither or both of ``example_input`` and ``input_shape`` are given, or if the model
-        cannot be exported with a dynamic batch dimension.
+        If both of ``example_input`` and ``input_shape`` are given, or neither while the model
+        has no ``input_shape`` attribute, or if the model cannot be exported with a dynamic
+        batch dimension.
 
     Examples
     --------
@@ -105,6 +107,13 @@ def save_model(model, path, *, example_input=None, input_shape=None):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
+    if example_input is None and input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+        if input_shape is None:
+            raise ValueError(
+                f"save_model needs example_input or input_shape: {type(model).__name__} does not record its "
+                "input shape (only the pruned_model_ of a fitted CraftPruner does), got neither"
+            )
     example = _example_batch(example_input, input_shape)
     batch = torch.export.Dim("batch", min=1)
     with _evaluating(model):

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_parameter_constraints
+from sklearn.utils.validation import _check_sample_weight
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -110,6 +111,7 @@ def finetune(
     preprocess=None,
     random_state=None,
     progress=False,
+    sample_weight=None,
 ):
     """Train ``model`` in place on images ``X`` and targets ``y``.
 
@@ -155,12 +157,19 @@ def finetune(
         the same integer give the same weights. The global torch seed is left untouched.
     progress : bool, default=False
         Show a tqdm progress bar over epochs.
+    sample_weight : array-like of shape (n_samples,), default=None
+        Non-negative weights of the samples in the loss. Weights are divided by their mean over
+        the training samples, and each batch's loss is the mean of weight × per-sample loss (a
+        per-sample loss is averaged over its outputs): a sample of weight 2 counts, in
+        expectation, as that sample twice, whatever the scale of the weights. The validation
+        loss is the weighted mean over the validation samples. The split is drawn over samples.
 
     Returns
     -------
     history : pandas.DataFrame
-        One row per epoch run: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without validation);
-        with validation, a first row ``epoch=0`` holds the validation loss before training.
+        One row per epoch run: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without validation),
+        weighted means with ``sample_weight``; with validation, a first row ``epoch=0`` holds the
+        validation loss before training.
 
     Examples
     --------
@@ -202,18 +211,31 @@ def finetune(
             f"validation_fraction={validation_fraction!r} leaves no training sample out of {n_samples}"
         )
     val_idx, train_idx = order[:n_val], order[n_val:]
+    train_weights = val_weights = None
+    if sample_weight is not None:
+        weights = torch.as_tensor(_check_sample_weight(sample_weight, target.numpy(), ensure_non_negative=True))
+        parts = {"training": train_idx, "validation": val_idx} if n_val else {"training": train_idx}
+        totals = {part: weights[indices].sum().item() for part, indices in parts.items()}
+        if min(totals.values()) <= 0:
+            raise ValueError(
+                f"sample_weight must give the training and validation samples a positive weight, got {totals}"
+            )
+        train_weights = (weights / weights[train_idx].mean()).float()
+        val_weights = (weights / weights[val_idx].mean()).float() if n_val else None
 
     model.to(device)
     if optimizer == "sgd":
         opt = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
         opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
-    criterion = _LOSSES[loss]()
+    criterion = _LOSSES[loss](reduction="none")
 
     def validation_loss():
         model.eval()
         with torch.no_grad():
-            return _run_epoch(model, criterion, dataset, target, val_idx, batch_size, device, preprocess)
+            return _run_epoch(
+                model, criterion, dataset, target, val_idx, batch_size, device, preprocess, weights=val_weights
+            )
 
     rows = []
     best_loss, best_state, stale = np.inf, None, 0
@@ -228,7 +250,9 @@ def finetune(
         for epoch in tqdm(range(1, epochs + 1), desc="fine-tuning", disable=not progress):
             model.train()
             shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
-            train_loss = _run_epoch(model, criterion, dataset, target, shuffled, batch_size, device, preprocess, opt)
+            train_loss = _run_epoch(
+                model, criterion, dataset, target, shuffled, batch_size, device, preprocess, opt, weights=train_weights
+            )
             val_loss = validation_loss() if n_val else np.nan
             rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             if early_stopping is None:
@@ -303,16 +327,24 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     return model
 
 
-def _run_epoch(model, criterion, dataset, target, indices, batch_size, device, preprocess, opt=None):
-    """Mean loss over ``indices`` in batches; one optimisation step per batch when ``opt`` is given."""
+def _run_epoch(model, criterion, dataset, target, indices, batch_size, device, preprocess, opt=None, weights=None):
+    """Mean loss over ``indices`` in batches; one optimisation step per batch when ``opt`` is given.
+
+    ``criterion`` returns per-element losses; ``weights`` (None: all 1) weight every sample's.
+    """
     total = 0.0
     batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, indices=indices.numpy())
     for start, xb in zip(range(0, len(indices), batch_size), batches):
         output = model(xb)
-        yb = target[indices[start : start + batch_size]].to(device)
+        rows = indices[start : start + batch_size]
+        yb = target[rows].to(device)
         if not isinstance(criterion, nn.CrossEntropyLoss):
             yb = yb.reshape(output.shape)
-        batch_loss = criterion(output, yb)
+        losses = criterion(output, yb)
+        if weights is None:
+            batch_loss = losses.mean()
+        else:
+            batch_loss = (losses.reshape(len(xb), -1).mean(dim=1) * weights[rows].to(device)).mean()
         if opt is not None:
             opt.zero_grad()
             batch_loss.backward()

@@ -281,11 +281,12 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
             )
         if skipped:
             warnings.warn(f"not pooling {skipped}: they do not run exactly once per forward pass")
-        self.responses_ = {conv: response for conv, response in responses.items() if ran_once[conv]}
-        if not self.responses_:
+        pooled = {conv: response for conv, response in responses.items() if ran_once[conv]}
+        if not pooled:
             raise ValueError(f"layers={self.layers!r} selects no conv that runs in a forward pass")
-        self.layers_ = list(self.responses_)
         modules = dict(self.model.named_modules())
+        self.responses_ = pooled
+        self.layers_ = list(pooled)
         self.n_channels_ = {conv: modules[conv].out_channels for conv in self.layers_}
         self.n_features_out_ = sum(self.n_channels_.values())
         return self

@@ -10,17 +10,16 @@ This module only composes them.
 """
 
 import time
-from collections import OrderedDict
 from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin, _fit_context
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 from torch import nn
 
 from .images import as_image_dataset, input_channels, iter_batches
@@ -28,9 +27,9 @@ from .finetune import check_finetune_params, finetune, recalibrate_batchnorm
 from .inspection import _evaluating, _on_device, _select_convs
 from .pooling import ActivationPooler
 from .profiling import compare_models
-from .satellites import fit_layer_satellites, make_satellite, satellite_head
+from .satellites import fit_layer_satellites, fit_satellite, make_satellite, satellite_head
 from .selection import LassoFilterSelector
-from .surgery import prune_channels, truncate
+from .surgery import attach_head, prune_channels, truncate
 from .targets import CLASSIFICATION_KINDS, encode_target
 
 #: Share of the samples held out to score each layer's satellite (``satellite_scores_``).
@@ -62,14 +61,16 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     ``fit`` pools the global-average response of every filter of the chosen convolutions over the
     task's images (once, cached by ``memory``), selects each layer's filters at the knee of its
     LASSO characteristic curve at tolerance ``gamma``, cuts all other filters out of a copy of
-    the network in one shot (Algorithm 1 of the ETL paper, channels coupled by residual
-    additions or depthwise convolutions being kept when any coupled layer selects them), attaches
-    a head, optionally fine-tunes and measures the savings. The model passed in is never modified.
+    the network in one shot (Algorithm 1 of the ETL paper; a channel of a residual stream is kept
+    when any convolution of the stream selects it, and a depthwise convolution keeps the channels
+    of its input), attaches a head, optionally fine-tunes and measures the savings. The model
+    passed in is never modified.
 
     Targets are read like :func:`sklearn_craft.targets.encode_target` reads them: floats are
     regressed (1-D or several outputs), integer or string labels are binary or multi-class
     classes, and a 0/1 matrix is a multi-label target. Cast integer targets to float to regress
-    on them.
+    on them, or use :class:`CraftRegressor` (and :class:`CraftClassifier` for class labels),
+    which also carry scikit-learn's regressor and classifier identities.
 
     **Satellites.** For every pooled layer, ``satellites_[layer]`` is the satellite of the
     target's kind (:func:`sklearn_craft.satellites.make_satellite`: centring, then ridge
@@ -163,8 +164,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     Attributes
     ----------
     pruned_model_ : torch.nn.Module
-        The pruned network, in eval mode. With ``head="satellite"`` an ``nn.Sequential`` of
-        ``body`` (the cut network), ``pool``, ``flatten`` and ``head`` (the Linear layer).
+        The pruned network, in eval mode, whose layers keep their names in ``model`` (the names
+        of ``layers_`` and ``keep_``). With ``head="satellite"`` a ``torch.fx.GraphModule``: the
+        cut network followed by the modules ``pool`` (global average pooling), ``flatten`` and
+        ``head`` (the Linear layer), see :func:`sklearn_craft.surgery.attach_head`. Its
+        ``input_shape`` attribute (one example, no batch dimension) lets
+        :func:`sklearn_craft.export.save_model` save it without an example input.
     head_layer_ : str
         The convolution whose pooled responses ``transform`` returns: the layer the satellite head
         reads, or the last pooled layer with ``head="original"``.
@@ -174,9 +179,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Layer -> indices of the filters LASSO selected (knee of its characteristic curve).
     keep_ : dict of str to list of int
         Layer -> indices of the filters left in ``pruned_model_`` (``selected_`` merged over
-        coupled layers with :func:`sklearn_craft.surgery.merge_keep`), for the layers it still
-        has. A convolution followed by a Max-Feature-Map also keeps the partner (i ± C/2) of every
-        listed channel (see :func:`sklearn_craft.surgery.prune_channels`).
+        coupled layers with :func:`sklearn_craft.surgery.merge_keep`: a depthwise convolution
+        has those of its input), for the layers it still has. A convolution followed by a
+        Max-Feature-Map also keeps the partner (i ± C/2) of every listed channel (see
+        :func:`sklearn_craft.surgery.prune_channels`).
     satellites_ : dict of str to sklearn.pipeline.Pipeline
         Layer -> fitted linear model on the pooled responses of ``selected_[layer]`` in the
         original network; for ``head_layer_`` (satellite head) on ``transform(X)`` instead.
@@ -306,7 +312,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         )
 
     @_fit_context(prefer_skip_nested_validation=False)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Select filters, cut the network, attach the head, fine-tune and measure.
 
         Parameters
@@ -316,6 +322,13 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             Dataset of ``x`` or ``(x, y)`` items (see :func:`sklearn_craft.images.as_image_dataset`).
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Continuous targets, class labels or a 0/1 multi-label matrix.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the images in the LASSO paths and curves
+            (:meth:`LassoFilterSelector.fit <sklearn_craft.selection.LassoFilterSelector.fit>`),
+            the satellites and their held-out scores
+            (:func:`~sklearn_craft.satellites.fit_satellite`) and the fine-tuning loss
+            (:func:`~sklearn_craft.finetune.finetune`). Pooling, BatchNorm re-estimation and the
+            held-out splits are not weighted.
 
         Returns
         -------
@@ -326,9 +339,11 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         dataset = as_image_dataset(X, n_channels=input_channels(self.model))
-        Y, target_type, classes = encode_target(y)
+        y, Y, target_type, classes = self._check_target(y)
         if len(Y) != len(dataset):
             raise ValueError(f"y must have one row per image ({len(dataset)}), got {len(Y)} rows")
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, Y, dtype=np.float64, ensure_non_negative=True)
         example = next(iter_batches(dataset, 1))
         if self.head == "original":
             n_outputs = 1 if target_type == "binary" else Y.shape[1]
@@ -347,7 +362,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         }
 
         clock.start("selection")
-        selector, selected = self._select(features, y, layers, widths, seeds[0])
+        selector, selected = self._select(features, y, layers, widths, seeds[0], sample_weight)
 
         clock.start("satellites")
         satellites, scores = fit_layer_satellites(
@@ -357,6 +372,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             {layer: columns[layer][selected[layer]] for layer in layers},
             test_size=_SCORE_FRACTION,
             random_state=seeds[1],
+            sample_weight=sample_weight,
         )
         head_layer = self._resolve_head_layer(layers, scores)
 
@@ -364,7 +380,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         scale = self._filter_scales(selector.coef_, selected, columns) if self.scale_filters else None
         pruned, keep = self._cut(dataset, example, head_layer, selected, scale)
         if self.head == "satellite":
-            satellites[head_layer] = make_satellite(target_type).fit(self._pooler(pruned, [head_layer]).fit(X).transform(X), y)
+            pooled = self._pooler(pruned, [head_layer]).fit(X).transform(X)
+            satellites[head_layer] = fit_satellite(make_satellite(target_type), pooled, y, sample_weight)
             pruned = self._with_satellite_head(pruned, satellites[head_layer])
         pruned.eval()
         width = self._output_width(pruned, example)
@@ -382,6 +399,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                 preprocess=self.preprocess,
                 random_state=seeds[2],
                 progress=self.progress,
+                sample_weight=sample_weight,
                 **finetune_params,
             )
 
@@ -389,6 +407,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         report = compare_models(_on_device(self.model, "cpu"), _on_device(pruned, "cpu"), tuple(example.shape[1:]))
         clock.stop()
 
+        # save_model reads it, so that the pruned network can be exported without an example input.
+        pruned.input_shape = tuple(example.shape[1:])
         # Attributes are set only now, so that a failing fit leaves no half-fitted estimator.
         self.pruned_model_ = pruned
         self.head_layer_ = head_layer
@@ -411,7 +431,15 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.timings_ = pd.Series(clock.seconds, name="seconds")
         return self
 
-    def _select(self, features, y, layers, widths, seed):
+    def _check_target(self, y):
+        """``y`` as every stage reads it, and its encoding: ``(y, Y, target_type, classes)``.
+
+        The encoding is :func:`sklearn_craft.targets.encode_target`'s; CraftClassifier and
+        CraftRegressor restrict the kinds they accept.
+        """
+        return (y, *encode_target(y))
+
+    def _select(self, features, y, layers, widths, seed, sample_weight=None):
         """Selection stage: the fitted LassoFilterSelector and the filters kept per layer."""
         selector = LassoFilterSelector(
             gamma=self.gamma,
@@ -419,7 +447,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             memory=self.memory,
             random_state=seed,
             **(self.selector_params or {}),
-        ).fit(features, y)
+        ).fit(features, y, sample_weight=sample_weight)
         support = np.split(selector.support_, np.cumsum(widths)[:-1])
         selected = {layer: np.flatnonzero(mask) for layer, mask in zip(layers, support)}
         return selector, self._choose_filters(selected)
@@ -453,14 +481,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
 
     def _with_satellite_head(self, body, satellite):
         """The cut network followed by global average pooling and the satellite as a Linear layer."""
-        return nn.Sequential(
-            OrderedDict(
-                body=body,
-                pool=nn.AdaptiveAvgPool2d(1),
-                flatten=nn.Flatten(),
-                head=satellite_head(satellite),
-            )
-        ).to(self.device)
+        return attach_head(body, satellite_head(satellite)).to(self.device)
 
     def _choose_filters(self, selected):
         """Filters kept in every pooled layer, given LASSO's choice (an extension point for subclasses).
@@ -610,8 +631,30 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             One column per filter left in ``head_layer_``.
         """
         check_is_fitted(self)
-        layer = f"body.{self.head_layer_}" if self.head == "satellite" else self.head_layer_
-        return self._pooler(self.pruned_model_, [layer]).fit(X).transform(X)
+        return self._pooler(self.pruned_model_, [self.head_layer_]).fit(X).transform(X)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the columns of :meth:`transform`, ``"<head_layer_>:<channel>"``.
+
+        Channels are numbered as in the original network (the indices of
+        ``keep_[head_layer_]``), in the format of
+        :meth:`ActivationPooler.get_feature_names_out
+        <sklearn_craft.pooling.ActivationPooler.get_feature_names_out>`, so that
+        ``set_output(transform="pandas")`` names every column after the filter it pools.
+
+        Parameters
+        ----------
+        input_features : None
+            Ignored: the input is images, not named columns.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+            One name per column of :meth:`transform`.
+        """
+        check_is_fitted(self)
+        names = [f"{self.head_layer_}:{channel}" for channel in self.keep_[self.head_layer_]]
+        return np.asarray(names, dtype=object)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -619,3 +662,87 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         tags.target_tags.multi_output = True
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+class CraftClassifier(ClassifierMixin, CraftPruner):
+    """CRAFT / ETL pruning for a classification task: a :class:`CraftPruner` that is a classifier.
+
+    Parameters, fitted attributes and methods are :class:`CraftPruner`'s; ``y`` must be class
+    labels (integers, strings or booleans; binary or multi-class) or a 0/1 multi-label matrix,
+    and anything else (floats to regress, in particular) is refused with a ``ValueError``. The
+    estimator carries scikit-learn's classifier identity: ``is_classifier`` is True, so
+    ``cross_val_score(..., cv=3)`` and ``GridSearchCV(..., cv=3)`` split with ``StratifiedKFold``,
+    and :meth:`score` is the accuracy (subset accuracy for multi-label targets).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.base import is_classifier
+    >>> from torch import nn
+    >>> from sklearn_craft import CraftClassifier
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU())
+    >>> X = np.random.default_rng(0).random((90, 1, 16, 16), dtype=np.float32)
+    >>> y = np.where(X[:, 0, :8].mean(axis=(1, 2)) > X[:, 0, 8:].mean(axis=(1, 2)), "top", "bottom")
+    >>> classifier = CraftClassifier(net, gamma=0.1, random_state=0).fit(X, y)
+    >>> is_classifier(classifier), classifier.classes_.tolist(), classifier.predict(X[:2]).shape
+    (True, ['bottom', 'top'], (2,))
+    """
+
+    def _check_target(self, y):
+        y, Y, target_type, classes = super()._check_target(y)
+        if target_type not in ("binary", "multiclass", "multilabel-indicator"):
+            raise ValueError(
+                f"{type(self).__name__} needs class labels (integers, strings or booleans) or a 0/1 label matrix, "
+                f"got a {target_type} target; floats are values to regress (use CraftRegressor), "
+                "cast float class labels to int"
+            )
+        return y, Y, target_type, classes
+
+    # The accuracy, as ClassifierMixin's; its docstring links labels of scikit-learn's own docs.
+    score = CraftPruner.score
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class CraftRegressor(RegressorMixin, CraftPruner):
+    """CRAFT / ETL pruning for a regression task: a :class:`CraftPruner` that is a regressor.
+
+    Parameters, fitted attributes and methods are :class:`CraftPruner`'s; ``y`` must be numeric
+    (one or several outputs) and is always regressed: integer targets such as ages in years are
+    values, not class labels, and strings are refused with a ``ValueError``. The estimator
+    carries scikit-learn's regressor identity (``is_regressor`` is True, plain ``KFold`` splits),
+    and :meth:`score` is R².
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.base import is_regressor
+    >>> from torch import nn
+    >>> from sklearn_craft import CraftRegressor
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU())
+    >>> X = np.random.default_rng(0).random((90, 1, 16, 16), dtype=np.float32)
+    >>> age = np.rint(40 + 100 * (X[:, 0, :8].mean(axis=(1, 2)) - X[:, 0, 8:].mean(axis=(1, 2)))).astype(int)
+    >>> regressor = CraftRegressor(net, gamma=0.1, random_state=0).fit(X, age)
+    >>> is_regressor(regressor), regressor.target_type_, regressor.predict(X[:2]).dtype
+    (True, 'continuous', dtype('float32'))
+    """
+
+    def _check_target(self, y):
+        values = np.asarray(y)
+        refused = ValueError(
+            f"{type(self).__name__} needs numeric targets, got an array of dtype {values.dtype}; "
+            "use CraftClassifier for class labels"
+        )
+        if values.dtype.kind not in "biufO":
+            raise refused
+        try:
+            values = values.astype(np.float64)
+        except (TypeError, ValueError) as error:
+            raise refused from error
+        return super()._check_target(values)
+
+    # R², as RegressorMixin's; its docstring links labels of scikit-learn's own docs.
+    score = CraftPruner.score

@@ -39,23 +39,31 @@ from torch import nn
 
 from .targets import TARGET_KINDS
 
-__all__ = ["ALPHAS", "fit_layer_satellites", "make_satellite", "satellite_decision", "satellite_head"]
+__all__ = [
+    "ALPHAS",
+    "fit_layer_satellites",
+    "fit_satellite",
+    "make_satellite",
+    "satellite_decision",
+    "satellite_head",
+]
 
 #: Ridge penalties tried, by efficient leave-one-out, for every satellite.
 ALPHAS = np.logspace(-3, 5, 17)
 
 
-def _best_threshold(scores, y):
-    """Threshold on ``scores`` maximising the accuracy of ``scores > threshold`` against 0/1 ``y``.
+def _best_threshold(scores, y, sample_weight=None):
+    """Threshold on ``scores`` maximising the (weighted) accuracy of ``scores > threshold`` against 0/1 ``y``.
 
     Ties are broken towards 0.5, the natural threshold of a 0/1 regression.
     """
     order = np.argsort(scores, kind="stable")
     s, t = scores[order], y[order]
+    w = np.ones(len(s)) if sample_weight is None else sample_weight[order]
     n = len(s)
     # A cut at position i predicts 0 for s[:i] and 1 for s[i:].
-    zeros_below = np.concatenate([[0], np.cumsum(t == 0)])
-    ones_above = t.sum() - np.concatenate([[0], np.cumsum(t)])
+    zeros_below = np.concatenate([[0], np.cumsum(w * (t == 0))])
+    ones_above = np.sum(w * t) - np.concatenate([[0], np.cumsum(w * t)])
     correct = zeros_below + ones_above
     cuts = np.arange(n + 1)
     valid = (cuts == 0) | (cuts == n)
@@ -81,7 +89,7 @@ class _ThresholdedRidge(ClassifierMixin, BaseEstimator):
     def __init__(self, alphas=ALPHAS):
         self.alphas = alphas
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         y = np.asarray(y)
         if y.ndim == 2:
             self.classes_ = np.arange(y.shape[1])
@@ -91,10 +99,13 @@ class _ThresholdedRidge(ClassifierMixin, BaseEstimator):
             if len(self.classes_) != 2:
                 raise ValueError(f"a binary satellite needs two classes, got {len(self.classes_)}")
             target = (y == self.classes_[1]).astype(float)
-        ridge = RidgeCV(alphas=self.alphas, alpha_per_target=target.ndim == 2).fit(X, target)
+        ridge = RidgeCV(alphas=self.alphas, alpha_per_target=target.ndim == 2).fit(X, target, sample_weight)
         fitted = ridge.predict(X).reshape(len(X), -1)
         columns = target.reshape(len(X), -1)
-        thresholds = np.array([_best_threshold(fitted[:, j], columns[:, j]) for j in range(columns.shape[1])])
+        weights = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        thresholds = np.array(
+            [_best_threshold(fitted[:, j], columns[:, j], weights) for j in range(columns.shape[1])]
+        )
         thresholds = np.clip(thresholds, fitted.min(axis=0) - 1, fitted.max(axis=0) + 1)
         self.coef_ = ridge.coef_
         self.intercept_ = ridge.intercept_ - (thresholds if target.ndim == 2 else thresholds[0])
@@ -119,8 +130,8 @@ class _RoundedRidge(ClassifierMixin, BaseEstimator):
         self.n_classes = n_classes
         self.alphas = alphas
 
-    def fit(self, X, y):
-        ridge = RidgeCV(alphas=self.alphas).fit(X, np.asarray(y, dtype=float))
+    def fit(self, X, y, sample_weight=None):
+        ridge = RidgeCV(alphas=self.alphas).fit(X, np.asarray(y, dtype=float), sample_weight)
         self.classes_ = np.arange(self.n_classes)
         self.coef_, self.intercept_, self.alpha_ = ridge.coef_, ridge.intercept_, ridge.alpha_
         return self
@@ -245,7 +256,44 @@ def satellite_head(satellite):
     return layer
 
 
-def fit_layer_satellites(features, y, kind, columns, *, test_size=0.25, random_state=None):
+def fit_satellite(satellite, X, y, sample_weight=None):
+    """Fit a satellite of :func:`make_satellite`, every step of it on the weighted samples.
+
+    Parameters
+    ----------
+    satellite : sklearn.pipeline.Pipeline
+        An unfitted satellite from :func:`make_satellite`.
+    X : array-like of shape (n_samples, n_features)
+        Pooled responses.
+    y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        The target.
+    sample_weight : array-like of shape (n_samples,), default=None
+        Weights of the samples in the centring (a weighted mean) and in the ridge fit (and the
+        threshold of a binary or multi-label satellite). The leave-one-out choice of the ridge
+        penalty leaves out one weighted sample at a time (scikit-learn's ``RidgeCV``), so it may
+        differ from the choice on repeated samples; at a given penalty, a weight of 2 is the
+        sample counted twice.
+
+    Returns
+    -------
+    satellite : sklearn.pipeline.Pipeline
+        The fitted satellite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_craft.satellites import fit_satellite, make_satellite
+    >>> X = np.arange(20.0).reshape(10, 2)
+    >>> satellite = fit_satellite(make_satellite("continuous"), X, X[:, 0], sample_weight=np.arange(1.0, 11.0))
+    >>> satellite[0].mean_.round(2).tolist()
+    [12.0, 13.0]
+    """
+    if sample_weight is None:
+        return satellite.fit(X, y)
+    return satellite.fit(X, y, **{f"{name}__sample_weight": sample_weight for name, _ in satellite.steps})
+
+
+def fit_layer_satellites(features, y, kind, columns, *, test_size=0.25, random_state=None, sample_weight=None):
     """Fit a satellite per layer on its columns of ``features``, and score each on held-out samples.
 
     Parameters
@@ -263,14 +311,17 @@ def fit_layer_satellites(features, y, kind, columns, *, test_size=0.25, random_s
         labels when every class has two samples).
     random_state : int, RandomState instance or None, default=None
         Seed of the split.
+    sample_weight : array-like of shape (n_samples,), default=None
+        Weights of the samples in every fit (:func:`fit_satellite`) and score; the split is
+        drawn over samples.
 
     Returns
     -------
     satellites : dict of str to sklearn.pipeline.Pipeline
         Layer -> satellite fitted on all samples.
     scores : pandas.Series
-        Layer -> score (accuracy, or R² for regression) on the held-out samples of a satellite
-        fitted on the others.
+        Layer -> score (accuracy, or R² for regression; weighted by ``sample_weight``) on the
+        held-out samples of a satellite fitted on the others.
 
     Examples
     --------
@@ -292,9 +343,12 @@ def fit_layer_satellites(features, y, kind, columns, *, test_size=0.25, random_s
     except ValueError:
         # A test part smaller than the number of classes cannot be stratified.
         train, test = train_test_split(np.arange(len(y)), test_size=test_size, random_state=random_state)
+    weights = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    train_weights, test_weights = (None, None) if weights is None else (weights[train], weights[test])
     satellites, scores = {}, {}
     for layer, cols in columns.items():
         X = features[:, np.asarray(cols, dtype=np.intp)]
-        scores[layer] = make_satellite(kind).fit(X[train], y[train]).score(X[test], y[test])
-        satellites[layer] = make_satellite(kind).fit(X, y)
+        held_out = fit_satellite(make_satellite(kind), X[train], y[train], train_weights)
+        scores[layer] = held_out.score(X[test], y[test], sample_weight=test_weights)
+        satellites[layer] = fit_satellite(make_satellite(kind), X, y, weights)
     return satellites, pd.Series(scores, name="score", dtype=float)

@@ -23,11 +23,13 @@ from sklearn.model_selection import check_cv, train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 from sklearn.utils.validation import (
+    _check_sample_weight,
+    _get_feature_names,
     check_array,
     check_consistent_length,
     check_is_fitted,
     check_memory,
-    validate_data,
+    check_X_y,
 )
 from threadpoolctl import threadpool_limits
 
@@ -305,7 +307,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         self.memory = memory
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Compute every group's characteristic curve and select the filters at its knee.
 
         Parameters
@@ -314,18 +316,35 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
             Pooled filter responses (columns grouped by layer).
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Continuous target(s) or class labels (see :func:`encode_target`).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the samples in every LASSO fit (weighted means, variances and
+            cross-products) and in the held-out RMSE of the curves: a sample of weight 2 counts
+            as that sample twice. The validation split (or ``cv``) is drawn over samples, not
+            weights, and every part of it must have a positive total weight.
 
         Returns
         -------
         self : LassoFilterSelector
             The fitted selector.
         """
-        X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, ensure_min_samples=2)
+        # validate_data would set n_features_in_ and feature_names_in_ before y, alphas, groups
+        # and cv are checked: everything is validated into locals, and attributes set at the end.
+        feature_names = _get_feature_names(X)
+        X, y = check_X_y(X, y, dtype=np.float64, multi_output=True, ensure_min_samples=2, estimator=self)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         alphas = _check_alphas(self.alphas)
-        groups = self._feature_groups(X.shape[1])
+        groups = self._feature_groups(X.shape[1], feature_names)
         Y, target_type, _ = encode_target(y)
         labels = y if target_type in ("binary", "multiclass") else None
         splits = _held_out_splits(len(X), labels, self.validation_fraction, self.cv, self.random_state)
+        if sample_weight is not None:
+            for train, test in splits:
+                if sample_weight[train].sum() <= 0 or sample_weight[test].sum() <= 0:
+                    raise ValueError(
+                        "sample_weight must give a positive total weight to both parts of every validation "
+                        f"split, got {sample_weight[train].sum()!r} (fit) and {sample_weight[test].sum()!r} (held out)"
+                    )
 
         group_path = check_memory(self.memory).cache(_group_path)
         labels_in_order = pd.unique(pd.Series(groups, dtype=object))
@@ -333,7 +352,8 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             paths = Parallel(n_jobs=self.n_jobs, prefer="threads")(
-                delayed(group_path)(X[:, cols], Y, splits, alphas, self.eps, self.standardize) for cols in columns
+                delayed(group_path)(X[:, cols], Y, splits, alphas, self.eps, self.standardize, sample_weight)
+                for cols in columns
             )
         _summarise_warnings(caught, n_fits=len(columns) * (len(splits) + 1) * len(paths[0][0]))
 
@@ -348,7 +368,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
                 knee = find_knee(curve, self.gamma)
                 keep = np.any(coefs[:, :, knee] != 0, axis=0)
                 if not keep.any():
-                    keep[_first_to_enter(X[:, cols], Y, self.standardize)] = True
+                    keep[_first_to_enter(X[:, cols], Y, self.standardize, sample_weight)] = True
             support[cols] = keep
             coef[:, cols] = coefs[:, :, knee]
             curves.append(curve.assign(group=label))
@@ -360,12 +380,16 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         self.curves_ = pd.concat(curves, ignore_index=True)[["group", "alpha", "n_selected", "rmse"]]
         self.knees_ = pd.DataFrame(knees, columns=["group", "alpha", "n_selected", "rmse"])
         self.groups_ = groups
+        self.n_features_in_ = X.shape[1]
+        if feature_names is not None:
+            self.feature_names_in_ = feature_names
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
         return self
 
-    def _feature_groups(self, n_features):
+    def _feature_groups(self, n_features, names):
         """Group label of every column, from ``groups`` or the ``"<layer>:<channel>"`` names."""
         if isinstance(self.groups, str):
-            names = getattr(self, "feature_names_in_", None)
             if names is not None and all(":" in name for name in names):
                 return np.array([name.rsplit(":", 1)[0] for name in names], dtype=object)
             return np.full(n_features, "all", dtype=object)

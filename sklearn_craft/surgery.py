@@ -21,7 +21,7 @@ from torch import fx, nn
 from ._channel_graph import _ChannelGraph, _scale_target, _traceable
 from .inspection import _check_model, find_responses
 
-__all__ = ["coupled_groups", "merge_keep", "prune_channels", "truncate"]
+__all__ = ["attach_head", "coupled_groups", "merge_keep", "prune_channels", "truncate"]
 
 
 def _check_example_input(example_input):
@@ -123,7 +123,7 @@ def _fix_stored_split_size(model, name, old_half, new_half):
         owner.out_channels = new_half
 
 
-def coupled_groups(model, example_input):
+def coupled_groups(model, example_input, *, return_followers=False):
     """Group the convolutions whose output channels are coupled.
 
     Two convolutions are coupled when removing output channel i of one forces removing output
@@ -132,18 +132,28 @@ def coupled_groups(model, example_input):
     channel i is computed from channel i of its input only. Coupling is read from the autograd
     graph of one forward pass on ``example_input`` (Torch-Pruning's ``DependencyGraph``).
 
+    The two kinds differ in who decides: the convolutions of a residual stream are true partners
+    (any of them may keep a channel), whereas a depthwise convolution has no choice of its own
+    and *follows* its input, keeping the channels the other members of its group keep (see
+    :func:`merge_keep`).
+
     Parameters
     ----------
     model : torch.nn.Module
         The network. It is not modified: training flags and ``requires_grad`` are restored.
     example_input : torch.Tensor
         A batch the model accepts, for instance ``torch.zeros(1, 3, 224, 224)``.
+    return_followers : bool, default=False
+        Also return the followers.
 
     Returns
     -------
     groups : list of list of str
         Every ``nn.Conv2d`` that runs on ``example_input`` appears in exactly one group
         (alone when coupled with nothing); groups and their members in forward order.
+    followers : list of str
+        Only when ``return_followers``: the depthwise convolutions grouped with another kind of
+        convolution, in forward order (a group of depthwise convolutions only has no follower).
 
     Raises
     ------
@@ -162,20 +172,31 @@ def coupled_groups(model, example_input):
     (12, 20)
     >>> groups[0]
     ['conv1', 'layer1.0.conv2', 'layer1.1.conv2']
+    >>> from sklearn_craft.models import mobilenet_v1
+    >>> net = mobilenet_v1(width_mult=0.25)
+    >>> groups, followers = coupled_groups(net, torch.zeros(1, 3, 32, 32), return_followers=True)
+    >>> groups[0], followers[0]
+    (['features.0.0', 'features.1.0'], 'features.1.0')
     """
     _check_model(model)
     _check_example_input(example_input)
     with _traceable(model, example_input) as x:
-        return _ChannelGraph(model, x).groups()
+        graph = _ChannelGraph(model, x)
+        groups = graph.groups()
+    return (groups, graph.followers) if return_followers else groups
 
 
-def merge_keep(keep, groups, n_channels):
+def merge_keep(keep, groups, n_channels, *, followers=()):
     """Make per-layer channel selections consistent with the coupling of ``groups``.
 
-    Rule: a channel shared by a group of coupled convolutions is kept when *any* member keeps it
-    (union), so every member of the group ends up with the same channels. A member missing from
-    ``keep`` keeps all its channels, so the whole group is then left intact (with a warning):
-    only layers named in ``keep`` ever lose channels.
+    Rule: a channel shared by a group of coupled convolutions is kept when *any* member that is
+    not a follower keeps it (union), and every member of the group, followers included, ends up
+    with the same channels. A follower (a depthwise convolution, whose channel i is computed
+    from its input's channel i only) has no choice of its own: its entry in ``keep``, if any, is
+    not consulted, and it need not be named for the others to lose channels. A member that is
+    not a follower and is missing from ``keep`` keeps all its channels, so the whole group is
+    then left intact (with a warning): only layers named in ``keep`` ever decide to drop channels.
+    In a group of followers only, every member decides.
 
     Parameters
     ----------
@@ -186,6 +207,9 @@ def merge_keep(keep, groups, n_channels):
         group are taken as coupled with nothing.
     n_channels : dict of str to int
         Conv name -> number of output channels, for every layer of ``keep``.
+    followers : collection of str, default=()
+        Convolutions that follow their input, as returned by ``coupled_groups(...,
+        return_followers=True)``.
 
     Returns
     -------
@@ -204,12 +228,17 @@ def merge_keep(keep, groups, n_channels):
     >>> from sklearn_craft.surgery import merge_keep
     >>> merge_keep({"a": [0, 2], "b": [3], "c": [1]}, [["a", "b"], ["c"]], {"a": 4, "b": 4, "c": 2})
     {'a': [0, 2, 3], 'b': [0, 2, 3], 'c': [1]}
+    >>> merge_keep({"a": [0, 2], "b": [3]}, [["a", "b"]], {"a": 4, "b": 4}, followers=["b"])
+    {'a': [0, 2], 'b': [0, 2]}
     """
     _check_mapping(keep, "keep")
     if not isinstance(n_channels, Mapping):
         raise TypeError(f"n_channels must be a dict of conv name -> channel count, got {type(n_channels).__name__}")
     if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in groups):
         raise TypeError(f"groups must be a list of lists of conv names, got {groups!r}")
+    if isinstance(followers, str) or not all(isinstance(name, str) for name in followers):
+        raise TypeError(f"followers must be a collection of conv names, got {followers!r}")
+    followers = set(followers)
     group_of = {}
     for group in groups:
         for name in group:
@@ -224,15 +253,16 @@ def merge_keep(keep, groups, n_channels):
     merged, incomplete = {}, {}
     for name in keep:
         group = group_of.get(name, [name])
-        missing = [member for member in group if member not in keep]
+        deciders = [member for member in group if member not in followers] or group
+        missing = [member for member in deciders if member not in keep]
         if missing:
             incomplete[name] = missing
             merged[name] = list(range(n_channels[name]))
             continue
-        sizes = {member: n_channels[member] for member in group}
+        sizes = {member: n_channels[member] for member in group if member in n_channels}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"coupled layers must have equal channel counts, got {sizes}")
-        merged[name] = sorted(set().union(*(checked[member] for member in group)))
+        merged[name] = sorted(set().union(*(checked[member] for member in deciders)))
     if incomplete:
         warnings.warn(
             f"{list(incomplete)} keep all their channels: they are coupled with layers missing from keep "
@@ -251,9 +281,11 @@ def prune_channels(model, keep, example_input, scale=None, *, return_kept=False)
     convolutions, depthwise convolutions (channel i follows channel i of their input), residual
     additions, concatenations, Max-Feature-Map pairs and Flatten -> Linear (the block of H·W
     input features of a removed channel). Coupled channels are resolved first with
-    :func:`merge_keep` (kept when any coupled layer keeps them), and a Max-Feature-Map keeps
-    its output channel i, hence both convolution channels i and C + i that feed it, when
-    either is kept. Kept channels keep their original relative order.
+    :func:`merge_keep`: a channel of a residual stream is kept when any convolution feeding the
+    stream keeps it, and a depthwise convolution keeps the channels of its input, whether or not
+    ``keep`` names it. A Max-Feature-Map keeps its output channel i, hence both convolution
+    channels i and C + i that feed it, when either is kept. Kept channels keep their original
+    relative order.
 
     Parameters are replaced, so build optimizers after surgery. Parameters keep their
     ``requires_grad`` flags and modules their training flags.
@@ -264,7 +296,7 @@ def prune_channels(model, keep, example_input, scale=None, *, return_kept=False)
         The network; it is deep-copied and never modified.
     keep : dict of str to sequence of int
         Conv (``nn.Conv2d``) module name -> indices of its output channels to keep. Layers not
-        named keep all their channels.
+        named keep all their channels, except depthwise convolutions, which follow their input.
     example_input : torch.Tensor
         A batch the model accepts (one small image is enough), traced to find dependencies.
     scale : dict of str to sequence of float, default=None
@@ -327,18 +359,20 @@ def prune_channels(model, keep, example_input, scale=None, *, return_kept=False)
             raise ValueError(f"keep names {silent}, which do not run on example_input")
         n_channels = {name: conv.out_channels for name, conv in graph.convs.items()}
         groups = graph.groups()
-        merged = merge_keep(keep, groups, n_channels)
+        merged = merge_keep(keep, groups, n_channels, followers=graph.followers)
         if scale is not None:
             _apply_scale(graph, scale, keep)
         kept_channels = {}
         for group in groups:
-            if not any(name in keep for name in group):
+            named = [name for name in group if name in keep]
+            if not named:
                 continue
             n = n_channels[group[0]]
-            if any(name not in merged for name in group):
+            # merge_keep gave every named member of the group the same channels.
+            kept = set(merged[named[0]])
+            if len(kept) == n:
                 kept_channels.update({name: list(range(n)) for name in group})
                 continue
-            kept = set(merged[group[0]])
             half = n // 2 if graph.paired(group[0]) else None
             if half is not None:
                 kept = {i % half + offset for i in kept for offset in (0, half)}
@@ -405,7 +439,11 @@ def _truncated_graph_module(model, layer, response):
     # code elimination keeps because they are impure.
     for node in reversed(nodes[nodes.index(output) + 1 : -1]):
         graph.erase_node(node)
-    shared = fx.GraphModule(model, graph)
+    # A GraphModule keeps the class of its graph's tracer and instantiates it without arguments
+    # when it is unpickled; the plain graph copy records none, so the result pickles.
+    plain = fx.Graph()
+    plain.output(plain.graph_copy(graph, {}))
+    shared = fx.GraphModule(model, plain)
     shared.graph.eliminate_dead_code()
     # The copy unshares the parameters and takes only what the remaining graph uses.
     return _copy(shared, class_name=f"Truncated{type(model).__name__}")
@@ -483,3 +521,79 @@ def truncate(model, layer, example_input):
     for name, module in truncated.named_modules():
         module.training = modes.get(name, model.training)
     return truncated
+
+
+def _free_name(module, stem):
+    """``stem``, or ``stem_1``, ``stem_2``... : the first that is not an attribute of ``module``."""
+    name, number = stem, 0
+    while hasattr(module, name):
+        number += 1
+        name = f"{stem}_{number}"
+    return name
+
+
+def attach_head(model, head):
+    """Return a copy of ``model`` followed by global average pooling, Flatten and ``head``, as one graph.
+
+    The result is a single ``torch.fx.GraphModule`` whose modules keep their names in ``model``
+    (``features.10`` stays ``features.10``), so that everything addressing a layer by name (pooling,
+    pruning, ``get_submodule``) works on the network with its head as on ``model``. Three modules
+    are added at the top level: ``pool`` (``nn.AdaptiveAvgPool2d(1)``), ``flatten``
+    (``nn.Flatten()``) and ``head`` (a copy of ``head``); a name ``model`` already uses gets a
+    numeric suffix (``pool_1``).
+
+    Parameters
+    ----------
+    model : torch.fx.GraphModule
+        A network returning one N×C×H×W map, such as :func:`truncate` returns (and
+        :func:`prune_channels` returns for a truncated network); never modified.
+    head : torch.nn.Module
+        Maps the N×C pooled responses to the outputs, e.g. an ``nn.Linear(C, n_outputs)``.
+
+    Returns
+    -------
+    network : torch.fx.GraphModule
+        ``head(flatten(pool(model(x))))``, with the training flags of ``model`` and ``head``.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a ``torch.fx.GraphModule`` or ``head`` not an ``nn.Module``.
+    ValueError
+        If ``model``'s graph does not return a single value.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_craft.surgery import attach_head, truncate
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(576, 2))
+    >>> network = attach_head(truncate(model, "0", torch.zeros(1, 3, 16, 16)), nn.Linear(8, 5))
+    >>> network(torch.zeros(2, 3, 16, 16)).shape
+    torch.Size([2, 5])
+    >>> [name for name, _ in network.named_children()]
+    ['0', '1', 'pool', 'flatten', 'head']
+    """
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(f"model must be a torch.fx.GraphModule, such as truncate returns, got {type(model).__name__}")
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"head must be a torch.nn.Module, got {type(head).__name__}")
+    network = _copy(model)
+    graph = network.graph
+    output = next(node for node in graph.nodes if node.op == "output")
+    if len(output.args) != 1 or not isinstance(output.args[0], fx.Node):
+        raise ValueError(f"model must return a single tensor, its graph returns {output.args!r}")
+    value = output.args[0]
+    added = {
+        "pool": nn.AdaptiveAvgPool2d(1).train(network.training),
+        "flatten": nn.Flatten().train(network.training),
+        "head": copy.deepcopy(head),
+    }
+    with graph.inserting_before(output):
+        for stem, module in added.items():
+            name = _free_name(network, stem)
+            network.add_submodule(name, module)
+            value = graph.call_module(name, (value,))
+    output.args = (value,)
+    network.recompile()
+    return network

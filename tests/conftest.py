@@ -231,6 +231,32 @@ TABULAR_CHECKS = (
     "check_dict_unchanged",
     "check_fit_idempotent",
     "check_fit_check_is_fitted",
+    # Estimators whose fit takes sample_weight.
+    "check_sample_weights_pandas_series",
+    "check_sample_weights_not_an_array",
+    "check_sample_weights_list",
+    "check_all_zero_sample_weights_error",
+    "check_sample_weights_shape",
+    "check_sample_weights_not_overwritten",
+    "check_sample_weight_equivalence_on_dense_data",
+    # Classifiers and regressors.
+    "check_supervised_y_2d",
+    "check_classifier_data_not_an_array",
+    "check_classifiers_one_label",
+    "check_classifiers_one_label_sample_weights",
+    "check_classifiers_classes",
+    "check_classifier_multioutput",
+    "check_classifiers_train",
+    "check_classifiers_regression_target",
+    "check_classifiers_multilabel_representation_invariance",
+    "check_classifiers_multilabel_output_format_predict",
+    "check_classifiers_multilabel_output_format_predict_proba",
+    "check_classifiers_multilabel_output_format_decision_function",
+    "check_regressors_train",
+    "check_regressor_data_not_an_array",
+    "check_regressor_multioutput",
+    "check_regressors_no_decision_function",
+    "check_regressors_int",
 )
 #: Checks of features that only tabular data have, with the feature.
 TABULAR_ONLY_CHECKS = {

@@ -87,7 +87,7 @@ def test_save_leaves_model_unchanged(tmp_path):
 
 def test_example_arguments(tmp_path):
     model = _narrow_net()
-    with pytest.raises(ValueError, match="exactly one of example_input and input_shape, got neither"):
+    with pytest.raises(ValueError, match="needs example_input or input_shape.*got neither"):
         save_model(model, tmp_path / "m.pt2")
     with pytest.raises(ValueError, match="got both"):
         save_model(model, tmp_path / "m.pt2", example_input=torch.rand(1, 3, 8, 8), input_shape=(3, 8, 8))
@@ -144,3 +144,19 @@ def test_archive_with_pickled_weights_is_refused(tmp_path):
             copy.writestr(item, data)
     with pytest.raises(ValueError, match="as a pickled object; refusing to load it"):
         load_model(tampered)
+
+
+def test_pruner_output_saves_without_an_example_input(tmp_path):
+    from sklearn_craft.pruner import CraftPruner
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+    X = torch.rand(40, 1, 10, 10)
+    y = (X[:, 0, :5].mean(dim=(1, 2)) - X[:, 0, 5:].mean(dim=(1, 2))).numpy()
+    for head, model in (("satellite", net), ("original", nn.Sequential(*net, nn.Flatten(), nn.Linear(800, 1)))):
+        pruned = CraftPruner(model, gamma=0.1, head=head, random_state=0).fit(X, y).pruned_model_
+        assert pruned.input_shape == (1, 10, 10)
+        _assert_round_trip(pruned, tmp_path / f"{head}.pt2", (1, 10, 10))
+    # An explicit shape still wins over the recorded one.
+    with pytest.raises(ValueError, match="cannot be exported"):
+        save_model(pruned, tmp_path / "wrong.pt2", input_shape=(1, 9))

@@ -578,3 +578,30 @@ def test_every_expected_failure_names_a_check_that_runs():
 def test_documentation_examples_run():
     assert doctest.testmod(sklearn_craft.pooling).failed == 0
     assert doctest.testfile(str(DOCS), module_relative=False).failed == 0
+
+
+def test_failed_fit_leaves_nothing_fitted_and_a_failed_refit_keeps_the_previous_fit():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Conv2d(3, 4, 1)
+            self.twice = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.twice(self.twice(self.used(x)))
+
+    images = _images(n=2)
+    only_twice = lambda name, module: name == "twice"  # noqa: E731
+    fresh = ActivationPooler(Net(), layers=only_twice)
+    with pytest.warns(UserWarning, match="not pooling"), pytest.raises(ValueError, match="selects no conv"):
+        fresh.fit(images)
+    assert not [name for name in vars(fresh) if name.endswith("_")]
+    with pytest.raises(NotFittedError):
+        fresh.transform(images)
+
+    fitted = ActivationPooler(Net(), layers=["used"]).fit(images)
+    before = dict(vars(fitted))
+    with pytest.warns(UserWarning, match="not pooling"), pytest.raises(ValueError, match="selects no conv"):
+        fitted.set_params(layers=only_twice).fit(images)
+    assert all(vars(fitted)[name] is value for name, value in before.items() if name.endswith("_"))
+    assert fitted.responses_ == {"used": "used"}

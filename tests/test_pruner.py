@@ -3,11 +3,13 @@ import sys
 
 import joblib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from sklearn.base import clone
+from sklearn.base import clone, is_classifier, is_regressor
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, check_cv, cross_validate
 from sklearn.exceptions import NotFittedError
-from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
@@ -16,7 +18,7 @@ import sklearn_craft.pooling
 import sklearn_craft.pruner
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.profiling import count_flops, count_parameters
-from sklearn_craft.pruner import CraftPruner
+from sklearn_craft.pruner import CraftClassifier, CraftPruner, CraftRegressor
 from sklearn_craft.surgery import coupled_groups, truncate
 
 from conftest import (
@@ -118,7 +120,7 @@ def test_keep_matches_the_network_selection_and_report(data):
     X, scores = data
     y = scores[:, 0]
     pruner = CraftPruner(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
-    body = pruner.pruned_model_.body
+    body = pruner.pruned_model_
     assert pruner.layers_ == ["0", "4", "6"]
     for layer in pruner.layers_:
         # No coupling in a plain chain: kept = selected, and the network has exactly those filters.
@@ -149,7 +151,7 @@ def test_choose_filters_override_replaces_the_lasso_choice_everywhere(data):
     y = scores[:, 0]
     lasso = CraftPruner(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
     first = _FirstFilters(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
-    body = first.pruned_model_.body
+    body = first.pruned_model_
     assert any(not np.array_equal(lasso.selected_[layer], np.arange(len(lasso.selected_[layer]))) for layer in lasso.layers_)
     for layer in first.layers_:
         count = len(lasso.selected_[layer])
@@ -182,7 +184,7 @@ def test_truncate_best_cuts_after_the_best_scoring_layer():
     assert list(scores.index) == pruner.layers_
     assert pruner.head_layer_ == scores.idxmax()
     position = pruner.layers_.index(pruner.head_layer_)
-    convs = [name for name, m in pruner.pruned_model_.body.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [name for name, m in pruner.pruned_model_.named_modules() if isinstance(m, nn.Conv2d)]
     assert convs == pruner.layers_[: position + 1]
     assert list(pruner.keep_) == convs
     features = pruner.transform(X)
@@ -302,11 +304,11 @@ def test_batchnorm_statistics_are_re_estimated_after_pruning(data):
     pruned = CraftPruner(model, gamma=0.1, random_state=0, batch_size=len(X)).fit(X, y)
     stale = CraftPruner(model, gamma=0.1, random_state=0, recalibrate_bn=False).fit(X, y)
     assert len(pruned.keep_["0"]) < 8 and pruned.keep_ == stale.keep_
-    body = pruned.pruned_model_.body
+    body = pruned.pruned_model_
     for name, mean in _batchnorm_inputs(body, X).items():
         torch.testing.assert_close(body.get_submodule(name).running_mean, mean, rtol=1e-4, atol=1e-5)
     kept = stale.keep_["4"]
-    torch.testing.assert_close(stale.pruned_model_.body.get_submodule("5").running_mean, model[5].running_mean[kept])
+    torch.testing.assert_close(stale.pruned_model_.get_submodule("5").running_mean, model[5].running_mean[kept])
     # The head is fitted after the re-estimation: it still equals the refitted satellite.
     np.testing.assert_allclose(
         pruned.decision_function(X),
@@ -316,7 +318,7 @@ def test_batchnorm_statistics_are_re_estimated_after_pruning(data):
     )
     # Nothing cut, nothing re-estimated: the statistics stay the original ones.
     full = CraftPruner(model, gamma=0.0, random_state=0).fit(X, y)
-    torch.testing.assert_close(full.pruned_model_.body.get_submodule("5").running_mean, model[5].running_mean)
+    torch.testing.assert_close(full.pruned_model_.get_submodule("5").running_mean, model[5].running_mean)
     assert model[5].running_mean.eq(7.0).all()
 
 
@@ -331,11 +333,11 @@ def test_scale_filters_multiplies_the_kept_filters_by_their_lasso_coefficient(da
     assert kept == plain.keep_["0"]
     coef = scaled.selector_.coef_[kept]
     assert np.all(coef != 0)
-    conv = scaled.pruned_model_.body.get_submodule("0")
+    conv = scaled.pruned_model_.get_submodule("0")
     factors = torch.as_tensor(coef, dtype=torch.float32)
     torch.testing.assert_close(conv.weight, model[0].weight[kept] * factors[:, None, None, None])
     torch.testing.assert_close(conv.bias, model[0].bias[kept] * factors)
-    torch.testing.assert_close(plain.pruned_model_.body.get_submodule("0").weight, model[0].weight[kept])
+    torch.testing.assert_close(plain.pruned_model_.get_submodule("0").weight, model[0].weight[kept])
 
 
 def _count_full_poolings(monkeypatch, model):
@@ -475,7 +477,7 @@ def test_architectures(name):
     )
     assert pruner.report_.loc["flops", "reduction_pct"] > 0
     modules = dict(model.named_modules())
-    body = pruner.pruned_model_.body
+    body = pruner.pruned_model_
     for layer, kept in pruner.keep_.items():
         width = body.get_submodule(layer).out_channels
         # A Max-Feature-Map keeps both halves of each kept pair (LightCNN).
@@ -532,12 +534,6 @@ def test_estimator_contract_with_images(data, tmp_path):
         np.testing.assert_array_equal(clone(pruner).fit(images, y).predict(images), predictions)
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="known bug: a fitted CraftPruner pickles but does not unpickle, torch.fx rebuilds the truncated "
-    "GraphModule with surgery._ResponseTracer(), whose __init__ needs a response argument",
-)
 def test_fitted_pruner_pickles(data):
     X, scores = data
     pruner = CraftPruner(conv_chain(), gamma=0.1, random_state=0).fit(X, scores[:, 0])
@@ -579,9 +575,57 @@ _COVERED_WITH_IMAGES = {
         ],
         _CONTRACT,
     ),
+    **dict.fromkeys(
+        [
+            "check_sample_weights_pandas_series",
+            "check_sample_weights_not_an_array",
+            "check_sample_weights_list",
+            "check_all_zero_sample_weights_error",
+            "check_sample_weights_shape",
+            "check_sample_weights_not_overwritten",
+            "check_sample_weight_equivalence_on_dense_data",
+        ],
+        "test_sample_weight.py::test_pruner_weights_the_selection_the_satellites_and_fine_tuning",
+    ),
+}
+#: CraftClassifier's and CraftRegressor's own checks, also fed 2-D tabular X.
+_COVERED_AS_CLASSIFIER_OR_REGRESSOR = {
+    **_COVERED_WITH_IMAGES,
+    **dict.fromkeys(
+        [
+            "check_supervised_y_2d",
+            "check_classifier_data_not_an_array",
+            "check_classifiers_one_label",
+            "check_classifiers_one_label_sample_weights",
+            "check_classifiers_classes",
+            "check_classifier_multioutput",
+            "check_classifiers_train",
+            "check_classifiers_regression_target",
+            "check_classifiers_multilabel_representation_invariance",
+            "check_classifiers_multilabel_output_format_predict",
+            "check_classifiers_multilabel_output_format_predict_proba",
+            "check_classifiers_multilabel_output_format_decision_function",
+            "check_regressors_train",
+            "check_regressor_data_not_an_array",
+            "check_regressor_multioutput",
+            "check_regressors_no_decision_function",
+            "check_regressors_int",
+        ],
+        "test_classifier_and_regressor_refuse_the_other_kind_of_target",
+    ),
 }
 EXPECTED_FAILED_CHECKS = image_estimator_expected_failures(_COVERED_WITH_IMAGES)
 _CHECKED = CraftPruner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+#: Each supervised form with the expected failures of the checks scikit-learn runs on it.
+_CHECKED_SUPERVISED = {
+    estimator: image_estimator_expected_failures(
+        {check: test for check, test in _COVERED_AS_CLASSIFIER_OR_REGRESSOR.items() if not check.startswith(other)}
+    )
+    for estimator, other in [
+        (CraftClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), "check_regressor"),
+        (CraftRegressor(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), "check_classifier"),
+    ]
+}
 
 
 @parametrize_with_checks([_CHECKED])
@@ -589,8 +633,15 @@ def test_sklearn_contract(estimator, check):
     run_image_estimator_check(estimator, check, EXPECTED_FAILED_CHECKS)
 
 
+@parametrize_with_checks(list(_CHECKED_SUPERVISED))
+def test_classifier_and_regressor_sklearn_contract(estimator, check):
+    run_image_estimator_check(estimator, check, _CHECKED_SUPERVISED[estimator])
+
+
 def test_every_expected_failure_names_a_check_that_runs():
     assert_expected_failures_are_current(_CHECKED, EXPECTED_FAILED_CHECKS, sys.modules[__name__])
+    for estimator, expected in _CHECKED_SUPERVISED.items():
+        assert_expected_failures_are_current(estimator, expected, sys.modules[__name__])
 
 
 def test_preprocess_is_applied_before_every_forward_pass(data):
@@ -616,3 +667,80 @@ def test_head_weights_stay_small_for_nearly_constant_filters(data):
     stds = pruner.transform(X).std(axis=0)
     assert stds[stds > 0].min() < 1e-5
     assert pruner.pruned_model_.head.weight.abs().max().item() < 100.0
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "resnet18"])
+def test_pruned_model_keeps_the_original_layer_names(name):
+    torch.manual_seed(0)
+    architecture = ARCHITECTURES[name]
+    model, channels = architecture.build(), architecture.input_shape[0]
+    X = np.random.default_rng(0).random((64, channels, 32, 32), dtype=np.float32)
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][:6]
+    y = _scores(model, X, layers[-1], [0, 1, 2])[:, 0]
+    pruner = CraftPruner(model, gamma=0.1, layers=layers, random_state=0, selector_params={"alphas": 20}).fit(X, y)
+    modules = dict(pruner.pruned_model_.named_modules())
+    assert {"pool", "flatten", "head"} <= set(modules)
+    for layer, kept in pruner.keep_.items():
+        assert modules[layer].out_channels == len(kept)
+        features = ActivationPooler(pruner.pruned_model_, layers=[layer]).fit(X).transform(X)
+        assert features.shape == (len(X), len(kept))
+    head = pruner.head_layer_
+    np.testing.assert_array_equal(
+        ActivationPooler(pruner.pruned_model_, layers=[head]).fit(X).transform(X), pruner.transform(X)
+    )
+
+
+def test_classifier_and_regressor_identities_and_stratified_splits(data):
+    X, scores = data
+    X, labels = X[:60], _targets("multiclass", scores)[:60]
+    classifier = CraftClassifier(conv_chain(), gamma=0.1, random_state=0, selector_params={"alphas": 10})
+    regressor = CraftRegressor(conv_chain())
+    assert is_classifier(classifier) and not is_regressor(classifier)
+    assert is_regressor(regressor) and not is_classifier(regressor)
+    assert not is_classifier(CraftPruner(conv_chain())) and not is_regressor(CraftPruner(conv_chain()))
+    assert isinstance(check_cv(3, labels, classifier=is_classifier(classifier)), StratifiedKFold)
+    results = cross_validate(classifier, X, labels, cv=3, return_indices=True, return_estimator=True)
+    stratified = [test for _, test in StratifiedKFold(3).split(X, labels)]
+    for test, expected in zip(results["indices"]["test"], stratified):
+        np.testing.assert_array_equal(test, expected)
+    for estimator, test, score in zip(results["estimator"], stratified, results["test_score"]):
+        assert score == accuracy_score(labels[test], estimator.predict(X[test]))
+
+
+def test_classifier_and_regressor_refuse_the_other_kind_of_target(data):
+    X, scores = data
+    cases = [
+        (CraftClassifier(conv_chain()), scores[:, 0], "CraftClassifier needs class labels .* got a continuous target"),
+        (CraftClassifier(conv_chain()), scores, "got a continuous-multioutput target"),
+        (CraftRegressor(conv_chain()), _targets("binary", scores), "CraftRegressor needs numeric targets"),
+    ]
+    for estimator, y, match in cases:
+        with pytest.raises(ValueError, match=match):
+            estimator.fit(X, y)
+        assert not _fitted_attributes(estimator)
+    # Integer targets are values for a regressor, classes for a classifier and for CraftPruner.
+    ages = np.rint(10 * scores[:, 0]).astype(int)
+    regressor = CraftRegressor(conv_chain(), gamma=0.1, random_state=0).fit(X, ages)
+    assert regressor.target_type_ == "continuous" and not hasattr(regressor, "classes_")
+    assert regressor.score(X, ages) == pytest.approx(r2_score(ages, regressor.predict(X)))
+    classes = _targets("multiclass", scores)
+    classifier = CraftClassifier(conv_chain(), gamma=0.1, random_state=0).fit(X, classes)
+    pruner = CraftPruner(conv_chain(), gamma=0.1, random_state=0).fit(X, classes)
+    assert classifier.target_type_ == pruner.target_type_ == "multiclass"
+    np.testing.assert_array_equal(classifier.predict(X), pruner.predict(X))
+
+
+def test_transform_feature_names_and_pandas_output(data):
+    X, scores = data
+    y = scores[:, 0]
+    pruner = CraftPruner(conv_chain(), gamma=0.1, random_state=0).fit(X, y)
+    names = pruner.get_feature_names_out()
+    assert names.tolist() == [f"6:{channel}" for channel in pruner.keep_["6"]]
+    assert len(names) < 12
+    frame = clone(pruner).set_output(transform="pandas").fit(X, y).transform(X)
+    assert isinstance(frame, pd.DataFrame) and frame.columns.tolist() == names.tolist()
+    np.testing.assert_array_equal(frame.to_numpy(), pruner.transform(X))
+    # Nothing pruned: the same columns, names and values as ActivationPooler's on the original network.
+    full = CraftPruner(conv_chain(), gamma=0.0, random_state=0).set_output(transform="pandas")
+    pooler = ActivationPooler(conv_chain(), layers=["6"]).set_output(transform="pandas")
+    pd.testing.assert_frame_equal(full.fit_transform(X, y), pooler.fit_transform(X), rtol=1e-5)

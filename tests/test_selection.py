@@ -575,3 +575,78 @@ def test_solver_convergence_warnings_are_folded_into_one_per_fit():
         LassoFilterSelector(gamma=0.01, groups=np.repeat(["a", "b"], 75), random_state=0).fit(X, y)
     assert len(caught) == 1 and issubclass(caught[0].category, ConvergenceWarning)
     assert re.search(r"at \d+ of 400 \(path, alpha\) fits", str(caught[0].message))
+
+
+def _fitted_state(estimator):
+    return {name: value for name, value in vars(estimator).items() if name.endswith("_") and not name.startswith("_")}
+
+
+@pytest.mark.parametrize(
+    "params, y_of, error, match",
+    [
+        ({}, lambda y: np.where(np.arange(len(y)) == 3, np.nan, y), ValueError, "y contains NaN"),
+        ({}, lambda y: np.zeros_like(y), ValueError, "constant"),
+        ({"alphas": [0.1, -1.0]}, lambda y: y, ValueError, "alphas must be"),
+        ({"groups": [0, 1]}, lambda y: y, ValueError, "groups must hold one label per feature"),
+        ({"cv": 1000}, lambda y: y, ValueError, "n_splits=1000"),
+    ],
+    ids=["nan_y", "constant_y", "alphas", "groups", "cv"],
+)
+def test_failed_fit_leaves_nothing_fitted_and_a_failed_refit_keeps_the_previous_fit(params, y_of, error, match):
+    X, y = _regression(n=60, p=8)
+    X = pd.DataFrame(X, columns=[f"conv:{i}" for i in range(8)])
+    fresh = LassoFilterSelector(**{"alphas": 10, "random_state": 0, **params})
+    with pytest.raises(error, match=match):
+        fresh.fit(X, y_of(y))
+    assert not _fitted_state(fresh)
+    with pytest.raises(NotFittedError):
+        fresh.get_support()
+
+    fitted = LassoFilterSelector(alphas=10, random_state=0).fit(X, y)
+    before = _fitted_state(fitted)
+    with pytest.raises(error, match=match):
+        fitted.set_params(**params).fit(X.to_numpy(), y_of(y))
+    after = _fitted_state(fitted)
+    assert after.keys() == before.keys() and all(after[name] is value for name, value in before.items())
+    assert fitted.transform(X).shape == (60, fitted.support_.sum())
+
+
+def _repeated(X, y, weights, splits):
+    """Every sample repeated ``weights[i]`` times, and the splits mapped onto the repeated rows."""
+    rows = np.repeat(np.arange(len(X)), weights)
+    where = {i: np.flatnonzero(rows == i) for i in range(len(X))}
+    mapped = [tuple(np.concatenate([where[i] for i in part]) for part in split) for split in splits]
+    return X[rows], y[rows], mapped
+
+
+@pytest.mark.parametrize("kind", ["continuous", "multiclass"])
+def test_sample_weight_is_repeating_samples(kind):
+    X, y = _regression(n=90, p=8)
+    if kind == "multiclass":
+        y = np.digitize(y, np.quantile(y, [1 / 3, 2 / 3]))
+    weights = np.random.default_rng(1).integers(0, 3, size=len(X))
+    splits = list(KFold(3, shuffle=True, random_state=0).split(X))
+    weighted = LassoFilterSelector(alphas=15, groups=[0] * 4 + [1] * 4, cv=splits).fit(X, y, sample_weight=weights)
+    X_rep, y_rep, rep_splits = _repeated(X, y, weights, splits)
+    repeated = LassoFilterSelector(alphas=15, groups=[0] * 4 + [1] * 4, cv=rep_splits).fit(X_rep, y_rep)
+    np.testing.assert_array_equal(weighted.support_, repeated.support_)
+    np.testing.assert_allclose(weighted.coef_, repeated.coef_, rtol=1e-6, atol=1e-9)
+    pd.testing.assert_frame_equal(weighted.curves_, repeated.curves_, check_exact=False, rtol=1e-6)
+    # Weights of one change nothing.
+    ones = LassoFilterSelector(alphas=15, groups=[0] * 4 + [1] * 4, cv=splits).fit(X, y, sample_weight=np.ones(len(X)))
+    plain = LassoFilterSelector(alphas=15, groups=[0] * 4 + [1] * 4, cv=splits).fit(X, y)
+    pd.testing.assert_frame_equal(ones.curves_, plain.curves_)
+
+
+def test_bad_sample_weight_is_rejected_before_anything_is_fitted():
+    X, y = _regression(n=40, p=8)
+    splits = [(np.arange(20), np.arange(20, 40))]
+    for weights, error, match in [
+        (np.ones(39), ValueError, "sample_weight.shape"),
+        (-np.ones(40), ValueError, "Negative values in data passed to `sample_weight`"),
+        (np.r_[np.ones(20), np.zeros(20)], ValueError, "positive total weight to both parts"),
+    ]:
+        selector = LassoFilterSelector(alphas=5, cv=splits)
+        with pytest.raises(error, match=match):
+            selector.fit(X, y, sample_weight=weights)
+        assert not _fitted_state(selector)

@@ -1,4 +1,6 @@
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from torch import nn
 
 from sklearn_craft.models import lightcnn9, mobilenet_v1, mobilenet_v2, resnet18, vgg16
 from sklearn_craft.inspection import find_responses
-from sklearn_craft.surgery import coupled_groups, merge_keep, prune_channels, truncate
+from sklearn_craft.surgery import attach_head, coupled_groups, merge_keep, prune_channels, truncate
 
 from conftest import ARCHITECTURES, randomize
 
@@ -610,3 +612,98 @@ def test_pruned_model_is_independent_and_trainable():
     pruned(x).sum().backward()
     optimizer.step()
     assert pruned.features[0].weight.grad.shape == (3, 3, 3, 3)
+
+
+# --- depthwise convolutions follow their input ------------------------------------------------
+
+
+def test_expand_conv_named_alone_loses_channels_and_its_depthwise_partner_follows():
+    model = _randomize(mobilenet_v2(num_classes=3, width_mult=0.25), seed=2)
+    x = torch.randn(2, 3, 32, 32)
+    keep = {"features.2.conv.0.0": [0, 5, 7, 30, 47], "features.4.conv.0.0": [1, 2, 3, 40]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned, kept = prune_channels(model, keep, x, return_kept=True)
+    followed = {"features.2.conv.1.0": keep["features.2.conv.0.0"], "features.4.conv.1.0": keep["features.4.conv.0.0"]}
+    assert kept == {**keep, **followed}
+    assert pruned.get_submodule("features.2.conv.1.0").groups == 5
+    _assert_exact(model, pruned, {**keep, **followed}, x)
+    groups, followers = coupled_groups(model, x, return_followers=True)
+    assert groups == coupled_groups(model, x)
+    assert ["features.2.conv.0.0", "features.2.conv.1.0"] in groups
+    assert followers == [name for name, conv in _convs(model).items() if conv.groups > 1]
+
+
+def test_mobilenet_v1_depthwise_convolutions_follow_the_pointwise_ones():
+    model = _randomize(mobilenet_v1(num_classes=4, width_mult=0.25), seed=5)
+    x = torch.randn(2, 3, 32, 32)
+    names = list(_convs(model))
+    rng = np.random.default_rng(5)
+    dense = {name: conv for name, conv in _convs(model).items() if conv.groups == 1}
+    keep = {name: sorted(rng.choice(conv.out_channels, size=conv.out_channels // 3, replace=False)) for name, conv in dense.items()}
+    # A depthwise convolution's own entry is not consulted: it keeps its input's channels.
+    keep["features.2.0"] = [0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned, kept = prune_channels(model, keep, x, return_kept=True)
+    masked = dict(keep)
+    for producer, depthwise in zip(names[:-1], names[1:]):
+        if model.get_submodule(depthwise).groups > 1:
+            masked[depthwise] = keep[producer]
+            assert kept[depthwise] == keep[producer]
+    _assert_exact(model, pruned, masked, x)
+    # Named alone, a depthwise convolution cannot drop channels its input's producer keeps.
+    with pytest.warns(UserWarning, match=r"\['features.2.0'\] keep all their channels.*features.1.3"):
+        _, kept = prune_channels(model, {"features.2.0": [0, 1]}, x, return_kept=True)
+    assert kept["features.2.0"] == kept["features.1.3"] == list(range(16))
+
+
+def test_merge_keep_followers_take_the_channels_of_their_group():
+    groups = [["a", "dw"], ["b", "c", "dw2"]]
+    n = {"a": 4, "dw": 4, "b": 6, "c": 6, "dw2": 6}
+    merged = merge_keep({"a": [1, 3], "b": [0], "c": [5], "dw2": [2]}, groups, n, followers=["dw", "dw2"])
+    assert merged == {"a": [1, 3], "b": [0, 5], "c": [0, 5], "dw2": [0, 5]}
+    with pytest.warns(UserWarning, match=r"\['dw'\] keep all their channels.*\['a'\]"):
+        assert merge_keep({"dw": [1]}, groups, n, followers=["dw", "dw2"]) == {"dw": [0, 1, 2, 3]}
+    # Without followers, every member is a partner (the union, and a missing one freezes the group).
+    with pytest.warns(UserWarning):
+        assert merge_keep({"a": [1]}, groups, n) == {"a": [0, 1, 2, 3]}
+    with pytest.raises(TypeError, match="followers"):
+        merge_keep({"a": [1]}, groups, n, followers="dw")
+
+
+# --- attach_head --------------------------------------------------------------------------------
+
+
+class _PoolsTwice(nn.Module):
+    """A network whose own ``pool`` module runs before the cut: the added pooling must not replace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5 * 2 * 2, 2)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv2(self.pool(torch.relu(self.conv1(x))))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_attach_head_keeps_the_layer_names_and_computes_pool_then_head():
+    model = _randomize(_PoolsTwice())
+    x = torch.randn(3, 3, 8, 8)
+    truncated = truncate(model, "conv2", x)
+    head = nn.Linear(5, 4)
+    network = attach_head(truncated, head)
+    names = dict(network.named_modules())
+    assert {"conv1", "pool", "conv2", "pool_1", "flatten", "head"} <= set(names)
+    assert names["pool"] is not names["pool_1"] and isinstance(names["pool"], nn.MaxPool2d)
+    assert names["head"] is not head and [n for n, _ in truncated.named_children()] == ["conv1", "pool", "conv2"]
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), head(truncated(x).mean(dim=(2, 3))))
+    assert find_responses(network, ["conv2"], example_input=x) == find_responses(truncated, ["conv2"], example_input=x)
+    with pytest.raises(TypeError, match="GraphModule"):
+        attach_head(model, head)
+    with pytest.raises(TypeError, match="head must be a torch.nn.Module"):
+        attach_head(truncated, lambda z: z)
