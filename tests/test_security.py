@@ -1,0 +1,178 @@
+"""Nothing sklearn_craft loads from a file or a cache folder may run code (issue 12, "Security")."""
+
+import io
+import json
+import os
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from sklearn_craft.export import load_model, save_model
+
+# ---------------------------------------------------------------- load_model
+
+
+def _saved(tmp_path):
+    """A genuine archive of a small network with a dynamic batch size (symbolic shapes in its graph)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    return save_model(model, tmp_path / "genuine.pt2", input_shape=(3, 8, 8))
+
+
+def _rewritten(source, target, edit=None, first=None):
+    """Copy of the archive ``source`` with its program edited by ``edit`` and ``first`` entries written first."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for name, data in (first or {}).items():
+            copy.writestr(name, data)
+        for item in original.infolist():
+            data = original.read(item)
+            if item.filename.endswith("models/model.json") and edit is not None:
+                program = json.loads(data)
+                edit(program)
+                data = json.dumps(program).encode()
+            copy.writestr(item, data)
+    return target
+
+
+def _payload(flag):
+    """Python source that creates the folder ``flag`` when it is evaluated."""
+    return f"__import__('os').mkdir({str(flag)!r})"
+
+
+def _sizes(program):
+    """Every symbolic size of the program's tensors."""
+    for value in program["graph_module"]["graph"]["tensor_values"].values():
+        for size in value["sizes"]:
+            if "as_expr" in size:
+                yield size["as_expr"]
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "{payload} or {genuine}",
+        "Mul(Integer(2), {genuine}).__class__.__init__.__globals__['os'].mkdir({flag!r})",
+        "Integer(({payload}, 1)[1])",
+        "Symbol({flag!r}) if {payload} else {genuine}",
+        "Symbol('s0', **{{'positive': {payload}}})",
+    ],
+    ids=["or", "attribute", "nested", "conditional", "keywords"],
+)
+def test_load_model_never_evaluates_a_symbolic_shape_payload(tmp_path, expression):
+    flag = tmp_path / "evaluated"
+
+    def inject(program):
+        size = next(_sizes(program))
+        size["expr_str"] = expression.format(payload=_payload(flag), genuine=size["expr_str"], flag=str(flag))
+
+    tampered = _rewritten(_saved(tmp_path), tmp_path / "tampered.pt2", inject)
+    with pytest.raises(ValueError, match="symbolic-shape expression .* torch would evaluate it"):
+        load_model(tampered)
+    assert not flag.exists()
+
+
+def test_load_model_accepts_the_shape_arithmetic_torch_writes(tmp_path):
+    class Reshaping(nn.Module):
+        """Sizes that are products of the batch size: Mul(Integer(144), Symbol(...)) in the graph."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.reshape(-1).view(x.size(0), -1) * (x.shape[0] * 2)
+
+    model = Reshaping().eval()
+    path = save_model(model, tmp_path / "reshaping.pt2", input_shape=(3, 8, 8))
+    with zipfile.ZipFile(path) as archive:
+        program = json.loads(archive.read(next(n for n in archive.namelist() if n.endswith("model.json"))))
+    assert any(size["expr_str"].startswith("Mul(Integer(") for size in _sizes(program))
+    x = torch.rand(5, 3, 8, 8)
+    assert torch.equal(load_model(path)(x), model(x))
+
+
+def test_load_model_refuses_a_range_constraint_that_is_not_a_shape_symbol(tmp_path):
+    def inject(program):
+        program["range_constraints"][_payload(tmp_path / "evaluated")] = {"min_val": 1, "max_val": None}
+
+    with pytest.raises(ValueError, match="not a shape symbol"):
+        load_model(_rewritten(_saved(tmp_path), tmp_path / "tampered.pt2", inject))
+
+
+class _Unpickled:
+    """Pickled object whose unpickling creates the folder ``flag``."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.flag,))
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_load_model_refuses_duplicate_entries_without_unpickling_either(tmp_path):
+    source = _saved(tmp_path)
+    flag = tmp_path / "unpickled"
+    pickled = io.BytesIO()
+    torch.save(((_Unpickled(flag),), {}), pickled)
+    with zipfile.ZipFile(source) as archive:
+        sample_inputs = next(name for name in archive.namelist() if name.endswith("data/sample_inputs/model.pt"))
+    # torch's reader takes this first copy, zipfile the genuine last one.
+    tampered = _rewritten(source, tmp_path / "tampered.pt2", first={sample_inputs: pickled.getvalue()})
+    with pytest.raises(ValueError, match="several entries named .*sample_inputs/model.pt"):
+        load_model(tampered)
+    assert not flag.exists()
+
+
+def test_load_model_never_runs_guard_code(tmp_path):
+    flag = tmp_path / "executed"
+
+    def inject(program):
+        program["guards_code"] = [f"{_payload(flag)} is None"]
+
+    model = load_model(_rewritten(_saved(tmp_path), tmp_path / "tampered.pt2", inject))
+    assert model(torch.rand(3, 3, 8, 8)).shape == (3, 2)
+    assert not flag.exists()
+
+
+def test_load_model_never_imports_a_module_named_by_the_input_structure(tmp_path, monkeypatch):
+    flag = tmp_path / "imported"
+    (tmp_path / "planted_module.py").write_text(
+        f"import enum, os\nos.mkdir({str(flag)!r})\n\nclass Kind(enum.Enum):\n    A = 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def inject(program):
+        signature = program["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(signature["in_spec"])
+        spec[1]["children_spec"][1]["context"] = json.dumps(
+            [{"__enum__": True, "fqn": "planted_module:Kind", "name": "A"}]
+        )
+        signature["in_spec"] = json.dumps(spec)
+
+    with pytest.raises(ValueError, match="input/output structure .* torch would import modules"):
+        load_model(_rewritten(_saved(tmp_path), tmp_path / "tampered.pt2", inject))
+    assert not flag.exists() and "planted_module" not in sys.modules
+
+
+def test_load_model_refuses_calls_of_anything_but_aten_operators(tmp_path):
+    def inject(program):
+        node = next(node for node in program["graph_module"]["graph"]["nodes"] if "relu" in node["target"])
+        node["target"] = "torch.os.system"
+
+    with pytest.raises(ValueError, match="calls 'torch.os.system', which is not an ATen operator"):
+        load_model(_rewritten(_saved(tmp_path), tmp_path / "tampered.pt2", inject))
+
+
+def test_load_model_refuses_entries_torch_does_not_write(tmp_path):
+    source = _saved(tmp_path)
+    compressed = tmp_path / "compressed.pt2"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(compressed, "w", zipfile.ZIP_DEFLATED) as copy:
+        for item in original.infolist():
+            copy.writestr(item.filename, original.read(item))
+    with pytest.raises(ValueError, match="compressed entries"):
+        load_model(compressed)
