@@ -17,14 +17,14 @@ import warnings
 from collections import Counter
 from numbers import Integral
 
-import joblib
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, check_memory
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ._cache import cache_folder, cached_arrays, digest
 from .images import as_image_dataset, input_channels, iter_batches
 from .inspection import _FORWARD_LOCK, _call_sequence, _evaluating, _on_device, _select_convs, find_responses
 
@@ -81,12 +81,8 @@ class _ChannelMeans:
         raise RuntimeError(f"{self.pending} pooled layer(s) did not run on samples {start}..{self.rows.stop - 1}")
 
 
-def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress, key=None):
-    """Channel means of every response, N×ΣC float32.
-
-    ``key`` is the digest under which :class:`joblib.Memory` caches the result; it is not read
-    here, and the cache ignores every other argument.
-    """
+def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress):
+    """Channel means of every response, N×ΣC float32."""
     model = _on_device(model, device)
     modules = dict(model.named_modules())
     means = _ChannelMeans(len(dataset), [modules[conv].out_channels for conv in responses])
@@ -133,10 +129,7 @@ def _cache_key(model, responses, X, preprocess):
         X = _tensor_token(X)
     weights = [(name, _tensor_token(value)) for name, value in model.state_dict().items()]
     try:
-        # SHA-1 runs about 1.7x faster than joblib's default MD5 on CPUs with SHA extensions (1.16
-        # vs 0.69 GB/s here); hashing the weights and images is most of what a cached call costs.
-        key = (repr(model), weights, list(responses.items()), X, _callable_token(preprocess))
-        return joblib.hash(key, hash_name="sha1")
+        return digest((repr(model), weights, list(responses.items()), X, _callable_token(preprocess)))
     except (pickle.PicklingError, TypeError, AttributeError, ValueError) as error:
         warnings.warn(f"memory is not used: the input cannot be hashed ({error})", UserWarning)
         return None
@@ -181,7 +174,9 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         layers, ``preprocess`` and the input, so that repeated transforms of the same data (a
         grid search over later steps) skip the forward passes. A function ``preprocess`` is
         keyed on its code, defaults and closure (not on globals it reads); a Dataset on its
-        pickled state (file names, say, not file contents).
+        pickled state (file names, say, not file contents). The features are stored as ``.npy``
+        arrays in a ``sklearn_craft`` folder under the path (or the joblib.Memory's location),
+        never as pickles: a corrupt or tampered entry is recomputed, never executed.
 
     Attributes
     ----------
@@ -312,14 +307,22 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
             preprocess=self.preprocess,
             progress=self.progress,
         )
-        memory = check_memory(self.memory)
         key = None
-        if not (isinstance(memory, joblib.Memory) and memory.location is None):
+        if cache_folder(self.memory, _pool_features) is not None:
             key = _cache_key(self.model, self.responses_, X, self.preprocess)
         if key is None:
             return _pool_features(self.model, self.responses_, dataset, **options)
-        cached = memory.cache(_pool_features, ignore=["model", "responses", "dataset", *options])
-        return cached(self.model, self.responses_, dataset, key=key, **options)
+        shape = (len(dataset), self.n_features_out_)
+        features = cached_arrays(
+            self.memory,
+            _pool_features,
+            key,
+            lambda: {"features": _pool_features(self.model, self.responses_, dataset, **options)},
+            valid=lambda stored: stored.keys() == {"features"}
+            and stored["features"].shape == shape
+            and stored["features"].dtype == np.float32,
+        )
+        return features["features"]
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output features, ``"<layer>:<channel>"``.

@@ -3,14 +3,21 @@
 import io
 import json
 import os
+import pickle
 import sys
 import zipfile
+from pathlib import Path
 
+import joblib
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from sklearn_craft.export import load_model, save_model
+from sklearn_craft.pooling import ActivationPooler
+from sklearn_craft.selection import LassoFilterSelector
 
 # ---------------------------------------------------------------- load_model
 
@@ -176,3 +183,101 @@ def test_load_model_refuses_entries_torch_does_not_write(tmp_path):
             copy.writestr(item.filename, original.read(item))
     with pytest.raises(ValueError, match="compressed entries"):
         load_model(compressed)
+
+
+# ---------------------------------------------------------------- memory= caches
+
+
+def _poison(path, kind, flag):
+    """Overwrite the cache entry at ``path`` with data that would run code (mkdir ``flag``) if unpickled."""
+    payload = _Unpickled(flag)
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"features": payload}))
+    elif kind == "object_npz":
+        with path.open("wb") as file:
+            np.savez(file, features=np.array([payload], dtype=object))
+    elif kind == "object_npy":
+        with path.open("wb") as file:
+            np.save(file, np.array([payload], dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(path.read_bytes()[:40])
+
+
+def _cache_entries(folder):
+    """Files of ``folder`` that hold cached results (whatever the storage format)."""
+    return [path for path in Path(folder).rglob("*") if path.suffix in {".pkl", ".npy", ".npz"}]
+
+
+class _Counting(nn.Module):
+    """Identity counting the images it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return x
+
+
+_POISONS = ["pickle", "object_npz", "object_npy", "truncated"]
+
+
+@pytest.mark.parametrize("kind", _POISONS)
+def test_a_poisoned_pooling_cache_entry_is_recomputed_never_unpickled(tmp_path, kind):
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    counter = _Counting()
+    model = nn.Sequential(counter, nn.Conv2d(3, 4, 3), nn.ReLU())
+    pooler = ActivationPooler(model, memory=str(tmp_path / "cache")).fit(images)
+    expected = pooler.transform(images)
+    entries = _cache_entries(tmp_path / "cache")
+    assert entries
+    flag = tmp_path / "unpickled"
+    for entry in entries:
+        _poison(entry, kind, flag)
+    counter.seen = 0
+    features = pooler.transform(images)
+    assert not flag.exists()
+    np.testing.assert_array_equal(features, expected)
+    assert counter.seen == 6  # recomputed, and the entry repaired:
+    np.testing.assert_array_equal(pooler.transform(images), expected)
+    assert counter.seen == 6
+
+
+@pytest.mark.parametrize("kind", _POISONS)
+def test_a_poisoned_selection_cache_entry_is_recomputed_never_unpickled(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 6))
+    y = X[:, 0] - X[:, 4] + 0.1 * rng.normal(size=60)
+    params = dict(groups=[0, 0, 0, 1, 1, 1], alphas=10, random_state=0)
+    expected = LassoFilterSelector(**params).fit(X, y)
+    LassoFilterSelector(**params, memory=str(tmp_path / "cache")).fit(X, y)
+    entries = _cache_entries(tmp_path / "cache")
+    assert len(entries) == 2
+    flag = tmp_path / "unpickled"
+    for entry in entries:
+        _poison(entry, kind, flag)
+    refit = LassoFilterSelector(**params, memory=str(tmp_path / "cache")).fit(X, y)
+    assert not flag.exists()
+    pd.testing.assert_frame_equal(refit.curves_, expected.curves_)
+    np.testing.assert_array_equal(refit.coef_, expected.coef_)
+
+
+def test_memory_location_and_concurrent_writers(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    counter = _Counting()
+    model = nn.Sequential(counter, nn.Conv2d(3, 4, 3), nn.ReLU())
+    expected = ActivationPooler(model).fit(images).transform(images)
+    for memory in (None, joblib.Memory(None, verbose=0)):
+        pooler = ActivationPooler(model, memory=memory).fit(images)
+        counter.seen = 0
+        pooler.transform(images), pooler.transform(images)
+        assert counter.seen == 12  # no location: nothing is cached
+    location = tmp_path / "joblib"
+    pooler = ActivationPooler(model, memory=joblib.Memory(location, verbose=0)).fit(images)
+    results = joblib.Parallel(n_jobs=4, prefer="threads")(joblib.delayed(pooler.transform)(images) for _ in range(8))
+    for result in results:
+        np.testing.assert_array_equal(result, expected)
+    entries = [path for path in location.rglob("*") if path.is_file()]
+    assert [path.suffix for path in entries] == [".npz"]  # one entry, no temporary file left behind
