@@ -16,6 +16,7 @@ fine-tuning and profiling agree on the facts and depend on it rather than on eac
 import copy
 import itertools
 import threading
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 
@@ -47,10 +48,13 @@ ACTIVATIONS = (
 )
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
-# Hooks and eval() are set on the user's model itself; transforms running in threads (joblib's
-# threading backend) on one model would otherwise record each other's batches or restore
-# each other's training flags out of order.
-_FORWARD_LOCK = threading.Lock()
+#: One re-entrant lock per network (released with it). Hooks and eval() are set on the user's
+#: model itself: threads running one model (joblib's threading backend) take turns, so that
+#: none records another's batch or restores flags out of order. The lock is held around
+#: forward passes only, never across user callbacks such as ``preprocess``: those may run the
+#: same network themselves.
+_MODEL_LOCKS = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
 
 
 def _check_model(model):
@@ -90,16 +94,26 @@ def _select_convs(model, layers):
     return selected
 
 
+def _model_lock(model):
+    """The re-entrant lock that serialises forward passes with hooks or flag changes on ``model``."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextmanager
 def _evaluating(model):
-    """Put ``model`` in eval mode, restoring every submodule's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
+    """Put ``model`` in eval mode, holding its lock, and restore every submodule's own training flag."""
+    with _model_lock(model):
+        flags = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            yield
+        finally:
+            for module, training in flags:
+                module.training = training
 
 
 def _leaves(model):
@@ -124,7 +138,7 @@ def _recording_leaf_calls(model):
 
 def _call_sequence(model, example_input):
     """Names of the leaf modules of ``model`` in the order they run on ``example_input``."""
-    with _FORWARD_LOCK, _evaluating(model), torch.inference_mode(), _recording_leaf_calls(model) as calls:
+    with _evaluating(model), torch.inference_mode(), _recording_leaf_calls(model) as calls:
         model(example_input)
     return [name for name, _, _, _ in calls]
 
@@ -132,7 +146,7 @@ def _call_sequence(model, example_input):
 def _traced_graph(model):
     """The torch.fx graph of ``model`` in eval mode, or None when it does not trace."""
     try:
-        with _FORWARD_LOCK, _evaluating(model):
+        with _evaluating(model):
             return torch.fx.symbolic_trace(model).graph
     # Untraceable Python (data-dependent control flow, unsupported calls) fails with many
     # exception types; any of them means "use the fallback".

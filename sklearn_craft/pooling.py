@@ -26,7 +26,7 @@ from torch import nn
 
 from ._cache import cache_folder, cached_arrays, digest
 from .images import as_image_dataset, input_channels, iter_batches
-from .inspection import _FORWARD_LOCK, _call_sequence, _evaluating, _on_device, _select_convs, find_responses
+from .inspection import _call_sequence, _evaluating, _on_device, _select_convs, find_responses
 
 
 def _spatial_mean(maps):
@@ -87,19 +87,22 @@ def _pool_features(model, responses, dataset, *, batch_size, device, preprocess,
     modules = dict(model.named_modules())
     means = _ChannelMeans(len(dataset), [modules[conv].out_channels for conv in responses])
     batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, progress=progress, desc="pooling")
-    with _FORWARD_LOCK, _evaluating(model), torch.inference_mode():
-        handles = [
-            modules[response].register_forward_hook(means.hook(index))
-            for index, response in enumerate(responses.values())
-        ]
-        try:
-            start = 0
-            for batch in batches:
-                means.run(model, batch, start)
-                start += len(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
+    with torch.inference_mode():
+        start = 0
+        # ``preprocess`` runs as the next batch is drawn, outside the model's lock: it may pool
+        # this very model itself.
+        for batch in batches:
+            with _evaluating(model):
+                handles = [
+                    modules[response].register_forward_hook(means.hook(index))
+                    for index, response in enumerate(responses.values())
+                ]
+                try:
+                    means.run(model, batch, start)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            start += len(batch)
     return means.features.numpy()
 
 
