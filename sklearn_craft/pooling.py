@@ -9,6 +9,8 @@ the BatchNorm output, else the convolution output.
 (``surgery.truncate`` cuts a network at the same place).
 """
 
+import dis
+import functools
 import itertools
 import marshal
 import pickle
@@ -22,11 +24,11 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
-from torch import nn
+from torch import fx, nn
 
 from ._cache import cache_folder, cached_arrays, digest
 from .images import as_image_dataset, input_channels, iter_batches
-from .inspection import _call_sequence, _evaluating, _on_device, _select_convs, find_responses
+from .inspection import _call_sequence, _evaluating, _model_lock, _on_device, _select_convs, find_responses
 
 
 def _spatial_mean(maps):
@@ -126,15 +128,71 @@ def _callable_token(func):
     )
 
 
+#: Attributes every nn.Module has: parameters and buffers are keyed by value, children by their
+#: own entries, forward hooks by their code; the others do not change an eval-mode forward pass.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+#: What a torch.fx GraphModule keeps beside the source of its forward (``_code``, keyed).
+_GRAPH_MODULE_INTERNALS = frozenset(vars(fx.GraphModule(nn.Module(), fx.Graph()))) - {"_code"}
+
+
+def _value_token(value):
+    """Hashable stand-in for a module attribute: tensors by value, functions by code, containers item by item."""
+    if isinstance(value, torch.Tensor):
+        return _tensor_token(value)
+    if isinstance(value, types.FunctionType):
+        return _callable_token(value)
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, [_value_token(item) for item in value]
+    if isinstance(value, dict):
+        return "dict", [(key, _value_token(item)) for key, item in value.items()]
+    return value
+
+
+@functools.cache
+def _assigned_by_forward(cls):
+    """Attribute names the ``forward`` of ``cls`` assigns: per-call state (counters, caches), not settings."""
+    code = getattr(cls.forward, "__code__", None)
+    if code is None:
+        return frozenset()
+    return frozenset(op.argval for op in dis.get_instructions(code) if op.opname == "STORE_ATTR")
+
+
+def _module_token(module):
+    """The state of one module beyond its parameters and buffers: plain attributes and forward hooks.
+
+    Attributes its own ``forward`` assigns change with every call and are left out: keyed, they
+    would make every call a cache miss.
+    """
+    internal = _GRAPH_MODULE_INTERNALS if isinstance(module, fx.GraphModule) else _MODULE_INTERNALS
+    internal = internal | _assigned_by_forward(type(module))
+    attributes = {name: _value_token(value) for name, value in vars(module).items() if name not in internal}
+    hooks = [
+        [_callable_token(hook) for hook in registry.values()]
+        for registry in (module._forward_pre_hooks, module._forward_hooks)
+    ]
+    return type(module).__module__, type(module).__qualname__, attributes, hooks
+
+
 def _cache_key(model, responses, X, preprocess):
-    """Digest of everything the pooled features depend on, or None when something is unhashable."""
+    """Digest of everything the pooled features depend on, or None when something is unhashable.
+
+    The model is keyed on its architecture, every parameter and buffer (persistent or not) and
+    every module's plain attributes and forward hooks, read under its lock (no pooling hook of
+    another thread is attached then).
+    """
     if isinstance(X, torch.Tensor):
         X = _tensor_token(X)
-    weights = [(name, _tensor_token(value)) for name, value in model.state_dict().items()]
     try:
-        return digest((repr(model), weights, list(responses.items()), X, _callable_token(preprocess)))
-    except (pickle.PicklingError, TypeError, AttributeError, ValueError) as error:
-        warnings.warn(f"memory is not used: the input cannot be hashed ({error})", UserWarning)
+        with _model_lock(model):
+            tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+            state = (
+                repr(model),
+                [(name, _tensor_token(value)) for name, value in tensors],
+                [(name, _module_token(module)) for name, module in model.named_modules()],
+            )
+            return digest((state, list(responses.items()), X, _callable_token(preprocess)))
+    except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as error:
+        warnings.warn(f"memory is not used: the model or the input cannot be hashed ({error})", UserWarning)
         return None
 
 
@@ -173,11 +231,14 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
     progress : bool, default=False
         Show a tqdm progress bar over batches in ``transform``.
     memory : None, str or joblib.Memory, default=None
-        Cache of pooled features, keyed on the model's architecture and weights, the pooled
+        Cache of pooled features, keyed on the model's architecture, parameters and buffers
+        (persistent or not), the plain attributes and forward hooks of its modules, the pooled
         layers, ``preprocess`` and the input, so that repeated transforms of the same data (a
-        grid search over later steps) skip the forward passes. A function ``preprocess`` is
-        keyed on its code, defaults and closure (not on globals it reads); a Dataset on its
-        pickled state (file names, say, not file contents). The features are stored as ``.npy``
+        grid search over later steps) skip the forward passes. A function ``preprocess`` or
+        hook is keyed on its code, defaults and closure (not on globals it reads); a Dataset on
+        its pickled state (file names, say, not file contents); attributes a module's own
+        ``forward`` assigns (counters) are left out. A model with an attribute that cannot be
+        hashed is pooled without the cache, with a warning. The features are stored as ``.npy``
         arrays in a ``sklearn_craft`` folder under the path (or the joblib.Memory's location),
         never as pickles: a corrupt or tampered entry is recomputed, never executed.
 

@@ -281,3 +281,46 @@ def test_memory_location_and_concurrent_writers(tmp_path):
         np.testing.assert_array_equal(result, expected)
     entries = [path for path in location.rglob("*") if path.is_file()]
     assert [path.suffix for path in entries] == [".npz"]  # one entry, no temporary file left behind
+
+
+class _Shifted(nn.Module):
+    """A convolution whose input depends on a non-persistent buffer and on a plain attribute."""
+
+    def __init__(self, offset=0.0, scale=1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.register_buffer("offset", torch.full((1, 3, 1, 1), offset), persistent=False)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.act(self.conv(x * self.scale + self.offset))
+
+
+@pytest.mark.parametrize("changed", [{"offset": 0.5}, {"scale": 3.0}], ids=["non-persistent buffer", "attribute"])
+def test_models_differing_only_outside_the_state_dict_do_not_share_cache_entries(tmp_path, changed):
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    first, second = _Shifted(), _Shifted(**changed)
+    assert first.state_dict().keys() == second.state_dict().keys()
+    assert all(torch.equal(value, second.state_dict()[key]) for key, value in first.state_dict().items())
+    expected = ActivationPooler(second).fit(images).transform(images)
+    assert not np.array_equal(expected, ActivationPooler(first).fit(images).transform(images))
+    ActivationPooler(first, memory=str(tmp_path)).fit(images).transform(images)
+    np.testing.assert_array_equal(
+        ActivationPooler(second, memory=str(tmp_path)).fit(images).transform(images), expected
+    )
+    assert len(_cache_entries(tmp_path)) == 2
+
+
+def test_a_forward_hook_is_part_of_the_cache_key(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    model = _Shifted()
+    plain = ActivationPooler(model, memory=str(tmp_path)).fit(images).transform(images)
+    handle = model.conv.register_forward_pre_hook(lambda module, inputs: inputs[0] + 1)
+    try:
+        hooked = ActivationPooler(model, memory=str(tmp_path)).fit(images).transform(images)
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(hooked, ActivationPooler(_Shifted(offset=1.0)).fit(images).transform(images), rtol=1e-6)
+    assert not np.array_equal(hooked, plain)
