@@ -114,6 +114,9 @@ def finetune(
     """Train ``model`` in place on images ``X`` and targets ``y``.
 
     Every parameter whose ``requires_grad`` is True is trained (frozen parameters stay frozen).
+    Training that diverges (a loss or a weight becomes NaN or infinite, typically because
+    ``lr`` is too large) stops with a ``ValueError`` naming ``lr`` rather than leaving a model
+    whose every output is NaN.
     With ``early_stopping`` the weights with the lowest validation loss are restored at the end,
     those before the first epoch included: on a few hundred images fine-tuning can make a good
     starting point worse, and then it is undone. The model is left in eval mode.
@@ -161,6 +164,11 @@ def finetune(
     history : pandas.DataFrame
         One row per epoch run: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without validation);
         with validation, a first row ``epoch=0`` holds the validation loss before training.
+
+    Raises
+    ------
+    ValueError
+        If an option is out of range, ``y`` does not match ``X``, or training diverges.
 
     Examples
     --------
@@ -230,6 +238,7 @@ def finetune(
             shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
             train_loss = _run_epoch(model, criterion, dataset, target, shuffled, batch_size, device, preprocess, opt)
             val_loss = validation_loss() if n_val else np.nan
+            _check_converging(trainable, [train_loss, val_loss] if n_val else [train_loss], epoch, lr)
             rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             if early_stopping is None:
                 continue
@@ -243,6 +252,17 @@ def finetune(
         model.load_state_dict(best_state)
     model.eval()
     return pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss"])
+
+
+def _check_converging(parameters, losses, epoch, lr):
+    """Stop when training diverged: a non-finite loss or weight would make every prediction NaN."""
+    finite_losses = bool(np.isfinite(losses).all())
+    if finite_losses and all(bool(torch.isfinite(parameter).all()) for parameter in parameters):
+        return
+    raise ValueError(
+        f"fine-tuning diverged: {'the weights' if finite_losses else 'the loss'} became NaN or infinite "
+        f"in epoch {epoch} (losses {[float(loss) for loss in losses]}); use a smaller lr, got lr={lr!r}"
+    )
 
 
 def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None):

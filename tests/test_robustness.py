@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from sklearn_craft.finetune import finetune
 from sklearn_craft.pooling import ActivationPooler
+from sklearn_craft.pruner import CraftPruner
 
 
 def _images(n=6, size=8, seed=0):
@@ -63,3 +65,64 @@ def test_preprocess_may_pool_with_another_pooler(inner):
     assert [module.training for module in model.modules()] == flags
     # Nothing is left locked: plain pooling in this thread still works.
     np.testing.assert_array_equal(ActivationPooler(model).fit(images).transform(images), expected)
+
+
+# ---------------------------------------------------------------- divergence and non-finite input
+
+
+def _regression_data(n=40, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, 3, size, size), dtype=np.float32)
+    return X, X[:, 0].mean(axis=(1, 2)) - X[:, 1].mean(axis=(1, 2))
+
+
+def _relu_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReLU())
+
+
+def test_diverging_fine_tuning_is_an_error_naming_lr():
+    X, y = _regression_data()
+    net = nn.Sequential(_relu_net(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1))
+    with pytest.raises(ValueError, match=r"fine-tuning diverged: .* became NaN or infinite .* lr=10000000000.0"):
+        finetune(net, X, y, loss="mse", lr=1e10, epochs=3, random_state=0)
+    pruner = CraftPruner(_relu_net(), gamma=0.1, finetune_params={"lr": 1e10, "epochs": 3}, random_state=0)
+    with pytest.raises(ValueError, match=r"fine-tuning diverged: .* lr=10000000000.0"):
+        pruner.fit(X, y)
+    assert not hasattr(pruner, "pruned_model_")
+
+
+def test_nan_from_preprocess_is_reported_as_such():
+    X, y = _regression_data()
+
+    def broken(batch):
+        return (batch - batch.mean()) / torch.zeros(())  # a zero standard deviation
+
+    message = r"preprocess returned NaN or infinity for the batch of images 0\.\.\d+"
+    with pytest.raises(ValueError, match=message):
+        ActivationPooler(_relu_net(), preprocess=broken).fit(X).transform(X)
+    with pytest.raises(ValueError, match=message):
+        CraftPruner(_relu_net(), gamma=0.1, preprocess=broken, random_state=0).fit(X, y)
+    with pytest.raises(TypeError, match="preprocess must return a torch.Tensor, got ndarray"):
+        ActivationPooler(_relu_net(), preprocess=lambda batch: batch.numpy()).fit(X)
+
+
+def test_pixels_beyond_float32_range_are_reported_as_such():
+    X, y = _regression_data()
+    X = X.astype(np.float64)
+    X[5, 0, 2, 2] = 1e39
+    message = r"X holds pixel values beyond the float32 range \(largest magnitude 1e\+39"
+    with pytest.raises(ValueError, match=message):
+        ActivationPooler(_relu_net()).fit(X).transform(X)
+    with pytest.raises(ValueError, match=message):
+        CraftPruner(_relu_net(), gamma=0.1, random_state=0).fit(X, y)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(X)
+
+        def __getitem__(self, index):
+            return X[index]
+
+    with pytest.raises(ValueError, match=r"X\[5\] holds pixel values beyond the float32 range"):
+        ActivationPooler(_relu_net()).fit(Items()).transform(Items())
