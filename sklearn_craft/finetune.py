@@ -8,6 +8,7 @@ optimiser built before it would update orphaned tensors).
 """
 
 import copy
+import math
 from numbers import Integral, Real
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, iter_batches
-from .inspection import _evaluating
+from .inspection import _call_sequence, _evaluating
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
 FINETUNE_DEFAULTS = {
@@ -265,7 +266,59 @@ def _check_converging(parameters, losses, epoch, lr):
     )
 
 
-def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None):
+class _InputRecorded(Exception):
+    """Raised by the hook of the BatchNorm being re-estimated: the layers after it need not run."""
+
+
+class _ChannelMoments:
+    """Count, mean and sum of squared deviations of every channel, merged batch by batch in float64.
+
+    Merging the moments of batches (Chan, Golub and LeVeque's update) gives those of their
+    union, whatever the batch size, without the cancellation of a sum of squares.
+    """
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, x):
+        values = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+        values = values.to(torch.float32 if values.device.type == "mps" else torch.float64)  # MPS has no float64
+        mean = values.mean(1)
+        m2 = ((values - mean[:, None]) ** 2).sum(1)
+        count, mean, m2 = values.shape[1], mean.cpu().double(), m2.cpu().double()
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.count = total
+
+
+def _input_moments(model, norm, dataset, batch_size, device, preprocess):
+    """Moments of the input of ``norm`` over all images, the network running in eval mode up to it."""
+    moments = _ChannelMoments()
+
+    def record(module, inputs):
+        moments.add(inputs[0])
+        raise _InputRecorded
+
+    with torch.no_grad():
+        # ``preprocess`` runs as the next batch is drawn, outside the model's lock.
+        for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess):
+            with _evaluating(model):
+                handle = norm.register_forward_pre_hook(record)
+                try:
+                    model(batch)
+                except _InputRecorded:
+                    pass
+                finally:
+                    handle.remove()
+    return moments
+
+
+def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None, progress=False):
     """Re-estimate the running mean and variance of every BatchNorm layer of ``model`` on ``X``.
 
     Removing filters changes what the layers after them see, so the statistics a BatchNorm layer
@@ -273,21 +326,32 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     scales them wrongly, and when fine-tuning starts (train mode, batch statistics) the responses
     jump, far from those a head was fitted on. Re-estimating the statistics on the new task's
     images ("adaptive BatchNorm", Li et al., EagleEye, ECCV 2020) fixes both; no weight changes.
-    The statistics are exact averages over all batches (``momentum=None``), not running ones.
+
+    The statistics are exact and do not depend on ``batch_size``: they are those a BatchNorm
+    layer in train mode would store after one batch holding all of ``X`` (mean, and unbiased
+    variance, of its input over every image and position), each layer normalising what later
+    layers see with the statistics of all of ``X``. Layers are estimated one after the other in
+    the order they run, each over a pass of the images through the layers before it (in float64,
+    merged batch by batch), so the cost grows with the number of BatchNorm layers. A layer
+    called several times in a forward pass is estimated on its first call; one that does not
+    run on ``X`` keeps its statistics, and so does one that does not track running statistics.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The network; its BatchNorm buffers are modified in place. Other modules stay in eval mode
-        (no dropout) and every module's ``training`` flag is restored afterwards.
+        The network; its BatchNorm buffers are modified in place (``num_batches_tracked`` counts
+        the batches of one pass). Every module runs in eval mode (no dropout) and every
+        module's ``training`` flag is restored afterwards.
     X : array-like, torch.Tensor or torch.utils.data.Dataset
         Images, in any form accepted by :func:`sklearn_craft.images.as_image_dataset`.
     batch_size : int, default=64
-        Images per forward pass.
+        Images per forward pass; the statistics do not depend on it.
     device : str or torch.device, default="cpu"
         Where the forward passes run (the model must already be there).
     preprocess : callable or None, default=None
         Applied to every batch of images before the model sees it.
+    progress : bool, default=False
+        Show a tqdm progress bar over the BatchNorm layers.
 
     Returns
     -------
@@ -300,26 +364,36 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     >>> from sklearn_craft.finetune import recalibrate_batchnorm
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     >>> X = 5 + torch.randn(40, 1, 8, 8)
-    >>> net = recalibrate_batchnorm(net, X)
+    >>> net = recalibrate_batchnorm(net, X, batch_size=7)
     >>> torch.allclose(net[1].running_mean, net[0](X).mean((0, 2, 3)).detach(), atol=1e-5)
     True
     """
-    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    norms = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+    }
     if not norms:
         return model
-    momenta = [norm.momentum for norm in norms]
-    try:
-        with _evaluating(model):
-            for norm in norms:
-                norm.reset_running_stats()
-                norm.momentum = None
-                norm.train()
-            with torch.no_grad():
-                for batch in iter_batches(as_image_dataset(X), batch_size, device=device, preprocess=preprocess):
-                    model(batch)
-    finally:
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
+    dataset = as_image_dataset(X)
+    example = next(iter_batches(dataset, 1, device=device, preprocess=preprocess))
+    order = [name for name in dict.fromkeys(_call_sequence(model, example)) if name in norms]
+    unbiased = {}
+    for name in tqdm(order, desc="BatchNorm statistics", disable=not progress):
+        norm = norms[name]
+        moments = _input_moments(model, norm, dataset, batch_size, device, preprocess)
+        if moments.count == 0:
+            continue
+        with torch.no_grad():
+            norm.running_mean.copy_(moments.mean)
+            # While later layers are estimated, this one normalises as it would a batch of all of
+            # X, with the biased variance; it stores the unbiased one, as BatchNorm does.
+            norm.running_var.copy_(moments.m2 / moments.count)
+            norm.num_batches_tracked.fill_(math.ceil(len(dataset) / batch_size))
+        unbiased[name] = moments.m2 / max(moments.count - 1, 1)
+    with torch.no_grad():
+        for name, variance in unbiased.items():
+            norms[name].running_var.copy_(variance)
     return model
 
 

@@ -448,7 +448,14 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         pruned = pruned.to(self.device)
         changed = scale is not None or any(len(kept[name]) < convs[name] for name in kept)
         if self.recalibrate_bn and changed:
-            recalibrate_batchnorm(pruned, dataset, batch_size=self.batch_size, device=self.device, preprocess=self.preprocess)
+            recalibrate_batchnorm(
+                pruned,
+                dataset,
+                batch_size=self.batch_size,
+                device=self.device,
+                preprocess=self.preprocess,
+                progress=self.progress,
+            )
         return pruned, {layer: kept[layer] for layer in remaining}
 
     def _with_satellite_head(self, body, satellite):

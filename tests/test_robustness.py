@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sklearn_craft.finetune import finetune
+from sklearn_craft.finetune import finetune, recalibrate_batchnorm
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.pruner import CraftPruner
 
@@ -126,3 +126,67 @@ def test_pixels_beyond_float32_range_are_reported_as_such():
 
     with pytest.raises(ValueError, match=r"X\[5\] holds pixel values beyond the float32 range"):
         ActivationPooler(_relu_net()).fit(Items()).transform(Items())
+
+
+# ---------------------------------------------------------------- BatchNorm re-estimation
+
+
+def _deep_bn_net(seed=0):
+    """Three BatchNorm layers in a chain, with a residual addition and dropout."""
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
+            self.branch = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.3))
+            self.last = nn.Sequential(nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.last(x + self.branch(x))
+
+    return Net()
+
+
+def _bn_statistics(model):
+    return [
+        (module.running_mean.clone(), module.running_var.clone())
+        for module in model.modules()
+        if isinstance(module, nn.BatchNorm2d)
+    ]
+
+
+def test_batchnorm_statistics_do_not_depend_on_batch_size_and_equal_one_batch_of_everything():
+    X, _ = _regression_data(n=50)
+    X = 3 * X + 1
+    small, large = _deep_bn_net(), _deep_bn_net()
+    recalibrate_batchnorm(small, X, batch_size=7)
+    recalibrate_batchnorm(large, X, batch_size=64)
+    # What BatchNorm stores after one batch of all images in train mode (momentum=None).
+    reference = _deep_bn_net()
+    reference.train()
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+        elif isinstance(module, nn.Dropout):
+            module.eval()
+    with torch.no_grad():
+        reference(torch.from_numpy(X))
+    for ours, theirs, expected in zip(_bn_statistics(small), _bn_statistics(large), _bn_statistics(reference)):
+        for a, b, c in zip(ours, theirs, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(a, c, rtol=2e-5, atol=1e-6)
+    assert all(module.training for module in small.modules())  # flags restored
+
+
+@pytest.mark.slow
+def test_pruner_predictions_do_not_depend_on_batch_size():
+    X, y = _regression_data(n=60)
+    predictions = []
+    for batch_size in (7, 64):
+        pruner = CraftPruner(_deep_bn_net(), gamma=0.2, batch_size=batch_size, random_state=0).fit(X, y)
+        assert any(len(kept) < 8 for kept in pruner.keep_.values())  # surgery ran, hence re-estimation
+        predictions.append(pruner.predict(X))
+    np.testing.assert_allclose(predictions[0], predictions[1], rtol=1e-5, atol=1e-6)
