@@ -19,6 +19,7 @@ import threading
 import weakref
 from collections import Counter
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.fx
@@ -136,10 +137,32 @@ def _recording_leaf_calls(model):
             handle.remove()
 
 
-def _call_sequence(model, example_input):
-    """Names of the leaf modules of ``model`` in the order they run on ``example_input``."""
+class _AllCalled(Exception):
+    """Raised once every module awaited by ``_call_sequence`` has run: the rest need not run."""
+
+
+def _call_sequence(model, example_input, until=()):
+    """Names of the leaf modules of ``model`` in the order they run on ``example_input``.
+
+    With ``until`` (module names), the pass stops as soon as each of them has run, so that the
+    layers after them (a classifier built for another input size) need not accept the input.
+    """
+    waiting = set(until)
+
+    def stop(module, inputs, output, name):
+        waiting.discard(name)
+        if not waiting:
+            raise _AllCalled
+
     with _evaluating(model), torch.inference_mode(), _recording_leaf_calls(model) as calls:
-        model(example_input)
+        handles = [model.get_submodule(name).register_forward_hook(partial(stop, name=name)) for name in waiting]
+        try:
+            model(example_input)
+        except _AllCalled:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
     return [name for name, _, _, _ in calls]
 
 

@@ -28,7 +28,15 @@ from torch import fx, nn
 
 from ._cache import cache_folder, cached_arrays, digest
 from .images import as_image_dataset, input_channels, iter_batches
-from .inspection import _call_sequence, _evaluating, _model_lock, _on_device, _select_convs, find_responses
+from .inspection import (
+    _call_sequence,
+    _evaluating,
+    _model_lock,
+    _on_device,
+    _select_convs,
+    _traced_graph,
+    find_responses,
+)
 
 
 def _spatial_mean(maps):
@@ -208,8 +216,10 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
 
     The network runs in eval mode under ``torch.inference_mode()``, batch by batch; forward
     hooks reduce every map to its channel means at once, so peak memory is one batch of
-    activations plus the N×ΣC output. A forward pass stops after the last pooled layer. The
-    model passed in is never modified: its training flags are restored and no hook is left.
+    activations plus the N×ΣC output. A forward pass, in ``fit`` as in ``transform``, stops
+    after the last pooled layer, so the layers after it (a classifier built for another image
+    size) never run. The model passed in is never modified: its training flags are restored and
+    no hook is left.
 
     Parameters
     ----------
@@ -330,7 +340,14 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         example = next(iter_batches(dataset, 1, device=device, preprocess=self.preprocess))
         model = _on_device(self.model, device)
         responses = find_responses(model, self.layers, example_input=example)
-        calls = Counter(_call_sequence(model, example))
+        # As in transform, the pass stops once every response has run: later layers (a
+        # classifier sized for other images) need not accept these. The traced graph still
+        # counts the calls the pass stopped before.
+        calls = Counter(_call_sequence(model, example, until=responses.values()))
+        graph = _traced_graph(model)
+        if graph is not None:
+            static = Counter(node.target for node in graph.nodes if node.op == "call_module")
+            calls = Counter({name: max(count, static[name]) for name, count in calls.items()})
         ran_once = {conv: calls[response] == 1 for conv, response in responses.items()}
         skipped = [conv for conv, once in ran_once.items() if not once]
         if skipped and isinstance(self.layers, (list, tuple)):

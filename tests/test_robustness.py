@@ -190,3 +190,26 @@ def test_pruner_predictions_do_not_depend_on_batch_size():
         assert any(len(kept) < 8 for kept in pruner.keep_.values())  # surgery ran, hence re-estimation
         predictions.append(pruner.predict(X))
     np.testing.assert_allclose(predictions[0], predictions[1], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- pooling stops after the last pooled layer
+
+
+def _classifier_net(image_size=16):
+    """Convolutions, then a Linear layer that only accepts images of ``image_size`` pixels."""
+    torch.manual_seed(0)
+    width = image_size - 4
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * width * width, 2)
+    )
+
+
+def test_pooling_stops_after_the_last_pooled_layer_in_fit_too():
+    images = np.random.default_rng(0).random((5, 3, 24, 24), dtype=np.float32)
+    model = _classifier_net(16)  # its Linear layer cannot take 24-pixel images
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        model(torch.from_numpy(images))
+    pooler = ActivationPooler(model).fit(images)
+    assert pooler.layers_ == ["0", "2"]
+    expected = ActivationPooler(model[:4]).fit(images).transform(images)
+    np.testing.assert_array_equal(pooler.transform(images), expected)
