@@ -11,6 +11,7 @@ JSON and raw tensor data, and that torch will find nothing in it to unpickle, ev
 
 import ast
 import io
+import itertools
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .inspection import _evaluating
+from .inspection import _evaluating, _input_dtype, _runs_on
 from .profiling import _check_input_shape
 
 __all__ = ["load_model", "save_model"]
@@ -77,7 +78,8 @@ def save_model(model, path, *, example_input=None, input_shape=None):
         A batch (N, ...) of inputs; only its first example is used.
     input_shape : tuple of int, optional
         Shape of one example without the batch dimension, e.g. ``(3, 112, 112)``, used instead of
-        ``example_input`` (float32 zeros). Give exactly one of the two.
+        ``example_input`` (zeros of the dtype of the model's parameters). Give exactly one of the
+        two.
 
     Returns
     -------
@@ -87,8 +89,10 @@ def save_model(model, path, *, example_input=None, input_shape=None):
     Raises
     ------
     ValueError
-        If neither or both of ``example_input`` and ``input_shape`` are given, or if the model
-        cannot be exported with a dynamic batch dimension.
+        If neither or both of ``example_input`` and ``input_shape`` are given, if the model
+        cannot run on them (an ``input_shape`` with a batch dimension, say), if the folder of
+        ``path`` does not exist, or if the model cannot be exported with a dynamic batch
+        dimension.
 
     Examples
     --------
@@ -107,7 +111,15 @@ def save_model(model, path, *, example_input=None, input_shape=None):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path must be in an existing folder, got {os.fspath(path)!r}: {folder!r} does not exist")
     example = _example_batch(example_input, input_shape)
+    parameter = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if parameter is not None:
+        # The zeros of input_shape take the model's dtype; any example goes where the model is.
+        example = example.to(parameter.device, _input_dtype(model) if input_shape is not None else example.dtype)
+    _runs_on(model, example[:1], "example_input" if input_shape is None else "input_shape")
     batch = torch.export.Dim("batch", min=1)
     with _evaluating(model):
         try:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, iter_batches
-from .inspection import _call_sequence, _evaluating
+from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
 FINETUNE_DEFAULTS = {
@@ -201,6 +201,7 @@ def finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no parameter with requires_grad=True, so there is nothing to fine-tune")
+    device = _check_device(device)
 
     seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
     generator = torch.Generator().manual_seed(seed)
@@ -310,7 +311,7 @@ def _input_moments(model, norm, dataset, batch_size, device, preprocess):
             with _evaluating(model):
                 handle = norm.register_forward_pre_hook(record)
                 try:
-                    model(batch)
+                    model(batch.to(_input_dtype(model)))
                 except _InputRecorded:
                     pass
                 finally:
@@ -376,7 +377,8 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     if not norms:
         return model
     dataset = as_image_dataset(X)
-    example = next(iter_batches(dataset, 1, device=device, preprocess=preprocess))
+    dtype = _input_dtype(model)
+    example = next(iter_batches(dataset, 1, device=_check_device(device), preprocess=preprocess)).to(dtype)
     order = [name for name in dict.fromkeys(_call_sequence(model, example)) if name in norms]
     unbiased = {}
     for name in tqdm(order, desc="BatchNorm statistics", disable=not progress):
@@ -401,11 +403,12 @@ def _run_epoch(model, criterion, dataset, target, indices, batch_size, device, p
     """Mean loss over ``indices`` in batches; one optimisation step per batch when ``opt`` is given."""
     total = 0.0
     batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, indices=indices.numpy())
+    dtype = _input_dtype(model)
     for start, xb in zip(range(0, len(indices), batch_size), batches):
-        output = model(xb)
+        output = model(xb.to(dtype))
         yb = target[indices[start : start + batch_size]].to(device)
         if not isinstance(criterion, nn.CrossEntropyLoss):
-            yb = yb.reshape(output.shape)
+            yb = yb.reshape(output.shape).to(output.dtype)
         batch_loss = criterion(output, yb)
         if opt is not None:
             opt.zero_grad()

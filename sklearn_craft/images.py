@@ -26,6 +26,8 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from .inspection import _check_device
+
 __all__ = ["as_image_dataset", "input_channels", "iter_batches"]
 
 _LAYOUTS = "N×C×H×W float or N×H×W×C uint8"
@@ -265,7 +267,7 @@ def iter_batches(
         raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    device = torch.device(device)
+    device = _check_device(device)
     order = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.intp)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):

@@ -273,13 +273,71 @@ def find_responses(model, layers="conv", *, example_input=None):
     return dict(sorted(responses.items(), key=lambda item: first_run.get(item[0], len(order))))
 
 
+def _check_device(device, argument="device"):
+    """``device`` as a torch.device this build of torch can run on, else a ValueError naming ``argument``."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{argument} must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from error
+    if checked.type == "meta":
+        raise ValueError(f"{argument} must be a device that computes values, got {device!r}")
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(checked.type) or getattr(torch, checked.type, None)
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ValueError(
+            f"{argument}={str(checked)!r} is not available in this torch build ({torch.__version__}): "
+            f"torch.{'backends.mps' if checked.type == 'mps' else checked.type}.is_available() is False; "
+            f"use {argument}='cpu'"
+        )
+    if checked.type == "cuda" and checked.index is not None and checked.index >= torch.cuda.device_count():
+        raise ValueError(f"{argument}={str(checked)!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return checked
+
+
+def _input_dtype(model):
+    """dtype of the first floating-point parameter of ``model`` (the default dtype when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
 def _on_device(model, device):
-    """``model`` when all its tensors live on ``device``, else a moved copy (never move the user's)."""
+    """``model`` when all its tensors live on ``device``, else a moved copy (never move the user's).
+
+    A model on another device (a GPU, with ``device="cpu"``) is copied there; one whose tensors
+    are on the meta device holds no values to copy, which is an error naming ``model``.
+    """
     device = torch.device(device)
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if any(tensor.is_meta for tensor in tensors):
+        raise ValueError(
+            "model has parameters or buffers on the meta device, which hold no values: materialise them "
+            "(model.to_empty(device=...) then load_state_dict) before using the model"
+        )
 
     def placed(tensor):
         return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
 
-    if all(placed(tensor) for tensor in itertools.chain(model.parameters(), model.buffers())):
+    if all(placed(tensor) for tensor in tensors):
         return model
     return copy.deepcopy(model).to(device)
+
+
+def _runs_on(model, example, argument):
+    """``model(example)`` in eval mode without gradients, or a ValueError naming ``argument``.
+
+    When the model runs once the first two axes of ``example`` are merged, ``argument`` holds an
+    axis too many, typically a batch dimension given in a shape that must not have one.
+    """
+    try:
+        with _evaluating(model), torch.no_grad():
+            return model(example)
+    # A forward pass fails in many ways on an input it was not built for (shape, dtype, device).
+    except Exception as error:
+        message = f"model cannot run on {argument} (a batch of shape {tuple(example.shape)}): {error}"
+        if example.ndim > 2:
+            try:
+                with _evaluating(model), torch.no_grad():
+                    model(example.flatten(0, 1))
+                message += f"; it runs without the first axis of each example: {argument} has an axis too many"
+                message += " (the shape of one example must not include the batch dimension)"
+            except Exception:  # the shape is wrong in another way: the first message says how
+                pass
+        raise ValueError(message) from error

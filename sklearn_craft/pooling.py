@@ -30,7 +30,9 @@ from ._cache import cache_folder, cached_arrays, digest
 from .images import as_image_dataset, input_channels, iter_batches
 from .inspection import (
     _call_sequence,
+    _check_device,
     _evaluating,
+    _input_dtype,
     _model_lock,
     _on_device,
     _select_convs,
@@ -94,6 +96,7 @@ class _ChannelMeans:
 def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress):
     """Channel means of every response, N×ΣC float32."""
     model = _on_device(model, device)
+    dtype = _input_dtype(model)
     modules = dict(model.named_modules())
     means = _ChannelMeans(len(dataset), [modules[conv].out_channels for conv in responses])
     batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, progress=progress, desc="pooling")
@@ -108,7 +111,7 @@ def _pool_features(model, responses, dataset, *, batch_size, device, preprocess,
                     for index, response in enumerate(responses.values())
                 ]
                 try:
-                    means.run(model, batch, start)
+                    means.run(model, batch.to(dtype), start)
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -218,8 +221,9 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
     hooks reduce every map to its channel means at once, so peak memory is one batch of
     activations plus the N×ΣC output. A forward pass, in ``fit`` as in ``transform``, stops
     after the last pooled layer, so the layers after it (a classifier built for another image
-    size) never run. The model passed in is never modified: its training flags are restored and
-    no hook is left.
+    size) never run. Batches are cast to the dtype of the model's parameters (float64 and
+    float16 models work; features are float32). The model passed in is never modified: its
+    training flags are restored and no hook is left.
 
     Parameters
     ----------
@@ -233,7 +237,8 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
     batch_size : int, default=64
         Images per forward pass.
     device : str or torch.device, default="cpu"
-        Where the forward passes run (a model elsewhere is copied there, not moved).
+        Where the forward passes run (a model elsewhere, say on a GPU, is copied there, not
+        moved). A device this torch build cannot use is a ``ValueError``.
     preprocess : callable, default=None
         Applied to every float batch tensor (N×C×H×W, [0, 1] for ``uint8`` images) before the
         network, for instance a normalisation. When given, the channel count of the input is
@@ -308,10 +313,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         self.memory = memory
 
     def _device(self):
-        try:
-            return torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(f"device must be a torch device, got {self.device!r}") from error
+        return _check_device(self.device)
 
     def _dataset(self, X):
         n_channels = input_channels(self.model) if self.preprocess is None else None
@@ -337,8 +339,8 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         device = self._device()
         _select_convs(self.model, self.layers)
         dataset = self._dataset(X)
-        example = next(iter_batches(dataset, 1, device=device, preprocess=self.preprocess))
         model = _on_device(self.model, device)
+        example = next(iter_batches(dataset, 1, device=device, preprocess=self.preprocess)).to(_input_dtype(model))
         responses = find_responses(model, self.layers, example_input=example)
         # As in transform, the pass stops once every response has run: later layers (a
         # classifier sized for other images) need not accept these. The traced graph still

@@ -3,13 +3,19 @@
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+from sklearn_craft.export import save_model
 from sklearn_craft.finetune import finetune, recalibrate_batchnorm
+from sklearn_craft.images import iter_batches
 from sklearn_craft.pooling import ActivationPooler
+from sklearn_craft.profiling import compare_models, count_flops, measure_latency
 from sklearn_craft.pruner import CraftPruner
+from sklearn_craft.relationships import task_relationship_matrix
+from sklearn_craft.surgery import coupled_groups, prune_channels, truncate
 
 
 def _images(n=6, size=8, seed=0):
@@ -213,3 +219,102 @@ def test_pooling_stops_after_the_last_pooled_layer_in_fit_too():
     assert pooler.layers_ == ["0", "2"]
     expected = ActivationPooler(model[:4]).fit(images).transform(images)
     np.testing.assert_array_equal(pooler.transform(images), expected)
+
+
+# ---------------------------------------------------------------- clear errors naming the argument
+
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this torch build can use CUDA")
+
+
+@_NO_CUDA
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda X, y: ActivationPooler(_relu_net(), device="cuda").fit(X),
+        lambda X, y: CraftPruner(_relu_net(), device="cuda").fit(X, y),
+        lambda X, y: finetune(_classifier_net(8), X, np.zeros((len(X), 2)), loss="mse", device="cuda"),
+        lambda X, y: recalibrate_batchnorm(_deep_bn_net(), X, device="cuda:0"),
+        lambda X, y: next(iter_batches(X, 4, device="cuda")),
+        lambda X, y: task_relationship_matrix({"net": _relu_net()}, X, pd.DataFrame({"t": y}), device="cuda"),
+    ],
+    ids=["ActivationPooler", "CraftPruner", "finetune", "recalibrate_batchnorm", "iter_batches", "relationships"],
+)
+def test_cuda_on_a_cpu_build_is_a_clear_error(call):
+    X, y = _regression_data(n=20)
+    with pytest.raises(
+        ValueError, match=r"device='cuda(:0)?' is not available in this torch build .* use device='cpu'"
+    ):
+        call(X, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_float64_and_float16_models_are_pooled(dtype):
+    X, y = _regression_data(n=12)
+    expected = ActivationPooler(_relu_net()).fit(X).transform(X)
+    features = ActivationPooler(_relu_net().to(dtype)).fit(X).transform(X)
+    assert features.dtype == np.float32
+    np.testing.assert_allclose(features, expected, rtol=1e-5 if dtype == torch.float64 else 2e-2, atol=1e-3)
+    model = nn.Sequential(_relu_net(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1)).double()
+    history = finetune(model, X, y, loss="mse", epochs=1, random_state=0)
+    assert np.isfinite(history["train_loss"]).all()
+    with pytest.raises(
+        ValueError, match=r"model must have float32 parameters .* got torch\.float64: pass model\.float\(\)"
+    ):
+        CraftPruner(_relu_net().double()).fit(X, y)
+
+
+def test_a_model_without_values_is_a_clear_error():
+    X, y = _regression_data(n=12)
+    with pytest.raises(ValueError, match="model has parameters or buffers on the meta device"):
+        ActivationPooler(_relu_net().to("meta")).fit(X)
+    with pytest.raises(ValueError, match="model has parameters or buffers on the meta device"):
+        CraftPruner(_relu_net().to("meta")).fit(X, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_model_on_the_gpu_is_copied_to_the_cpu_device():
+    X, y = _regression_data(n=40)
+    expected = ActivationPooler(_relu_net()).fit(X).transform(X)
+    model = _relu_net().cuda()
+    np.testing.assert_allclose(
+        ActivationPooler(model, device="cpu").fit(X).transform(X), expected, rtol=1e-4, atol=1e-5
+    )
+    pruner = CraftPruner(model, gamma=0.1, device="cpu", random_state=0).fit(X, y)
+    assert next(pruner.pruned_model_.parameters()).device.type == "cpu"
+    assert next(model.parameters()).device.type == "cuda"
+    reference = CraftPruner(_relu_net(), gamma=0.1, random_state=0).fit(X, y)
+    np.testing.assert_allclose(pruner.predict(X), reference.predict(X), rtol=1e-3, atol=1e-4)
+
+
+def test_an_example_input_of_the_wrong_shape_is_a_clear_error(tmp_path):
+    model = _classifier_net(16)
+    wrong = torch.zeros(1, 3, 15, 15)
+    message = r"model cannot run on example_input \(a batch of shape \(1, 3, 15, 15\)\): mat1 and mat2 shapes"
+    with pytest.raises(ValueError, match=message):
+        prune_channels(model, {"0": [0, 1]}, wrong)
+    with pytest.raises(ValueError, match=message):
+        truncate(model, "2", wrong)
+    with pytest.raises(ValueError, match=message):
+        coupled_groups(model, wrong)
+    with pytest.raises(ValueError, match=message):
+        save_model(model, tmp_path / "model.pt2", example_input=wrong)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda model, shape, path: count_flops(model, shape),
+        lambda model, shape, path: measure_latency(model, shape, repeats=1, warmup=0),
+        lambda model, shape, path: compare_models(model, model, shape, latency=False),
+        lambda model, shape, path: save_model(model, path / "model.pt2", input_shape=shape),
+    ],
+    ids=["count_flops", "measure_latency", "compare_models", "save_model"],
+)
+def test_an_input_shape_with_a_batch_axis_is_a_clear_error(tmp_path, call):
+    with pytest.raises(ValueError, match=r"input_shape has an axis too many \(the shape of one example must not"):
+        call(_classifier_net(16), (1, 3, 16, 16), tmp_path)
+
+
+def test_save_model_into_a_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"path must be in an existing folder, .*/missing' does not exist"):
+        save_model(_classifier_net(16), tmp_path / "missing" / "model.pt2", input_shape=(3, 16, 16))
