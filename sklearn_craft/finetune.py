@@ -300,6 +300,7 @@ class _ChannelMoments:
 def _input_moments(model, norm, dataset, batch_size, device, preprocess):
     """Moments of the input of ``norm`` over all images, the network running in eval mode up to it."""
     moments = _ChannelMoments()
+    dtype = _input_dtype(model)
 
     def record(module, inputs):
         moments.add(inputs[0])
@@ -311,7 +312,7 @@ def _input_moments(model, norm, dataset, batch_size, device, preprocess):
             with _evaluating(model):
                 handle = norm.register_forward_pre_hook(record)
                 try:
-                    model(batch.to(_input_dtype(model)))
+                    model(batch.to(dtype))
                 except _InputRecorded:
                     pass
                 finally:
