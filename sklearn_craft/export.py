@@ -6,20 +6,23 @@ new head), so a state dict alone cannot rebuild it, and torch (>= 2.6) refuses t
 module by default. :func:`save_model` therefore captures the network's computation with
 ``torch.export`` (a graph of ATen operators plus its weights, with a dynamic batch dimension)
 and :func:`load_model` rebuilds a module from that archive, after checking that it holds only
-JSON and raw tensor data so that nothing is unpickled.
+JSON and raw tensor data, and that torch will find nothing in it to unpickle, evaluate or import.
 """
 
+import ast
 import io
+import itertools
 import json
 import os
 import re
 import types
 import zipfile
+from collections import Counter
 
 import torch
 from torch import nn
 
-from .inspection import _evaluating
+from .inspection import _evaluating, _input_dtype, _runs_on
 from .profiling import _check_input_shape
 
 __all__ = ["load_model", "save_model"]
@@ -74,9 +77,9 @@ def save_model(model, path, *, example_input=None, input_shape=None):
         A batch (N, ...) of inputs; only its first example is used.
     input_shape : tuple of int, optional
         Shape of one example without the batch dimension, e.g. ``(3, 112, 112)``, used instead of
-        ``example_input`` (float32 zeros). Give at most one of the two; with neither, the
-        model's own ``input_shape`` attribute is used, which the ``pruned_model_`` of
-        :class:`~sklearn_craft.pruner.CraftPruner` has.
+        ``example_input`` (zeros of the dtype of the model's parameters). Give at most one of the
+        two; with neither, the model's own ``input_shape`` attribute is used, which the
+        ``pruned_model_`` of :class:`~sklearn_craft.pruner.CraftPruner` has.
 
     Returns
     -------
@@ -87,8 +90,9 @@ def save_model(model, path, *, example_input=None, input_shape=None):
     ------
     ValueError
         If both of ``example_input`` and ``input_shape`` are given, or neither while the model
-        has no ``input_shape`` attribute, or if the model cannot be exported with a dynamic
-        batch dimension.
+        has no ``input_shape`` attribute, if the model cannot run on them (an ``input_shape`` with
+        a batch dimension, say), if the folder of ``path`` does not exist, or if the model cannot
+        be exported with a dynamic batch dimension.
 
     Examples
     --------
@@ -107,6 +111,9 @@ def save_model(model, path, *, example_input=None, input_shape=None):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path must be in an existing folder, got {os.fspath(path)!r}: {folder!r} does not exist")
     if example_input is None and input_shape is None:
         input_shape = getattr(model, "input_shape", None)
         if input_shape is None:
@@ -115,6 +122,11 @@ def save_model(model, path, *, example_input=None, input_shape=None):
                 "input shape (only the pruned_model_ of a fitted CraftPruner does), got neither"
             )
     example = _example_batch(example_input, input_shape)
+    parameter = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if parameter is not None:
+        # The zeros of input_shape take the model's dtype; any example goes where the model is.
+        example = example.to(parameter.device, _input_dtype(model) if input_shape is not None else example.dtype)
+    _runs_on(model, example[:1], "example_input" if input_shape is None else "input_shape")
     batch = torch.export.Dim("batch", min=1)
     with _evaluating(model):
         try:
@@ -128,31 +140,224 @@ def save_model(model, path, *, example_input=None, input_shape=None):
     return os.fspath(path)
 
 
-def _check_archive(path):
-    """Refuse files that ``torch.export.load`` could only read by unpickling something."""
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{os.fspath(path)!r} is not a file written by save_model (not a zip archive)")
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        roots = {name.split("/", 1)[0] for name in names}
-        relative = {name.split("/", 1)[-1]: name for name in names}
-        unexpected = sorted(r for r in relative if not _ARCHIVE_FILES.fullmatch(r))
-        if len(roots) != 1 or unexpected or "models/model.json" not in relative:
-            raise ValueError(
-                f"{os.fspath(path)!r} is not an archive written by save_model"
-                + (f": unexpected entries {unexpected[:5]}" if unexpected else "")
+#: Calls allowed in the expression strings of symbolic shapes. torch writes them as sympy's
+#: ``srepr`` of integer arithmetic on the batch size, e.g.
+#: ``Mul(Integer(144), Symbol('s77', positive=True, integer=True))``, and reads them with
+#: ``sympy.sympify``, which evaluates the string as Python.
+_SYMPY_CALLS = frozenset(
+    {"Add", "Mul", "Integer", "FloorDiv", "CleanDiv", "CeilDiv", "Mod", "PythonMod", "Max", "Min"}
+    | {"Eq", "Ne", "LessThan", "StrictLessThan", "GreaterThan", "StrictGreaterThan"}
+)
+_SYMBOL_ASSUMPTIONS = frozenset({"integer", "positive", "nonnegative", "real", "finite"})
+_SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
+_ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
+_MAX_EXPRESSION_LENGTH = 2000
+#: Operators a graph node may call: ATen operators (C++ kernels) and the Python arithmetic of
+#: symbolic sizes. torch resolves any other dotted name below ``torch``, ``math`` or
+#: ``_operator`` to whatever callable it names.
+_OPERATOR = re.compile(
+    r"torch\.ops\.aten\.\w+\.\w+"
+    r"|_operator\.(?:add|sub|mul|floordiv|mod|truediv|pow|neg|pos|eq|ne|lt|le|gt|ge|and_|or_)"
+    r"|torch\.sym_(?:int|float|max|min|not|ite|sqrt)|math\.trunc",
+    re.ASCII,
+)
+#: Containers of the input and output pytree specs. torch imports a module for other kinds
+#: (enum and defaultdict contexts name one).
+_TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
+_ARCHIVE_ROOT = "archive"
+
+
+def _is_shape_arithmetic(node):
+    """Whether an expression tree is integer arithmetic on shape symbols (evaluating it runs nothing else)."""
+    if isinstance(node, ast.Constant):
+        return type(node.value) is int
+    if isinstance(node, ast.Name):
+        return _SYMBOL_NAME.fullmatch(node.id) is not None
+    if isinstance(node, ast.UnaryOp):
+        return isinstance(node.op, ast.USub) and _is_shape_arithmetic(node.operand)
+    if isinstance(node, ast.BinOp):
+        return isinstance(node.op, _ARITHMETIC) and _is_shape_arithmetic(node.left) and _is_shape_arithmetic(node.right)
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+        return False
+    if node.func.id == "Symbol":
+        name = node.args[0] if len(node.args) == 1 else None
+        return (
+            isinstance(name, ast.Constant)
+            and isinstance(name.value, str)
+            and _SYMBOL_NAME.fullmatch(name.value) is not None
+            and all(
+                keyword.arg in _SYMBOL_ASSUMPTIONS
+                and isinstance(keyword.value, ast.Constant)
+                and type(keyword.value.value) is bool
+                for keyword in node.keywords
             )
-        for config_name, prefix in _PAYLOAD_CONFIGS.items():
-            if config_name not in relative:
-                continue
-            for key, payload in json.loads(archive.read(relative[config_name]))["config"].items():
-                if payload.get("use_pickle", True) or not payload.get("path_name", "").startswith(prefix):
-                    raise ValueError(f"{os.fspath(path)!r} stores {key!r} as a pickled object; refusing to load it")
-        if "data/sample_inputs/model.pt" in relative:
-            try:
-                torch.load(io.BytesIO(archive.read(relative["data/sample_inputs/model.pt"])), weights_only=True)
-            except Exception as exc:
-                raise ValueError(f"{os.fspath(path)!r} holds sample inputs that are not plain tensors") from exc
+        )
+    return node.func.id in _SYMPY_CALLS and not node.keywords and all(map(_is_shape_arithmetic, node.args))
+
+
+def _check_expression(text, where):
+    """Refuse an expression string unless it is shape arithmetic, parsed here without evaluating it."""
+    try:
+        safe = (
+            isinstance(text, str)
+            and text.isascii()
+            and len(text) <= _MAX_EXPRESSION_LENGTH
+            and _is_shape_arithmetic(ast.parse(text, mode="eval").body)
+        )
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        safe = False
+    if not safe:
+        raise ValueError(
+            f"{where} holds the symbolic-shape expression {str(text)[:200]!r}, which is not integer "
+            "arithmetic on shape symbols; torch would evaluate it as Python, so the file is refused"
+        )
+
+
+def _is_plain_treespec(spec):
+    """Whether a pytree spec holds only tuples, lists and dicts keyed by strings or ints."""
+    if not isinstance(spec, dict) or set(spec) != {"type", "context", "children_spec"}:
+        return False
+    if spec["type"] not in _TREESPEC_TYPES or not isinstance(spec["children_spec"], list):
+        return False
+    context = spec["context"]
+    if context is not None:
+        try:
+            keys = json.loads(context) if isinstance(context, str) else context
+        except ValueError:
+            return False
+        if keys is not None and not (isinstance(keys, list) and all(type(key) in (str, int) for key in keys)):
+            return False
+    return all(_is_plain_treespec(child) for child in spec["children_spec"])
+
+
+def _check_treespec(text, where):
+    try:
+        spec = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        spec = None
+    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] == 1 and _is_plain_treespec(spec[1])):
+        raise ValueError(
+            f"{where} holds the input/output structure {str(text)[:200]!r}, which is not made of tuples, "
+            "lists and dicts; torch would import modules to read it, so the file is refused"
+        )
+
+
+def _check_operator(name, where):
+    if not isinstance(name, str) or not _OPERATOR.fullmatch(name):
+        raise ValueError(
+            f"{where} calls {str(name)[:200]!r}, which is not an ATen operator; only ATen operators and "
+            "shape arithmetic are loaded, so the file is refused"
+        )
+
+
+def _check_program(program, where):
+    """Refuse a serialized program (models/model.json) holding strings torch would evaluate or import.
+
+    torch's deserializer passes every ``expr_str`` (symbolic sizes, strides, integers and
+    booleans) to ``sympy.sympify``, the pytree specs of the inputs and outputs to
+    ``treespec_loads`` (which imports the modules named by enum and defaultdict contexts), the
+    range-constraint names to its symbol table, and resolves node targets and operator
+    arguments by attribute lookup. ``guards_code`` is Python source that
+    ``ExportedProgram.module()`` would ``exec``; :func:`load_model` does not ask for it.
+    """
+    stack = [program]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if key == "expr_str":
+                    _check_expression(item, where)
+                elif key in ("in_spec", "out_spec"):
+                    _check_treespec(item, where)
+                elif key in ("target", "as_operator") and isinstance(item, str):
+                    _check_operator(item, where)
+                else:
+                    stack.append(item)
+    ranges = program.get("range_constraints") if isinstance(program, dict) else None
+    for name, bounds in ranges.items() if isinstance(ranges, dict) else ():
+        limits = list(bounds.values()) if isinstance(bounds, dict) else [bounds]
+        if not _SYMBOL_NAME.fullmatch(name) or not all(limit is None or type(limit) is int for limit in limits):
+            raise ValueError(
+                f"{where} constrains {name[:200]!r} to {str(bounds)[:200]}, not a shape symbol to integers"
+            )
+
+
+def _check_payloads(configs, where):
+    """Refuse weights or constants stored as pickles (or custom objects, which are pickles too)."""
+    for config_name, prefix in _PAYLOAD_CONFIGS.items():
+        for key, payload in configs.get(config_name, {}).items():
+            if (
+                not isinstance(payload, dict)
+                or payload.get("use_pickle", True)
+                or not str(payload.get("path_name", "")).startswith(prefix)
+            ):
+                raise ValueError(f"{where} stores {key!r} as a pickled object; refusing to load it")
+
+
+def _read_archive(path):
+    """Every entry of an archive written by save_model, by its name below the root folder, read once.
+
+    Entries are refused unless each name is one ``torch.export.save`` writes for a plain network,
+    appears once, and is stored uncompressed (as torch writes them).
+    """
+    where = repr(os.fspath(path))
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{where} is not a file written by save_model (not a zip archive)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            names = [info.filename for info in infos]
+            # zipfile reads the last entry of a repeated name, torch's reader may read another:
+            # what was checked would not be what is loaded.
+            repeated = sorted(name for name, count in Counter(name.lower() for name in names).items() if count > 1)
+            if repeated:
+                raise ValueError(f"{where} holds several entries named {repeated[:5]}; refusing to load it")
+            roots = {name.split("/", 1)[0] for name in names}
+            relative = [name.split("/", 1)[-1] for name in names]
+            unexpected = sorted(name for name in relative if not _ARCHIVE_FILES.fullmatch(name))
+            if len(roots) != 1 or unexpected or "models/model.json" not in relative:
+                raise ValueError(
+                    f"{where} is not an archive written by save_model"
+                    + (f": unexpected entries {unexpected[:5]}" if unexpected else "")
+                )
+            compressed = [name for name, info in zip(relative, infos) if info.compress_type != zipfile.ZIP_STORED]
+            if compressed:
+                raise ValueError(
+                    f"{where} is not an archive written by save_model: compressed entries {compressed[:5]}"
+                )
+            return {name: archive.read(info) for name, info in zip(relative, infos)}
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError) as exc:
+        raise ValueError(f"{where} is not a readable zip archive: {exc}") from exc
+
+
+def _checked_archive(path):
+    """A copy of the archive at ``path``, in memory, once nothing in it needs unpickling or evaluating.
+
+    torch then reads this copy, made of the very bytes that were checked, rather than the file:
+    however a zip reader resolves names, it finds one entry for each.
+    """
+    where = repr(os.fspath(path))
+    entries = _read_archive(path)
+    try:
+        program = json.loads(entries["models/model.json"])
+        configs = {name: dict(json.loads(entries[name])["config"]) for name in _PAYLOAD_CONFIGS if name in entries}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{where} holds a malformed program or configuration ({exc!r})") from exc
+    _check_payloads(configs, where)
+    _check_program(program, where)
+    if "data/sample_inputs/model.pt" in entries:
+        try:
+            torch.load(io.BytesIO(entries["data/sample_inputs/model.pt"]), weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{where} holds sample inputs that are not plain tensors") from exc
+    copy = io.BytesIO()
+    with zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(f"{_ARCHIVE_ROOT}/{name}", data)
+    copy.seek(0)
+    return copy
 
 
 def _train_in_eval_only(self, mode=True):
@@ -168,8 +373,15 @@ def _train_in_eval_only(self, mode=True):
 def load_model(path):
     """Load a network saved by :func:`save_model`.
 
-    The archive is first checked to hold nothing but JSON and raw tensor data (a ``ValueError``
-    is raised otherwise), then read with ``torch.export.load``.
+    Nothing in the file is unpickled, evaluated or imported. The archive is refused with a
+    ``ValueError`` unless it holds only the entries ``torch.export.save`` writes for a plain
+    network (JSON and raw tensor data, each name once, uncompressed), its weights are not
+    pickled, and every string of the program that torch would evaluate or resolve is of the
+    kind ``save_model`` writes: symbolic shapes are integer arithmetic on shape symbols (parsed
+    here, never evaluated), nodes call ATen operators only, inputs and outputs are tuples,
+    lists and dicts. ``torch.export.load`` then reads an in-memory copy of the checked entries,
+    not the file, and the program's Python guards are not compiled (input shapes are still
+    checked).
 
     Parameters
     ----------
@@ -202,8 +414,10 @@ def load_model(path):
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
-    _check_archive(path)
-    module = torch.export.load(path).module()
+    archive = _checked_archive(path)
+    # Without check_guards, module() does not exec the program's guards_code (Python source
+    # from the file); the input shapes are still checked against the saved ranges.
+    module = torch.export.load(archive).module(check_guards=False)
     # ExportedProgram.module() forbids both train() and eval(); eval() is harmless (the graph
     # already computes in eval mode) and is what callers use before inference.
     del module.eval

@@ -8,6 +8,7 @@ optimiser built before it would update orphaned tensors).
 """
 
 import copy
+import math
 from numbers import Integral, Real
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, iter_batches
-from .inspection import _evaluating
+from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
 FINETUNE_DEFAULTS = {
@@ -116,6 +117,9 @@ def finetune(
     """Train ``model`` in place on images ``X`` and targets ``y``.
 
     Every parameter whose ``requires_grad`` is True is trained (frozen parameters stay frozen).
+    Training that diverges (a loss or a weight becomes NaN or infinite, typically because
+    ``lr`` is too large) stops with a ``ValueError`` naming ``lr`` rather than leaving a model
+    whose every output is NaN.
     With ``early_stopping`` the weights with the lowest validation loss are restored at the end,
     those before the first epoch included: on a few hundred images fine-tuning can make a good
     starting point worse, and then it is undone. The model is left in eval mode.
@@ -171,6 +175,11 @@ def finetune(
         weighted means with ``sample_weight``; with validation, a first row ``epoch=0`` holds the
         validation loss before training.
 
+    Raises
+    ------
+    ValueError
+        If an option is out of range, ``y`` does not match ``X``, or training diverges.
+
     Examples
     --------
     >>> import numpy as np, torch
@@ -201,6 +210,7 @@ def finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no parameter with requires_grad=True, so there is nothing to fine-tune")
+    device = _check_device(device)
 
     seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
     generator = torch.Generator().manual_seed(seed)
@@ -254,6 +264,7 @@ def finetune(
                 model, criterion, dataset, target, shuffled, batch_size, device, preprocess, opt, weights=train_weights
             )
             val_loss = validation_loss() if n_val else np.nan
+            _check_converging(trainable, [train_loss, val_loss] if n_val else [train_loss], epoch, lr)
             rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             if early_stopping is None:
                 continue
@@ -269,7 +280,71 @@ def finetune(
     return pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss"])
 
 
-def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None):
+def _check_converging(parameters, losses, epoch, lr):
+    """Stop when training diverged: a non-finite loss or weight would make every prediction NaN."""
+    finite_losses = bool(np.isfinite(losses).all())
+    if finite_losses and all(bool(torch.isfinite(parameter).all()) for parameter in parameters):
+        return
+    raise ValueError(
+        f"fine-tuning diverged: {'the weights' if finite_losses else 'the loss'} became NaN or infinite "
+        f"in epoch {epoch} (losses {[float(loss) for loss in losses]}); use a smaller lr, got lr={lr!r}"
+    )
+
+
+class _InputRecorded(Exception):
+    """Raised by the hook of the BatchNorm being re-estimated: the layers after it need not run."""
+
+
+class _ChannelMoments:
+    """Count, mean and sum of squared deviations of every channel, merged batch by batch in float64.
+
+    Merging the moments of batches (Chan, Golub and LeVeque's update) gives those of their
+    union, whatever the batch size, without the cancellation of a sum of squares.
+    """
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, x):
+        values = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+        values = values.to(torch.float32 if values.device.type == "mps" else torch.float64)  # MPS has no float64
+        mean = values.mean(1)
+        m2 = ((values - mean[:, None]) ** 2).sum(1)
+        count, mean, m2 = values.shape[1], mean.cpu().double(), m2.cpu().double()
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.count = total
+
+
+def _input_moments(model, norm, dataset, batch_size, device, preprocess):
+    """Moments of the input of ``norm`` over all images, the network running in eval mode up to it."""
+    moments = _ChannelMoments()
+    dtype = _input_dtype(model)
+
+    def record(module, inputs):
+        moments.add(inputs[0])
+        raise _InputRecorded
+
+    with torch.no_grad():
+        # ``preprocess`` runs as the next batch is drawn, outside the model's lock.
+        for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess):
+            with _evaluating(model):
+                handle = norm.register_forward_pre_hook(record)
+                try:
+                    model(batch.to(dtype))
+                except _InputRecorded:
+                    pass
+                finally:
+                    handle.remove()
+    return moments
+
+
+def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None, progress=False):
     """Re-estimate the running mean and variance of every BatchNorm layer of ``model`` on ``X``.
 
     Removing filters changes what the layers after them see, so the statistics a BatchNorm layer
@@ -277,21 +352,32 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     scales them wrongly, and when fine-tuning starts (train mode, batch statistics) the responses
     jump, far from those a head was fitted on. Re-estimating the statistics on the new task's
     images ("adaptive BatchNorm", Li et al., EagleEye, ECCV 2020) fixes both; no weight changes.
-    The statistics are exact averages over all batches (``momentum=None``), not running ones.
+
+    The statistics are exact and do not depend on ``batch_size``: they are those a BatchNorm
+    layer in train mode would store after one batch holding all of ``X`` (mean, and unbiased
+    variance, of its input over every image and position), each layer normalising what later
+    layers see with the statistics of all of ``X``. Layers are estimated one after the other in
+    the order they run, each over a pass of the images through the layers before it (in float64,
+    merged batch by batch), so the cost grows with the number of BatchNorm layers. A layer
+    called several times in a forward pass is estimated on its first call; one that does not
+    run on ``X`` keeps its statistics, and so does one that does not track running statistics.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The network; its BatchNorm buffers are modified in place. Other modules stay in eval mode
-        (no dropout) and every module's ``training`` flag is restored afterwards.
+        The network; its BatchNorm buffers are modified in place (``num_batches_tracked`` counts
+        the batches of one pass). Every module runs in eval mode (no dropout) and every
+        module's ``training`` flag is restored afterwards.
     X : array-like, torch.Tensor or torch.utils.data.Dataset
         Images, in any form accepted by :func:`sklearn_craft.images.as_image_dataset`.
     batch_size : int, default=64
-        Images per forward pass.
+        Images per forward pass; the statistics do not depend on it.
     device : str or torch.device, default="cpu"
         Where the forward passes run (the model must already be there).
     preprocess : callable or None, default=None
         Applied to every batch of images before the model sees it.
+    progress : bool, default=False
+        Show a tqdm progress bar over the BatchNorm layers.
 
     Returns
     -------
@@ -304,26 +390,37 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     >>> from sklearn_craft.finetune import recalibrate_batchnorm
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     >>> X = 5 + torch.randn(40, 1, 8, 8)
-    >>> net = recalibrate_batchnorm(net, X)
+    >>> net = recalibrate_batchnorm(net, X, batch_size=7)
     >>> torch.allclose(net[1].running_mean, net[0](X).mean((0, 2, 3)).detach(), atol=1e-5)
     True
     """
-    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    norms = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+    }
     if not norms:
         return model
-    momenta = [norm.momentum for norm in norms]
-    try:
-        with _evaluating(model):
-            for norm in norms:
-                norm.reset_running_stats()
-                norm.momentum = None
-                norm.train()
-            with torch.no_grad():
-                for batch in iter_batches(as_image_dataset(X), batch_size, device=device, preprocess=preprocess):
-                    model(batch)
-    finally:
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
+    dataset = as_image_dataset(X)
+    dtype = _input_dtype(model)
+    example = next(iter_batches(dataset, 1, device=_check_device(device), preprocess=preprocess)).to(dtype)
+    order = [name for name in dict.fromkeys(_call_sequence(model, example)) if name in norms]
+    unbiased = {}
+    for name in tqdm(order, desc="BatchNorm statistics", disable=not progress):
+        norm = norms[name]
+        moments = _input_moments(model, norm, dataset, batch_size, device, preprocess)
+        if moments.count == 0:
+            continue
+        with torch.no_grad():
+            norm.running_mean.copy_(moments.mean)
+            # While later layers are estimated, this one normalises as it would a batch of all of
+            # X, with the biased variance; it stores the unbiased one, as BatchNorm does.
+            norm.running_var.copy_(moments.m2 / moments.count)
+            norm.num_batches_tracked.fill_(math.ceil(len(dataset) / batch_size))
+        unbiased[name] = moments.m2 / max(moments.count - 1, 1)
+    with torch.no_grad():
+        for name, variance in unbiased.items():
+            norms[name].running_var.copy_(variance)
     return model
 
 
@@ -334,12 +431,13 @@ def _run_epoch(model, criterion, dataset, target, indices, batch_size, device, p
     """
     total = 0.0
     batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, indices=indices.numpy())
+    dtype = _input_dtype(model)
     for start, xb in zip(range(0, len(indices), batch_size), batches):
-        output = model(xb)
+        output = model(xb.to(dtype))
         rows = indices[start : start + batch_size]
         yb = target[rows].to(device)
         if not isinstance(criterion, nn.CrossEntropyLoss):
-            yb = yb.reshape(output.shape)
+            yb = yb.reshape(output.shape).to(output.dtype)
         losses = criterion(output, yb)
         if weights is None:
             batch_loss = losses.mean()

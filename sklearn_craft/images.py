@@ -16,7 +16,8 @@ Accepted input
 
 Arrays and tensors are converted batch by batch, so a ``uint8`` data set is never held in memory
 as float. They are checked for NaN and infinity up front; a Dataset is checked lazily, one batch
-at a time, by :func:`iter_batches`.
+at a time, by :func:`iter_batches`. Pixels too large for float32 (beyond about 3.4e38) are
+reported when their batch is converted, and so is a ``preprocess`` that returns NaN or infinity.
 """
 
 import numpy as np
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
+
+from .inspection import _check_device
 
 __all__ = ["as_image_dataset", "input_channels", "iter_batches"]
 
@@ -33,9 +36,10 @@ _LAYOUTS = "N×C×H×W float or N×H×W×C uint8"
 class _ArrayImages(Dataset):
     """Images held in memory (numpy array or tensor), converted to float32 C×H×W on access."""
 
-    def __init__(self, data, channels_last):
+    def __init__(self, data, channels_last, name="X"):
         self.data = data
         self.channels_last = channels_last
+        self.name = name
 
     def __len__(self):
         return len(self.data)
@@ -45,7 +49,7 @@ class _ArrayImages(Dataset):
 
     def batch(self, index):
         """Return the images at ``index`` (a slice or integer indices) as float32 N×C×H×W."""
-        return _to_float(self.data[index], self.channels_last)
+        return _to_float(self.data[index], self.channels_last, self.name)
 
 
 class _DatasetImages(Dataset):
@@ -71,7 +75,7 @@ class _DatasetImages(Dataset):
                 f"got shape {tuple(item.shape)}"
             )
         channels_last = _check_dtype(item, f"{self.name}[{index}]")
-        image = _to_float(item[None], channels_last)
+        image = _to_float(item[None], channels_last, f"{self.name}[{index}]")
         _check_channels(image.shape[1], self.n_channels, f"{self.name}[{index}]")
         return image[0]
 
@@ -95,8 +99,12 @@ def _check_channels(n_found, n_channels, name):
         )
 
 
-def _to_float(data, channels_last):
-    """Convert a batch to a new float32 N×C×H×W tensor, scaling uint8 pixels to [0, 1]."""
+def _to_float(data, channels_last, name):
+    """Convert a batch to a new float32 N×C×H×W tensor, scaling uint8 pixels to [0, 1].
+
+    Finite pixels too large for float32 (a float64 1e39) would become infinite: that is an error
+    naming ``name``, reported as such rather than as the NaN a later step would find.
+    """
     # Always a new, contiguous tensor: callers (preprocess) may edit batches in place, and
     # convolutions round differently on channels-last strides, which would make features
     # depend on the input format.
@@ -106,10 +114,17 @@ def _to_float(data, channels_last):
     else:
         if channels_last:
             data = data.transpose(0, 3, 1, 2)
-        tensor = torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
+        with np.errstate(over="ignore"):  # reported below, naming the images
+            tensor = torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
         scale = data.dtype == np.uint8
     if scale:
         tensor.div_(255)
+    elif _has_non_finite(tensor) and not _has_non_finite(data):
+        largest = float(data.abs().max() if isinstance(data, torch.Tensor) else np.abs(data).max())
+        raise ValueError(
+            f"{name} holds pixel values beyond the float32 range (largest magnitude {largest:.3g} > "
+            f"{np.finfo(np.float32).max:.3g}), which would become infinite; rescale the images"
+        )
     return tensor
 
 
@@ -192,7 +207,7 @@ def _array_dataset(X, n_channels, name):
     _check_channels(X.shape[3] if channels_last else X.shape[1], n_channels, name)
     if X.dtype not in (np.uint8, torch.uint8) and _has_non_finite(X):
         raise ValueError(f"{name} contains NaN or infinity")
-    return _ArrayImages(X, channels_last)
+    return _ArrayImages(X, channels_last, name)
 
 
 def iter_batches(
@@ -233,8 +248,11 @@ def iter_batches(
 
     Raises
     ------
+    TypeError
+        If ``preprocess`` returns something else than a tensor.
     ValueError
-        If a batch of a Dataset holds NaN or infinity, or its images differ in shape.
+        If a batch of a Dataset holds NaN or infinity, or its images differ in shape; if
+        pixels exceed the float32 range; if ``preprocess`` returns NaN or infinity.
 
     Examples
     --------
@@ -249,7 +267,7 @@ def iter_batches(
         raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    device = torch.device(device)
+    device = _check_device(device)
     order = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.intp)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
@@ -260,7 +278,22 @@ def iter_batches(
         else:
             batch = _stack(dataset, index)
         batch = batch.to(device)
-        yield batch if preprocess is None else preprocess(batch)
+        if preprocess is not None:
+            batch = _preprocessed(preprocess, batch, index)
+        yield batch
+
+
+def _preprocessed(preprocess, batch, index):
+    """``preprocess(batch)``, which must be a tensor without NaN or infinity."""
+    result = preprocess(batch)
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(f"preprocess must return a torch.Tensor, got {type(result).__name__}")
+    if result.is_floating_point() and _has_non_finite(result):
+        raise ValueError(
+            f"preprocess returned NaN or infinity for the batch of images {index[0]}..{index[-1]} "
+            "(their pixels are finite): check it, e.g. for a division by a zero standard deviation"
+        )
+    return result
 
 
 def _stack(dataset, index):

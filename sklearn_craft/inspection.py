@@ -16,8 +16,10 @@ fine-tuning and profiling agree on the facts and depend on it rather than on eac
 import copy
 import itertools
 import threading
+import weakref
 from collections import Counter
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.fx
@@ -47,10 +49,13 @@ ACTIVATIONS = (
 )
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
-# Hooks and eval() are set on the user's model itself; transforms running in threads (joblib's
-# threading backend) on one model would otherwise record each other's batches or restore
-# each other's training flags out of order.
-_FORWARD_LOCK = threading.Lock()
+#: One re-entrant lock per network (released with it). Hooks and eval() are set on the user's
+#: model itself: threads running one model (joblib's threading backend) take turns, so that
+#: none records another's batch or restores flags out of order. The lock is held around
+#: forward passes only, never across user callbacks such as ``preprocess``: those may run the
+#: same network themselves.
+_MODEL_LOCKS = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
 
 
 def _check_model(model):
@@ -90,16 +95,26 @@ def _select_convs(model, layers):
     return selected
 
 
+def _model_lock(model):
+    """The re-entrant lock that serialises forward passes with hooks or flag changes on ``model``."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextmanager
 def _evaluating(model):
-    """Put ``model`` in eval mode, restoring every submodule's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
+    """Put ``model`` in eval mode, holding its lock, and restore every submodule's own training flag."""
+    with _model_lock(model):
+        flags = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            yield
+        finally:
+            for module, training in flags:
+                module.training = training
 
 
 def _leaves(model):
@@ -122,17 +137,39 @@ def _recording_leaf_calls(model):
             handle.remove()
 
 
-def _call_sequence(model, example_input):
-    """Names of the leaf modules of ``model`` in the order they run on ``example_input``."""
-    with _FORWARD_LOCK, _evaluating(model), torch.inference_mode(), _recording_leaf_calls(model) as calls:
-        model(example_input)
+class _AllCalled(Exception):
+    """Raised once every module awaited by ``_call_sequence`` has run: the rest need not run."""
+
+
+def _call_sequence(model, example_input, until=()):
+    """Names of the leaf modules of ``model`` in the order they run on ``example_input``.
+
+    With ``until`` (module names), the pass stops as soon as each of them has run, so that the
+    layers after them (a classifier built for another input size) need not accept the input.
+    """
+    waiting = set(until)
+
+    def stop(module, inputs, output, name):
+        waiting.discard(name)
+        if not waiting:
+            raise _AllCalled
+
+    with _evaluating(model), torch.inference_mode(), _recording_leaf_calls(model) as calls:
+        handles = [model.get_submodule(name).register_forward_hook(partial(stop, name=name)) for name in waiting]
+        try:
+            model(example_input)
+        except _AllCalled:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
     return [name for name, _, _, _ in calls]
 
 
 def _traced_graph(model):
     """The torch.fx graph of ``model`` in eval mode, or None when it does not trace."""
     try:
-        with _FORWARD_LOCK, _evaluating(model):
+        with _evaluating(model):
             return torch.fx.symbolic_trace(model).graph
     # Untraceable Python (data-dependent control flow, unsupported calls) fails with many
     # exception types; any of them means "use the fallback".
@@ -236,13 +273,71 @@ def find_responses(model, layers="conv", *, example_input=None):
     return dict(sorted(responses.items(), key=lambda item: first_run.get(item[0], len(order))))
 
 
+def _check_device(device, argument="device"):
+    """``device`` as a torch.device this build of torch can run on, else a ValueError naming ``argument``."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{argument} must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from error
+    if checked.type == "meta":
+        raise ValueError(f"{argument} must be a device that computes values, got {device!r}")
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(checked.type) or getattr(torch, checked.type, None)
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ValueError(
+            f"{argument}={str(checked)!r} is not available in this torch build ({torch.__version__}): "
+            f"torch.{'backends.mps' if checked.type == 'mps' else checked.type}.is_available() is False; "
+            f"use {argument}='cpu'"
+        )
+    if checked.type == "cuda" and checked.index is not None and checked.index >= torch.cuda.device_count():
+        raise ValueError(f"{argument}={str(checked)!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return checked
+
+
+def _input_dtype(model):
+    """dtype of the first floating-point parameter of ``model`` (the default dtype when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
 def _on_device(model, device):
-    """``model`` when all its tensors live on ``device``, else a moved copy (never move the user's)."""
+    """``model`` when all its tensors live on ``device``, else a moved copy (never move the user's).
+
+    A model on another device (a GPU, with ``device="cpu"``) is copied there; one whose tensors
+    are on the meta device holds no values to copy, which is an error naming ``model``.
+    """
     device = torch.device(device)
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if any(tensor.is_meta for tensor in tensors):
+        raise ValueError(
+            "model has parameters or buffers on the meta device, which hold no values: materialise them "
+            "(model.to_empty(device=...) then load_state_dict) before using the model"
+        )
 
     def placed(tensor):
         return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
 
-    if all(placed(tensor) for tensor in itertools.chain(model.parameters(), model.buffers())):
+    if all(placed(tensor) for tensor in tensors):
         return model
     return copy.deepcopy(model).to(device)
+
+
+def _runs_on(model, example, argument):
+    """``model(example)`` in eval mode without gradients, or a ValueError naming ``argument``.
+
+    When the model runs once the first two axes of ``example`` are merged, ``argument`` holds an
+    axis too many, typically a batch dimension given in a shape that must not have one.
+    """
+    try:
+        with _evaluating(model), torch.no_grad():
+            return model(example)
+    # A forward pass fails in many ways on an input it was not built for (shape, dtype, device).
+    except Exception as error:
+        message = f"model cannot run on {argument} (a batch of shape {tuple(example.shape)}): {error}"
+        if example.ndim > 2:
+            try:
+                with _evaluating(model), torch.no_grad():
+                    model(example.flatten(0, 1))
+                message += f"; it runs without the first axis of each example: {argument} has an axis too many"
+                message += " (the shape of one example must not include the batch dimension)"
+            except Exception:  # the shape is wrong in another way: the first message says how
+                pass
+        raise ValueError(message) from error

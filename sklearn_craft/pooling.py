@@ -9,6 +9,8 @@ the BatchNorm output, else the convolution output.
 (``surgery.truncate`` cuts a network at the same place).
 """
 
+import dis
+import functools
 import itertools
 import marshal
 import pickle
@@ -17,16 +19,26 @@ import warnings
 from collections import Counter
 from numbers import Integral
 
-import joblib
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, check_memory
-from torch import nn
+from sklearn.utils.validation import check_is_fitted
+from torch import fx, nn
 
+from ._cache import cache_folder, cached_arrays, digest
 from .images import as_image_dataset, input_channels, iter_batches
-from .inspection import _FORWARD_LOCK, _call_sequence, _evaluating, _on_device, _select_convs, find_responses
+from .inspection import (
+    _call_sequence,
+    _check_device,
+    _evaluating,
+    _input_dtype,
+    _model_lock,
+    _on_device,
+    _select_convs,
+    _traced_graph,
+    find_responses,
+)
 
 
 def _spatial_mean(maps):
@@ -81,29 +93,29 @@ class _ChannelMeans:
         raise RuntimeError(f"{self.pending} pooled layer(s) did not run on samples {start}..{self.rows.stop - 1}")
 
 
-def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress, key=None):
-    """Channel means of every response, N×ΣC float32.
-
-    ``key`` is the digest under which :class:`joblib.Memory` caches the result; it is not read
-    here, and the cache ignores every other argument.
-    """
+def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress):
+    """Channel means of every response, N×ΣC float32."""
     model = _on_device(model, device)
+    dtype = _input_dtype(model)
     modules = dict(model.named_modules())
     means = _ChannelMeans(len(dataset), [modules[conv].out_channels for conv in responses])
     batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, progress=progress, desc="pooling")
-    with _FORWARD_LOCK, _evaluating(model), torch.inference_mode():
-        handles = [
-            modules[response].register_forward_hook(means.hook(index))
-            for index, response in enumerate(responses.values())
-        ]
-        try:
-            start = 0
-            for batch in batches:
-                means.run(model, batch, start)
-                start += len(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
+    with torch.inference_mode():
+        start = 0
+        # ``preprocess`` runs as the next batch is drawn, outside the model's lock: it may pool
+        # this very model itself.
+        for batch in batches:
+            with _evaluating(model):
+                handles = [
+                    modules[response].register_forward_hook(means.hook(index))
+                    for index, response in enumerate(responses.values())
+                ]
+                try:
+                    means.run(model, batch.to(dtype), start)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            start += len(batch)
     return means.features.numpy()
 
 
@@ -127,18 +139,71 @@ def _callable_token(func):
     )
 
 
+#: Attributes every nn.Module has: parameters and buffers are keyed by value, children by their
+#: own entries, forward hooks by their code; the others do not change an eval-mode forward pass.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+#: What a torch.fx GraphModule keeps beside the source of its forward (``_code``, keyed).
+_GRAPH_MODULE_INTERNALS = frozenset(vars(fx.GraphModule(nn.Module(), fx.Graph()))) - {"_code"}
+
+
+def _value_token(value):
+    """Hashable stand-in for a module attribute: tensors by value, functions by code, containers item by item."""
+    if isinstance(value, torch.Tensor):
+        return _tensor_token(value)
+    if isinstance(value, types.FunctionType):
+        return _callable_token(value)
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, [_value_token(item) for item in value]
+    if isinstance(value, dict):
+        return "dict", [(key, _value_token(item)) for key, item in value.items()]
+    return value
+
+
+@functools.cache
+def _assigned_by_forward(cls):
+    """Attribute names the ``forward`` of ``cls`` assigns: per-call state (counters, caches), not settings."""
+    code = getattr(cls.forward, "__code__", None)
+    if code is None:
+        return frozenset()
+    return frozenset(op.argval for op in dis.get_instructions(code) if op.opname == "STORE_ATTR")
+
+
+def _module_token(module):
+    """The state of one module beyond its parameters and buffers: plain attributes and forward hooks.
+
+    Attributes its own ``forward`` assigns change with every call and are left out: keyed, they
+    would make every call a cache miss.
+    """
+    internal = _GRAPH_MODULE_INTERNALS if isinstance(module, fx.GraphModule) else _MODULE_INTERNALS
+    internal = internal | _assigned_by_forward(type(module))
+    attributes = {name: _value_token(value) for name, value in vars(module).items() if name not in internal}
+    hooks = [
+        [_callable_token(hook) for hook in registry.values()]
+        for registry in (module._forward_pre_hooks, module._forward_hooks)
+    ]
+    return type(module).__module__, type(module).__qualname__, attributes, hooks
+
+
 def _cache_key(model, responses, X, preprocess):
-    """Digest of everything the pooled features depend on, or None when something is unhashable."""
+    """Digest of everything the pooled features depend on, or None when something is unhashable.
+
+    The model is keyed on its architecture, every parameter and buffer (persistent or not) and
+    every module's plain attributes and forward hooks, read under its lock (no pooling hook of
+    another thread is attached then).
+    """
     if isinstance(X, torch.Tensor):
         X = _tensor_token(X)
-    weights = [(name, _tensor_token(value)) for name, value in model.state_dict().items()]
     try:
-        # SHA-1 runs about 1.7x faster than joblib's default MD5 on CPUs with SHA extensions (1.16
-        # vs 0.69 GB/s here); hashing the weights and images is most of what a cached call costs.
-        key = (repr(model), weights, list(responses.items()), X, _callable_token(preprocess))
-        return joblib.hash(key, hash_name="sha1")
-    except (pickle.PicklingError, TypeError, AttributeError, ValueError) as error:
-        warnings.warn(f"memory is not used: the input cannot be hashed ({error})", UserWarning)
+        with _model_lock(model):
+            tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+            state = (
+                repr(model),
+                [(name, _tensor_token(value)) for name, value in tensors],
+                [(name, _module_token(module)) for name, module in model.named_modules()],
+            )
+            return digest((state, list(responses.items()), X, _callable_token(preprocess)))
+    except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as error:
+        warnings.warn(f"memory is not used: the model or the input cannot be hashed ({error})", UserWarning)
         return None
 
 
@@ -154,8 +219,11 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
 
     The network runs in eval mode under ``torch.inference_mode()``, batch by batch; forward
     hooks reduce every map to its channel means at once, so peak memory is one batch of
-    activations plus the N×ΣC output. A forward pass stops after the last pooled layer. The
-    model passed in is never modified: its training flags are restored and no hook is left.
+    activations plus the N×ΣC output. A forward pass, in ``fit`` as in ``transform``, stops
+    after the last pooled layer, so the layers after it (a classifier built for another image
+    size) never run. Batches are cast to the dtype of the model's parameters (float64 and
+    float16 models work; features are float32). The model passed in is never modified: its
+    training flags are restored and no hook is left.
 
     Parameters
     ----------
@@ -169,7 +237,8 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
     batch_size : int, default=64
         Images per forward pass.
     device : str or torch.device, default="cpu"
-        Where the forward passes run (a model elsewhere is copied there, not moved).
+        Where the forward passes run (a model elsewhere, say on a GPU, is copied there, not
+        moved). A device this torch build cannot use is a ``ValueError``.
     preprocess : callable, default=None
         Applied to every float batch tensor (N×C×H×W, [0, 1] for ``uint8`` images) before the
         network, for instance a normalisation. When given, the channel count of the input is
@@ -177,11 +246,16 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
     progress : bool, default=False
         Show a tqdm progress bar over batches in ``transform``.
     memory : None, str or joblib.Memory, default=None
-        Cache of pooled features, keyed on the model's architecture and weights, the pooled
+        Cache of pooled features, keyed on the model's architecture, parameters and buffers
+        (persistent or not), the plain attributes and forward hooks of its modules, the pooled
         layers, ``preprocess`` and the input, so that repeated transforms of the same data (a
-        grid search over later steps) skip the forward passes. A function ``preprocess`` is
-        keyed on its code, defaults and closure (not on globals it reads); a Dataset on its
-        pickled state (file names, say, not file contents).
+        grid search over later steps) skip the forward passes. A function ``preprocess`` or
+        hook is keyed on its code, defaults and closure (not on globals it reads); a Dataset on
+        its pickled state (file names, say, not file contents); attributes a module's own
+        ``forward`` assigns (counters) are left out. A model with an attribute that cannot be
+        hashed is pooled without the cache, with a warning. The features are stored as ``.npy``
+        arrays in a ``sklearn_craft`` folder under the path (or the joblib.Memory's location),
+        never as pickles: a corrupt or tampered entry is recomputed, never executed.
 
     Attributes
     ----------
@@ -239,10 +313,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         self.memory = memory
 
     def _device(self):
-        try:
-            return torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(f"device must be a torch device, got {self.device!r}") from error
+        return _check_device(self.device)
 
     def _dataset(self, X):
         n_channels = input_channels(self.model) if self.preprocess is None else None
@@ -268,10 +339,17 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         device = self._device()
         _select_convs(self.model, self.layers)
         dataset = self._dataset(X)
-        example = next(iter_batches(dataset, 1, device=device, preprocess=self.preprocess))
         model = _on_device(self.model, device)
+        example = next(iter_batches(dataset, 1, device=device, preprocess=self.preprocess)).to(_input_dtype(model))
         responses = find_responses(model, self.layers, example_input=example)
-        calls = Counter(_call_sequence(model, example))
+        # As in transform, the pass stops once every response has run: later layers (a
+        # classifier sized for other images) need not accept these. The traced graph still
+        # counts the calls the pass stopped before.
+        calls = Counter(_call_sequence(model, example, until=responses.values()))
+        graph = _traced_graph(model)
+        if graph is not None:
+            static = Counter(node.target for node in graph.nodes if node.op == "call_module")
+            calls = Counter({name: max(count, static[name]) for name, count in calls.items()})
         ran_once = {conv: calls[response] == 1 for conv, response in responses.items()}
         skipped = [conv for conv, once in ran_once.items() if not once]
         if skipped and isinstance(self.layers, (list, tuple)):
@@ -313,14 +391,22 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
             preprocess=self.preprocess,
             progress=self.progress,
         )
-        memory = check_memory(self.memory)
         key = None
-        if not (isinstance(memory, joblib.Memory) and memory.location is None):
+        if cache_folder(self.memory, _pool_features) is not None:
             key = _cache_key(self.model, self.responses_, X, self.preprocess)
         if key is None:
             return _pool_features(self.model, self.responses_, dataset, **options)
-        cached = memory.cache(_pool_features, ignore=["model", "responses", "dataset", *options])
-        return cached(self.model, self.responses_, dataset, key=key, **options)
+        shape = (len(dataset), self.n_features_out_)
+        features = cached_arrays(
+            self.memory,
+            _pool_features,
+            key,
+            lambda: {"features": _pool_features(self.model, self.responses_, dataset, **options)},
+            valid=lambda stored: stored.keys() == {"features"}
+            and stored["features"].shape == shape
+            and stored["features"].dtype == np.float32,
+        )
+        return features["features"]
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output features, ``"<layer>:<channel>"``.

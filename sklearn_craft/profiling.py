@@ -9,7 +9,8 @@ pooling are not counted. ``torch.utils.flop_counter.FlopCounterMode`` reports tw
 numbers (one multiply-add is two FLOPs there).
 
 Every function takes ``input_shape``, the shape of one example without the batch dimension,
-e.g. ``(3, 224, 224)`` for an RGB image. Models are never modified: each submodule's training
+e.g. ``(3, 224, 224)`` for an RGB image; one the model cannot run on (given with its batch
+dimension, say) is a ``ValueError`` naming it. Models are never modified: each submodule's training
 flag is restored and no hook is left behind.
 """
 
@@ -25,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .inspection import _check_model, _evaluating, _recording_leaf_calls
+from .inspection import _check_model, _evaluating, _input_dtype, _recording_leaf_calls, _runs_on
 
 __all__ = ["compare_models", "count_flops", "count_parameters", "measure_latency", "model_size_bytes"]
 
@@ -118,11 +119,6 @@ def _module_flops(module, inputs, output):
     return 0
 
 
-def _input_dtype(model):
-    """dtype of the first floating-point parameter of ``model`` (the default dtype when it has none)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-
-
 def _leaf_calls(model, input_shape):
     """The leaf-module calls of one forward pass of one example, computing nothing when possible.
 
@@ -141,8 +137,9 @@ def _leaf_calls(model, input_shape):
             return calls
         except (RuntimeError, NotImplementedError):
             pass
+    device = next((t.device for t in chain(model.parameters(), model.buffers())), None)
     with _recording_leaf_calls(model) as calls:
-        model(torch.zeros((1, *input_shape), dtype=dtype))
+        _runs_on(model, torch.zeros((1, *input_shape), dtype=dtype, device=device), "input_shape")
         return calls
 
 
@@ -268,13 +265,17 @@ def measure_latency(model, input_shape, *, repeats=20, warmup=3, threads=None, b
     _check_on_cpu(model)
     x = torch.rand((batch_size, *input_shape), generator=torch.Generator().manual_seed(0), dtype=_input_dtype(model))
     times = []
-    with _evaluating(model), torch.inference_mode(), _num_threads(threads):
-        for _ in range(warmup):
-            model(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
+    try:
+        with _evaluating(model), torch.inference_mode(), _num_threads(threads):
+            for _ in range(warmup):
+                model(x)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+    except Exception:
+        _runs_on(model, x, "input_shape")  # a ValueError naming input_shape when that is the cause
+        raise
     return statistics.median(times) / batch_size
 
 

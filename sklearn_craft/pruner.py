@@ -24,7 +24,7 @@ from torch import nn
 
 from .images import as_image_dataset, input_channels, iter_batches
 from .finetune import check_finetune_params, finetune, recalibrate_batchnorm
-from .inspection import _evaluating, _on_device, _select_convs
+from .inspection import _check_device, _evaluating, _input_dtype, _on_device, _select_convs
 from .pooling import ActivationPooler
 from .profiling import compare_models
 from .satellites import fit_layer_satellites, fit_satellite, make_satellite, satellite_head
@@ -105,7 +105,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     Parameters
     ----------
     model : torch.nn.Module
-        The pretrained network, traceable by torch.fx; never modified (deep-copied for surgery).
+        The pretrained network, traceable by torch.fx, with float32 parameters (on any device);
+        never modified (deep-copied for surgery).
     gamma : float in [0, 1], default=0.01
         Largest allowed increase in held-out RMSE at the knee of each layer's characteristic
         curve, as a fraction of its range (ETL Eq. 4). Larger values keep fewer filters;
@@ -144,7 +145,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         ``eps``, ``validation_fraction``, ``cv``, ``standardize``, ``n_jobs``); ``gamma``,
         ``groups`` and ``memory`` are set by the pruner.
     device : str or torch.device, default="cpu"
-        Where forward passes and fine-tuning run; ``pruned_model_`` lives there.
+        Where forward passes and fine-tuning run; ``pruned_model_`` lives there. A device this
+        torch build cannot use is a ``ValueError``.
     batch_size : int, default=64
         Images per forward pass when pooling, predicting and transforming.
     random_state : int, RandomState instance or None, default=None
@@ -336,6 +338,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             The fitted pruner.
         """
         finetune_params = self._check_options()
+        _check_device(self.device)
+        if _input_dtype(self.model) != torch.float32:
+            raise ValueError(
+                f"model must have float32 parameters (its new head and fine-tuning are float32), got "
+                f"{_input_dtype(self.model)}: pass model.float()"
+            )
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         dataset = as_image_dataset(X, n_channels=input_channels(self.model))
@@ -467,7 +475,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
 
         Returns the cut network on ``device`` and the filters each pooled layer it still has kept.
         """
-        network = truncate(self.model, head_layer, example) if self.head == "satellite" else self.model
+        # Surgery runs on the CPU, where ``example`` is, whatever device holds the model.
+        source = _on_device(self.model, "cpu")
+        network = truncate(source, head_layer, example) if self.head == "satellite" else source
         convs = {name: module.out_channels for name, module in network.named_modules() if isinstance(module, nn.Conv2d)}
         remaining = {layer: indices for layer, indices in selected.items() if layer in convs}
         if scale is not None:
@@ -476,7 +486,14 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         pruned = pruned.to(self.device)
         changed = scale is not None or any(len(kept[name]) < convs[name] for name in kept)
         if self.recalibrate_bn and changed:
-            recalibrate_batchnorm(pruned, dataset, batch_size=self.batch_size, device=self.device, preprocess=self.preprocess)
+            recalibrate_batchnorm(
+                pruned,
+                dataset,
+                batch_size=self.batch_size,
+                device=self.device,
+                preprocess=self.preprocess,
+                progress=self.progress,
+            )
         return pruned, {layer: kept[layer] for layer in remaining}
 
     def _with_satellite_head(self, body, satellite):

@@ -9,6 +9,7 @@ non-zero coefficient at the knee are the ones the pruned network keeps. The path
 solved from each group's cross-products in :mod:`sklearn_craft._lasso_path`.
 """
 
+import functools
 import math
 import warnings
 from numbers import Integral, Real
@@ -28,11 +29,11 @@ from sklearn.utils.validation import (
     check_array,
     check_consistent_length,
     check_is_fitted,
-    check_memory,
     check_X_y,
 )
 from threadpoolctl import threadpool_limits
 
+from ._cache import cached_arrays
 from ._lasso_path import _first_to_enter, _group_path
 from .targets import encode_target
 
@@ -231,7 +232,9 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         Seed of the validation split. Fix it for ``memory`` to be reused across fits.
     memory : str, joblib.Memory or None, default=None
         Cache of every group's path and curve, which do not depend on ``gamma``: a grid search
-        over ``gamma`` then recomputes only the knees.
+        over ``gamma`` then recomputes only the knees. They are stored as ``.npy`` arrays in a
+        ``sklearn_craft`` folder under the path (or the joblib.Memory's location), never as
+        pickles: a corrupt or tampered entry is recomputed, never executed.
 
     Attributes
     ----------
@@ -346,7 +349,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
                         f"split, got {sample_weight[train].sum()!r} (fit) and {sample_weight[test].sum()!r} (held out)"
                     )
 
-        group_path = check_memory(self.memory).cache(_group_path)
+        group_path = functools.partial(_cached_group_path, self.memory)
         labels_in_order = pd.unique(pd.Series(groups, dtype=object))
         columns = [_as_slice(np.flatnonzero(groups == label)) for label in labels_in_order]
         with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
@@ -407,6 +410,29 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         tags.target_tags.required = True
         tags.target_tags.multi_output = True
         return tags
+
+
+_CURVE_COLUMNS = ("alpha", "n_selected", "rmse")
+
+
+def _cached_group_path(memory, X, Y, splits, alphas, eps, standardize, sample_weight=None):
+    """``_group_path`` through the array cache of ``memory``: the curve's columns and the path."""
+
+    def compute():
+        curve, coefs = _group_path(X, Y, splits, alphas, eps, standardize, sample_weight)
+        return {**{column: curve[column].to_numpy() for column in _CURVE_COLUMNS}, "coefs": coefs}
+
+    def valid(stored):
+        return (
+            stored.keys() == {*_CURVE_COLUMNS, "coefs"}
+            and stored["coefs"].ndim == 3
+            and stored["coefs"].shape[:2] == (Y.shape[1], X.shape[1])
+            and all(stored[column].shape == stored["coefs"].shape[2:] for column in _CURVE_COLUMNS)
+        )
+
+    key = (X, Y, splits, alphas, eps, standardize, sample_weight)
+    stored = cached_arrays(memory, _group_path, key, compute, valid)
+    return pd.DataFrame({column: stored[column] for column in _CURVE_COLUMNS}), stored["coefs"]
 
 
 def _summarise_warnings(caught, n_fits):

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from ._channel_graph import _ChannelGraph, _scale_target, _traceable
-from .inspection import _check_model, find_responses
+from .inspection import _check_model, _runs_on, find_responses
 
 __all__ = ["attach_head", "coupled_groups", "merge_keep", "prune_channels", "truncate"]
 
@@ -180,6 +180,7 @@ def coupled_groups(model, example_input, *, return_followers=False):
     """
     _check_model(model)
     _check_example_input(example_input)
+    _runs_on(model, example_input, "example_input")
     with _traceable(model, example_input) as x:
         graph = _ChannelGraph(model, x)
         groups = graph.groups()
@@ -350,6 +351,7 @@ def prune_channels(model, keep, example_input, scale=None, *, return_kept=False)
         _check_mapping(scale, "scale")
     for name in keep:
         _check_conv_name(model, name, "keep")
+    _runs_on(model, example_input, "example_input")
 
     pruned = _copy(model)
     with _traceable(pruned, example_input) as x:
@@ -498,6 +500,7 @@ def truncate(model, layer, example_input):
     if not isinstance(layer, str):
         raise TypeError(f"layer must be the name of an nn.Conv2d, got {type(layer).__name__}")
     _check_conv_name(model, layer, "layer")
+    _runs_on(model, example_input, "example_input")
     response = find_responses(model, [layer], example_input=example_input)[layer]
     modes = {name: module.training for name, module in model.named_modules()}
     recorded = []

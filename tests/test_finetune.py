@@ -158,7 +158,7 @@ def test_early_stopping_keeps_the_initial_weights_when_no_epoch_improves():
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
 
 
-def test_recalibrate_batchnorm_averages_the_batch_statistics_and_restores_the_modes():
+def test_recalibrate_batchnorm_estimates_the_statistics_of_all_images_and_restores_the_modes():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, momentum=0.3), nn.Dropout(0.5), nn.ReLU()).eval()
     net[2].train()  # a module left in train mode must stay so, and must not run as such
@@ -166,9 +166,9 @@ def test_recalibrate_batchnorm_averages_the_batch_statistics_and_restores_the_mo
     recalibrate_batchnorm(net, X, batch_size=16)
 
     with torch.no_grad():
-        responses = [net[0](X[i : i + 16]) for i in range(0, 48, 16)]
-    expected_mean = torch.stack([r.mean((0, 2, 3)) for r in responses]).mean(0)
-    expected_var = torch.stack([r.transpose(0, 1).reshape(3, -1).var(1, unbiased=True) for r in responses]).mean(0)
+        responses = net[0](X).transpose(0, 1).reshape(3, -1)
+    expected_mean = responses.mean(1)
+    expected_var = responses.var(1, unbiased=True)
     torch.testing.assert_close(net[1].running_mean, expected_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(net[1].running_var, expected_var, rtol=1e-5, atol=1e-6)
     assert net[1].momentum == 0.3

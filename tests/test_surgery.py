@@ -300,12 +300,14 @@ def _resnet18_parameters(kept, num_classes):
 
 
 def _prune_random_residual(model, x, seed, fraction):
-    """Prune with a random keep; return the pruned model and the expected (union) count per conv."""
+    """Prune with a random keep; return the pruned model and the expected count per conv: the union
+    of the group's members that choose (a depthwise convolution follows its input)."""
     keep = _random_keep(model, np.random.default_rng(seed), fraction=fraction)
     pruned = prune_channels(model, keep, x)
     counts = {}
-    for group in coupled_groups(model, x):
-        union = set().union(*(keep[name] for name in group))
+    groups, followers = coupled_groups(model, x, return_followers=True)
+    for group in groups:
+        union = set().union(*(keep[name] for name in group if name not in followers))
         counts.update({name: len(union) for name in group})
     assert {name: conv.out_channels for name, conv in _convs(pruned).items()} == counts
     with torch.no_grad():
@@ -375,9 +377,12 @@ def test_every_architecture_pruned_equals_masked(name):
     pruned, kept = prune_channels(model, keep, x[:1], return_kept=True)
     pruned_convs = _convs(pruned)
     assert list(pruned_convs) == list(convs)
+    _, followers = coupled_groups(model, x[:1], return_followers=True)
     for conv_name, indices in keep.items():
-        # Coupled channels (depthwise, residual additions, Max-Feature-Map pairs) may keep more than asked.
-        assert set(indices) <= set(kept[conv_name])
+        # A depthwise convolution keeps its input's channels; coupled channels (residual additions,
+        # Max-Feature-Map pairs) may keep more than asked.
+        if conv_name not in followers:
+            assert set(indices) <= set(kept[conv_name])
     expected_widths = {conv_name: len(kept.get(conv_name, range(width))) for conv_name, width in widths.items()}
     assert {conv_name: conv.out_channels for conv_name, conv in pruned_convs.items()} == expected_widths
     for conv in pruned_convs.values():
@@ -618,7 +623,7 @@ def test_pruned_model_is_independent_and_trainable():
 
 
 def test_expand_conv_named_alone_loses_channels_and_its_depthwise_partner_follows():
-    model = _randomize(mobilenet_v2(num_classes=3, width_mult=0.25), seed=2)
+    model = randomize(mobilenet_v2(num_classes=3, width_mult=0.25), seed=2)
     x = torch.randn(2, 3, 32, 32)
     keep = {"features.2.conv.0.0": [0, 5, 7, 30, 47], "features.4.conv.0.0": [1, 2, 3, 40]}
     with warnings.catch_warnings():
@@ -635,7 +640,7 @@ def test_expand_conv_named_alone_loses_channels_and_its_depthwise_partner_follow
 
 
 def test_mobilenet_v1_depthwise_convolutions_follow_the_pointwise_ones():
-    model = _randomize(mobilenet_v1(num_classes=4, width_mult=0.25), seed=5)
+    model = randomize(mobilenet_v1(num_classes=4, width_mult=0.25), seed=5)
     x = torch.randn(2, 3, 32, 32)
     names = list(_convs(model))
     rng = np.random.default_rng(5)
@@ -691,7 +696,7 @@ class _PoolsTwice(nn.Module):
 
 
 def test_attach_head_keeps_the_layer_names_and_computes_pool_then_head():
-    model = _randomize(_PoolsTwice())
+    model = randomize(_PoolsTwice())
     x = torch.randn(3, 3, 8, 8)
     truncated = truncate(model, "conv2", x)
     head = nn.Linear(5, 4)
