@@ -174,8 +174,8 @@ def load_model(path):
         1. It is in eval mode; ``model.eval()`` works (and changes nothing) but ``model.train()``
         raises ``NotImplementedError``, because dropout and batch normalisation were captured in
         their eval behaviour. Its parameters are flat attributes rather than the original layer
-        modules, so hook-based tools (pooling, :func:`~sklearn_craft.profiling.count_flops`) do
-        not see its layers; measure those on the model before saving it.
+        modules, so hook-based tools (pooling) do not see its layers;
+        :func:`~sklearn_craft.profiling.count_flops` counts its graph.
 
     Examples
     --------
