@@ -6,11 +6,19 @@ characteristic curve, and :class:`CraftPruner` cuts the other filters out of the
 a head and fine-tunes it.
 """
 
-from .export import load_model, save_model
+from .export import load_model, save_model, save_onnx
 from .pooling import ActivationPooler
 from .pruner import CraftPruner
 from .selection import LassoFilterSelector
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationPooler", "CraftPruner", "LassoFilterSelector", "load_model", "save_model", "__version__"]
+__all__ = [
+    "ActivationPooler",
+    "CraftPruner",
+    "LassoFilterSelector",
+    "load_model",
+    "save_model",
+    "save_onnx",
+    "__version__",
+]

@@ -6,9 +6,11 @@ new head), so a state dict alone cannot rebuild it, and torch (>= 2.6) refuses t
 module by default. :func:`save_model` therefore captures the network's computation with
 ``torch.export`` (a graph of ATen operators plus its weights, with a dynamic batch dimension)
 and :func:`load_model` rebuilds a module from that archive, after checking that it holds only
-JSON and raw tensor data so that nothing is unpickled.
+JSON and raw tensor data so that nothing is unpickled. :func:`save_onnx` writes the same
+computation as an ONNX file, for deployment with onnxruntime or another ONNX runtime.
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -22,7 +24,7 @@ from torch import nn
 from .inspection import _evaluating
 from .profiling import _check_input_shape
 
-__all__ = ["load_model", "save_model"]
+__all__ = ["load_model", "save_model", "save_onnx"]
 
 #: Every file of an archive written by ``torch.export.save`` for a program without custom objects,
 #: relative to the archive's root folder. Anything else (pickled payloads, custom objects,
@@ -43,7 +45,7 @@ def _example_batch(example_input, input_shape):
     """A batch of two examples, from ``example_input`` (its first example) or zeros of ``input_shape``."""
     if (example_input is None) == (input_shape is None):
         given = "neither" if example_input is None else "both"
-        raise ValueError(f"save_model needs exactly one of example_input and input_shape, got {given}")
+        raise ValueError(f"give exactly one of example_input and input_shape, got {given}")
     if input_shape is not None:
         return torch.zeros((2, *_check_input_shape(input_shape)))
     if not isinstance(example_input, torch.Tensor):
@@ -116,6 +118,95 @@ def save_model(model, path, *, example_input=None, input_shape=None):
                 f"for inputs of shape {tuple(example.shape[1:])}: {exc}"
             ) from exc
     torch.export.save(program, path)
+    return os.fspath(path)
+
+
+def save_onnx(model, path, *, example_input=None, input_shape=None):
+    """Save a network as an ONNX file, for onnxruntime and other ONNX runtimes.
+
+    The network is exported in eval mode by ``torch.onnx.export(..., dynamo=True)`` (which
+    captures it with ``torch.export``, as :func:`save_model` does), with a dynamic batch
+    dimension and its weights inside the file. The graph has one input named ``"input"`` and
+    its first output is named ``"output"``. The example only fixes the shapes and dtype of the
+    inputs; the saved network accepts any batch size >= 1 of examples of that shape.
+
+    Needs the ``onnx`` and ``onnxscript`` packages (``pip install sklearn_craft[onnx]``, which
+    also installs ``onnxruntime`` to run the file).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network, e.g. a pruned one; not modified (training flags are restored). Its
+        ``forward`` must take one tensor and be traceable by ``torch.export`` (no
+        data-dependent Python control flow).
+    path : str or path-like
+        Destination file (``.onnx`` by convention), in an existing folder. The file holds the
+        weights, so networks over 2 GB cannot be saved (the ONNX limit of one file).
+    example_input : torch.Tensor, optional
+        A batch (N, ...) of inputs; only its first example is used.
+    input_shape : tuple of int, optional
+        Shape of one example without the batch dimension, e.g. ``(3, 112, 112)``, used instead of
+        ``example_input`` (float32 zeros). Give exactly one of the two.
+
+    Returns
+    -------
+    path : str
+        The path written.
+
+    Raises
+    ------
+    ImportError
+        If ``onnx`` or ``onnxscript`` is not installed.
+    ValueError
+        If neither or both of ``example_input`` and ``input_shape`` are given, if the folder of
+        ``path`` does not exist, or if the model cannot be exported with a dynamic batch
+        dimension.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, onnxruntime, torch
+    >>> from torch import nn
+    >>> from sklearn_craft.export import save_onnx
+    >>> model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 2))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     session = onnxruntime.InferenceSession(save_onnx(model, f"{tmp}/pruned.onnx", input_shape=(3, 8, 8)))
+    >>> x = torch.rand(4, 3, 8, 8)
+    >>> (output,) = session.run(["output"], {"input": x.numpy()})
+    >>> np.allclose(output, model.eval()(x).detach().numpy(), atol=1e-5)
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path must be in an existing folder, got {os.fspath(path)!r} ({folder!r} does not exist)")
+    example = _example_batch(example_input, input_shape)
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"save_onnx needs the packages {missing}, which are not installed: pip install 'sklearn_craft[onnx]'"
+        )
+    batch = torch.export.Dim("batch", min=1)
+    with _evaluating(model):
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                path,
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                input_names=["input"],
+                output_names=["output"],
+                external_data=False,
+                verbose=False,
+            )
+        except Exception as exc:
+            raise ValueError(
+                f"{type(model).__name__} cannot be exported to ONNX with a dynamic batch dimension "
+                f"for inputs of shape {tuple(example.shape[1:])}: {exc}"
+            ) from exc
     return os.fspath(path)
 
 
