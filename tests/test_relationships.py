@@ -1,4 +1,5 @@
 import copy
+import threading
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -11,6 +12,7 @@ from matplotlib.patches import Rectangle
 from sklearn.model_selection import KFold
 from torch import nn
 
+import sklearn_craft.relationships
 from sklearn_craft.plotting import plot_layer_task_matrix, plot_task_matrix
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.relationships import layer_task_matrix, relative_drop, task_relationship_matrix
@@ -351,3 +353,31 @@ def test_plot_layer_task_matrix_outlines_the_best_layer_of_each_task():
     assert sorted((p.get_x(), p.get_y()) for p in ax.patches) == [(-0.5, -0.5), (0.5, -0.5)]
     with pytest.raises(ValueError, match="not a row"):
         plot_layer_task_matrix(matrix, best_layer={"pose": "c9", "smile": "c1"})
+
+
+@pytest.mark.slow
+def test_network_sources_are_pooled_in_parallel_with_the_sequential_results(monkeypatch):
+    images, tasks = _images_and_tasks()
+    mirrored = _tiny_net()
+    with torch.no_grad():
+        mirrored[0].weight.neg_()
+    sources = {"net": _tiny_net(), "features": images.mean(axis=(2, 3)), "mirrored": mirrored}
+    kwargs = dict(cv=3, random_state=0, return_details=True)
+    sequential = task_relationship_matrix(sources, images, tasks, **kwargs)
+    in_processes = task_relationship_matrix(sources, images, tasks, n_jobs=2, **kwargs)
+    for expected, got in zip(sequential, in_processes):
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    assert list(sequential[0].index) == ["net", "features", "mirrored"]
+    assert not sequential[0].loc["net"].equals(sequential[0].loc["mirrored"])
+
+    threads = []
+    pool_source = sklearn_craft.relationships._pool_source
+    monkeypatch.setattr(
+        sklearn_craft.relationships,
+        "_pool_source",
+        lambda *args: threads.append(threading.get_ident()) or pool_source(*args),
+    )
+    with parallel_config(backend="threading"):
+        in_threads = task_relationship_matrix(sources, images, tasks, n_jobs=2, **kwargs)
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    pd.testing.assert_frame_equal(in_threads[0], sequential[0], check_exact=True)
