@@ -88,3 +88,27 @@ def test_task_relationships_has_every_source_and_task(shared_data, tmp_path):
     assert speed.groupby("task").size().to_dict() == {"emotion": 2, "gender": 2}
     assert _finite(speed, ["accuracy", "time_s", "speedup_vs_transfer"])
     assert "best source" in text
+
+
+@pytest.mark.slow
+def test_pruner_runtimes_report_a_ratio_per_runtime(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    results = tmp_path / "pruner_runtimes.md"
+    command = [sys.executable, str(BENCHMARKS / "bench_pruner.py"), "--runtimes", "--quick", "--threads", "1",
+               "--results", str(results)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    text = results.read_text()
+    assert "--quick" in text and "Machine:" in text and "Command:" in text
+    frame = pd.read_csv(results.with_suffix(".csv"))
+    # torch.compile may fail on a machine without a C++ compiler; the section then says why.
+    measured = set(frame["runtime"])
+    assert {"eager", "channels_last", "onnxruntime 1 thread", "onnxruntime 2 threads"} <= measured
+    assert "compile" in measured or "compile, build" in text or "compile, batch 1" in text
+    assert len(frame) == 4 * len(measured) and (frame["latency_ms"] > 0).all()
+    originals = frame[frame["target"] == 1]
+    assert (originals["speed_up"] == 1).all() and (originals["flops_ratio"] == 1).all()
+    pruned = frame[frame["target"] < 1]
+    assert (pruned["flops_ratio"] > 1).all()
+    assert np.allclose(pruned["ratio"], pruned["speed_up"] / pruned["flops_ratio"])
