@@ -7,7 +7,7 @@ a head and fine-tunes it (:class:`CraftClassifier` and :class:`CraftRegressor` a
 scikit-learn's classifier and regressor identities).
 """
 
-from .export import load_model, save_model
+from .export import load_model, save_model, save_onnx
 from .pooling import ActivationPooler
 from .pruner import CraftClassifier, CraftPruner, CraftRegressor
 from .selection import LassoFilterSelector
@@ -22,5 +22,6 @@ __all__ = [
     "LassoFilterSelector",
     "load_model",
     "save_model",
+    "save_onnx",
     "__version__",
 ]

@@ -7,9 +7,12 @@ module by default. :func:`save_model` therefore captures the network's computati
 ``torch.export`` (a graph of ATen operators plus its weights, with a dynamic batch dimension)
 and :func:`load_model` rebuilds a module from that archive, after checking that it holds only
 JSON and raw tensor data, and that torch will find nothing in it to unpickle, evaluate or import.
+:func:`save_onnx` writes the same computation as an ONNX file, for deployment with onnxruntime
+or another ONNX runtime.
 """
 
 import ast
+import importlib.util
 import io
 import itertools
 import json
@@ -25,7 +28,7 @@ from torch import nn
 from .inspection import _evaluating, _input_dtype, _runs_on
 from .profiling import _check_input_shape
 
-__all__ = ["load_model", "save_model"]
+__all__ = ["load_model", "save_model", "save_onnx"]
 
 #: Every file of an archive written by ``torch.export.save`` for a program without custom objects,
 #: relative to the archive's root folder. Anything else (pickled payloads, custom objects,
@@ -56,6 +59,35 @@ def _example_batch(example_input, input_shape):
         )
     # torch.export specialises a dimension of size 1 to a constant, so the traced batch has two examples.
     return torch.cat([example_input[:1], example_input[:1]])
+
+
+def _checked_example(model, path, example_input, input_shape, caller):
+    """The example batch to export ``model`` with, once the arguments of ``caller`` are checked.
+
+    With neither ``example_input`` nor ``input_shape``, the model's ``input_shape`` attribute (a
+    CraftPruner's ``pruned_model_`` has one); the example goes where the model is, and zeros of
+    ``input_shape`` take its dtype.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path must be in an existing folder, got {os.fspath(path)!r}: {folder!r} does not exist")
+    if example_input is None and input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+        if input_shape is None:
+            raise ValueError(
+                f"{caller} needs example_input or input_shape: {type(model).__name__} does not record its "
+                "input shape (only the pruned_model_ of a fitted CraftPruner does), got neither"
+            )
+    example = _example_batch(example_input, input_shape)
+    parameter = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if parameter is not None:
+        example = example.to(parameter.device, _input_dtype(model) if input_shape is not None else example.dtype)
+    _runs_on(model, example[:1], "example_input" if input_shape is None else "input_shape")
+    return example
 
 
 def save_model(model, path, *, example_input=None, input_shape=None):
@@ -107,26 +139,7 @@ def save_model(model, path, *, example_input=None, input_shape=None):
     >>> torch.equal(loaded(x), model.eval()(x))
     True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(folder):
-        raise ValueError(f"path must be in an existing folder, got {os.fspath(path)!r}: {folder!r} does not exist")
-    if example_input is None and input_shape is None:
-        input_shape = getattr(model, "input_shape", None)
-        if input_shape is None:
-            raise ValueError(
-                f"save_model needs example_input or input_shape: {type(model).__name__} does not record its "
-                "input shape (only the pruned_model_ of a fitted CraftPruner does), got neither"
-            )
-    example = _example_batch(example_input, input_shape)
-    parameter = next(itertools.chain(model.parameters(), model.buffers()), None)
-    if parameter is not None:
-        # The zeros of input_shape take the model's dtype; any example goes where the model is.
-        example = example.to(parameter.device, _input_dtype(model) if input_shape is not None else example.dtype)
-    _runs_on(model, example[:1], "example_input" if input_shape is None else "input_shape")
+    example = _checked_example(model, path, example_input, input_shape, "save_model")
     batch = torch.export.Dim("batch", min=1)
     with _evaluating(model):
         try:
@@ -137,6 +150,90 @@ def save_model(model, path, *, example_input=None, input_shape=None):
                 f"for inputs of shape {tuple(example.shape[1:])}: {exc}"
             ) from exc
     torch.export.save(program, path)
+    return os.fspath(path)
+
+
+def save_onnx(model, path, *, example_input=None, input_shape=None):
+    """Save a network as an ONNX file, for onnxruntime and other ONNX runtimes.
+
+    The network is exported in eval mode by ``torch.onnx.export(..., dynamo=True)`` (which
+    captures it with ``torch.export``, as :func:`save_model` does), with a dynamic batch
+    dimension and its weights inside the file. The graph has one input named ``"input"`` and
+    its first output is named ``"output"``. The example only fixes the shapes and dtype of the
+    inputs; the saved network accepts any batch size >= 1 of examples of that shape.
+
+    Needs the ``onnx`` and ``onnxscript`` packages (``pip install sklearn_craft[onnx]``, which
+    also installs ``onnxruntime`` to run the file).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network, e.g. a pruned one; not modified (training flags are restored). Its
+        ``forward`` must take one tensor and be traceable by ``torch.export`` (no
+        data-dependent Python control flow).
+    path : str or path-like
+        Destination file (``.onnx`` by convention), in an existing folder. The file holds the
+        weights, so networks over 2 GB cannot be saved (the ONNX limit of one file).
+    example_input : torch.Tensor, optional
+        A batch (N, ...) of inputs; only its first example is used.
+    input_shape : tuple of int, optional
+        Shape of one example without the batch dimension, e.g. ``(3, 112, 112)``, used instead of
+        ``example_input`` (zeros of the dtype of the model's parameters). Give at most one of the
+        two; with neither, the model's own ``input_shape`` attribute is used, as by :func:`save_model`.
+
+    Returns
+    -------
+    path : str
+        The path written.
+
+    Raises
+    ------
+    ImportError
+        If ``onnx`` or ``onnxscript`` is not installed.
+    ValueError
+        If both of ``example_input`` and ``input_shape`` are given, or neither while the model
+        has no ``input_shape`` attribute, if the model cannot run on them, if the folder of
+        ``path`` does not exist, or if the model cannot be exported with a dynamic batch
+        dimension.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, onnxruntime, torch
+    >>> from torch import nn
+    >>> from sklearn_craft.export import save_onnx
+    >>> model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 2))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     session = onnxruntime.InferenceSession(save_onnx(model, f"{tmp}/pruned.onnx", input_shape=(3, 8, 8)))
+    >>> x = torch.rand(4, 3, 8, 8)
+    >>> (output,) = session.run(["output"], {"input": x.numpy()})
+    >>> np.allclose(output, model.eval()(x).detach().numpy(), atol=1e-5)
+    True
+    """
+    example = _checked_example(model, path, example_input, input_shape, "save_onnx")
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"save_onnx needs the packages {missing}, which are not installed: pip install 'sklearn_craft[onnx]'"
+        )
+    batch = torch.export.Dim("batch", min=1)
+    with _evaluating(model):
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                path,
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                input_names=["input"],
+                output_names=["output"],
+                external_data=False,
+                verbose=False,
+            )
+        except Exception as exc:
+            raise ValueError(
+                f"{type(model).__name__} cannot be exported to ONNX with a dynamic batch dimension "
+                f"for inputs of shape {tuple(example.shape[1:])}: {exc}"
+            ) from exc
     return os.fspath(path)
 
 
@@ -395,8 +492,8 @@ def load_model(path):
         1. It is in eval mode; ``model.eval()`` works (and changes nothing) but ``model.train()``
         raises ``NotImplementedError``, because dropout and batch normalisation were captured in
         their eval behaviour. Its parameters are flat attributes rather than the original layer
-        modules, so hook-based tools (pooling, :func:`~sklearn_craft.profiling.count_flops`) do
-        not see its layers; measure those on the model before saving it.
+        modules, so hook-based tools (pooling) do not see its layers;
+        :func:`~sklearn_craft.profiling.count_flops` counts its graph.
 
     Examples
     --------

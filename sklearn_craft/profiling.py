@@ -5,8 +5,10 @@ one forward pass of one example, ``o x i x k x k x w x h`` for a convolution wit
 and ``i`` input channels, a ``k x k`` kernel and a ``w x h`` output map (``i`` is divided by the
 number of groups, so a depthwise convolution costs ``o x k x k x w x h``), and
 ``n_input x n_output`` for a Linear layer. Additions, biases, normalisation, activations and
-pooling are not counted. ``torch.utils.flop_counter.FlopCounterMode`` reports twice these
-numbers (one multiply-add is two FLOPs there).
+pooling are not counted. ``torch.utils.flop_counter.FlopCounterMode`` counts the operations
+(twice these numbers: one multiply-add is two FLOPs there), so a convolution or matrix product
+is counted whether a layer module, a function called in ``forward`` or a node of an exported
+graph computes it.
 
 Every function takes ``input_shape``, the shape of one example without the batch dimension,
 e.g. ``(3, 224, 224)`` for an RGB image; one the model cannot run on (given with its batch
@@ -16,22 +18,19 @@ flag is restored and no hook is left behind.
 
 import statistics
 import time
-import warnings
 from contextlib import contextmanager
 from itertools import chain
-from math import prod
 from numbers import Integral
 
 import pandas as pd
 import torch
+import torch.fx
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from .inspection import _check_model, _evaluating, _input_dtype, _recording_leaf_calls, _runs_on
+from .inspection import _check_model, _evaluating, _input_dtype, _leaves, _runs_on
 
 __all__ = ["compare_models", "count_flops", "count_parameters", "measure_latency", "model_size_bytes"]
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _check_int(value, name, minimum=1):
@@ -108,39 +107,105 @@ def model_size_bytes(model):
     return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
 
 
-def _module_flops(module, inputs, output):
-    """Multiplications of one call of ``module`` (0 for anything but convolutions and Linear layers)."""
-    if isinstance(module, _CONVS):
-        return output.numel() * module.in_channels // module.groups * prod(module.kernel_size)
-    if isinstance(module, _TRANSPOSED_CONVS):
-        return inputs[0].numel() * module.out_channels // module.groups * prod(module.kernel_size)
-    if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
-    return 0
+def _output_shape(output):
+    return tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
 
 
-def _leaf_calls(model, input_shape):
-    """The leaf-module calls of one forward pass of one example, computing nothing when possible.
+@contextmanager
+def _counting_module_calls(model, counter, rows):
+    """Append a row per leaf-module call, and per other call that computes FLOPs outside its children.
 
-    The pass runs on the meta device (shapes only), parameters and buffers being swapped for meta
-    tensors with ``torch.func.functional_call``. Models that cannot run that way (``forward``
-    reads a tensor value, or uses a tensor that is neither a parameter nor a buffer) run once on
-    a real zero input instead.
+    Each call is charged the FLOPs ``counter`` saw between its forward pre-hook and its forward
+    hook, less those of the module calls nested in it; a container therefore gets a row only
+    when its own ``forward`` computes something (a function called on a parameter, say).
+    """
+    leaves = {id(module) for _, module in _leaves(model)}
+    open_calls = []
+
+    def enter(module, args):
+        open_calls.append([counter.get_total_flops(), 0])
+
+    def leave(name, module, output):
+        start, nested = open_calls.pop()
+        spent = counter.get_total_flops() - start
+        if open_calls:
+            open_calls[-1][1] += spent
+        if id(module) in leaves or spent > nested:
+            rows.append((name, type(module).__name__, _output_shape(output), (spent - nested) // 2))
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(lambda m, args, output, name=name: leave(name, m, output)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _NodeCounter(torch.fx.Interpreter):
+    """Runs a graph node by node, appending a row per function or method node with its FLOPs.
+
+    A node traced by ``torch.export`` records the module it came from (``nn_module_stack``): its
+    row is named after that layer of the original network; other nodes by their own name.
+    """
+
+    def __init__(self, module, counter, rows):
+        super().__init__(module)
+        self.counter, self.rows = counter, rows
+
+    def run_node(self, node):
+        if node.op not in ("call_function", "call_method"):
+            return super().run_node(node)
+        start = self.counter.get_total_flops()
+        output = super().run_node(node)
+        stack = node.meta.get("nn_module_stack")
+        layer = next(reversed(stack.values()))[0] if stack else node.name
+        operator = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        self.rows.append((layer, operator, _output_shape(output), (self.counter.get_total_flops() - start) // 2))
+        return output
+
+
+class _Forward(nn.Module):
+    """The forward pass of ``model``, node by node when it is a graph, for ``torch.func.functional_call``."""
+
+    def __init__(self, model, counter, rows):
+        super().__init__()
+        self.model = model
+        self.counter, self.rows = counter, rows
+
+    def forward(self, x):
+        if isinstance(self.model, torch.fx.GraphModule):
+            return _NodeCounter(self.model, self.counter, self.rows).run(x)
+        return self.model(x)
+
+
+def _flop_rows(model, input_shape):
+    """``(layer, type, output_shape, flops)`` of one forward pass of one example, computing nothing when possible.
+
+    The pass runs under ``FlopCounterMode`` on the meta device (shapes only), parameters and
+    buffers being swapped for meta tensors with ``torch.func.functional_call``. Models that cannot
+    run that way (``forward`` reads a tensor value, or uses a tensor that is neither a parameter
+    nor a buffer) run once on a real zero input instead.
     """
     dtype = _input_dtype(model)
     meta_state = {
-        name: torch.empty_like(t, device="meta") for name, t in chain(model.named_parameters(), model.named_buffers())
+        f"model.{name}": torch.empty_like(t, device="meta")
+        for name, t in chain(model.named_parameters(), model.named_buffers())
     }
-    with _recording_leaf_calls(model) as calls:
-        try:
-            torch.func.functional_call(model, meta_state, (torch.empty((1, *input_shape), dtype=dtype, device="meta"),))
-            return calls
-        except (RuntimeError, NotImplementedError):
-            pass
-    device = next((t.device for t in chain(model.parameters(), model.buffers())), None)
-    with _recording_leaf_calls(model) as calls:
-        _runs_on(model, torch.zeros((1, *input_shape), dtype=dtype, device=device), "input_shape")
-        return calls
+    device = next((t.device for t in chain(model.parameters(), model.buffers())), torch.device("cpu"))
+    for where, state in (("meta", meta_state), (device, {})):
+        rows = []
+        with FlopCounterMode(display=False) as counter, _counting_module_calls(model, counter, rows):
+            x = torch.zeros((1, *input_shape), dtype=dtype, device=where)
+            try:
+                torch.func.functional_call(_Forward(model, counter, rows), state, (x,))
+                return rows
+            except (RuntimeError, NotImplementedError):
+                if where != "meta":
+                    _runs_on(model, x, "input_shape")  # a ValueError naming input_shape when that is the cause
+                    raise
 
 
 def count_flops(model, input_shape, by_layer=False):
@@ -148,9 +213,11 @@ def count_flops(model, input_shape, by_layer=False):
 
     Convolutions cost ``out_channels x in_channels / groups x prod(kernel_size) x prod(output
     map)`` (transposed ones ``in_channels x out_channels / groups x prod(kernel_size) x
-    prod(input map)``), Linear layers ``in_features x out_features`` per output row; every other
-    layer costs 0. Layers are found with forward hooks on ``nn.Conv*`` and ``nn.Linear`` modules,
-    so operations called as functions inside ``forward`` are not counted.
+    prod(input map)``), Linear layers and other matrix products ``in_features x out_features``
+    per output row; every other operation costs 0. The operations are counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (its FLOPs divided by 2), wherever they run: in
+    layer modules, in functions called inside ``forward``, or in the graph of a model loaded with
+    :func:`~sklearn_craft.export.load_model`.
 
     Parameters
     ----------
@@ -164,10 +231,14 @@ def count_flops(model, input_shape, by_layer=False):
     Returns
     -------
     flops : int or pandas.DataFrame
-        The total; or, when ``by_layer=True``, one row per call of a leaf module in forward
-        order, with columns ``layer`` (module name), ``type`` (class name), ``output_shape``
-        (without the batch dimension; None when the output is not a tensor) and ``flops``.
-        Its ``flops`` column sums to the total.
+        The total; or, when ``by_layer=True``, a table in forward order with columns ``layer``,
+        ``type``, ``output_shape`` (without the batch dimension; None when the output is not a
+        tensor) and ``flops``, whose ``flops`` column sums to the total. It has one row per call
+        of a leaf module (``layer`` is its name, ``type`` its class name), one per other module
+        call whose own ``forward`` computes FLOPs outside its submodules, and, when ``model`` is
+        a ``torch.fx.GraphModule``, one per function or method node of its graph (``type`` is
+        the operator; ``layer`` is the layer of the original network it was exported from, as
+        in a model from :func:`~sklearn_craft.export.load_model`, or else the node's name).
 
     Examples
     --------
@@ -182,27 +253,10 @@ def count_flops(model, input_shape, by_layer=False):
     _check_model(model)
     input_shape = _check_input_shape(input_shape)
     with _evaluating(model), torch.inference_mode():
-        calls = _leaf_calls(model, input_shape)
-    rows = [
-        {
-            "layer": name,
-            "type": type(module).__name__,
-            "output_shape": tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None,
-            "flops": _module_flops(module, inputs, output),
-        }
-        for name, module, inputs, output in calls
-    ]
-    counted_types = (*_CONVS, *_TRANSPOSED_CONVS, nn.Linear)
-    if count_parameters(model) and not any(isinstance(module, counted_types) for _, module, _, _ in calls):
-        warnings.warn(
-            f"count_flops found no nn.Conv or nn.Linear module in the forward pass of {type(model).__name__}; "
-            "operations outside such modules (functional calls, exported graphs) are not counted",
-            UserWarning,
-            stacklevel=2,
-        )
+        rows = _flop_rows(model, input_shape)
     if by_layer:
         return pd.DataFrame(rows, columns=["layer", "type", "output_shape", "flops"]).astype({"flops": "int64"})
-    return sum(row["flops"] for row in rows)
+    return sum(row[3] for row in rows)
 
 
 @contextmanager

@@ -209,6 +209,13 @@ def _last_conv(model, X, **pooler_params):
     return _pooler(model, "conv", **pooler_params).fit(X).layers_[-1]
 
 
+def _pool_source(model, X, layer, pooler_params):
+    """Pooled responses (float64) of one network source at ``layer`` (its last convolution when None)."""
+    if layer is None:
+        layer = _last_conv(model, X, **pooler_params)
+    return _pooler(model, [layer], **pooler_params).fit_transform(X).astype(np.float64)
+
+
 def task_relationship_matrix(
     sources,
     X,
@@ -269,9 +276,12 @@ def task_relationship_matrix(
     return_details : bool, default=False
         Also return the per-fold scores.
     n_jobs : int, default=None
-        Number of (source, task) satellites fitted in parallel with joblib.
+        Number of joblib workers that pool the network sources (one network per worker, in
+        processes by default) and then fit the (source, task) satellites. The results do not
+        depend on it; the joblib backend (``joblib.parallel_config``, e.g. ``"dask"`` for a
+        cluster) decides where the workers run.
     memory : str or joblib.Memory, default=None
-        Passed to the pooler to cache pooled activations.
+        Passed to the pooler to cache pooled activations (a folder every worker can reach).
     random_state : int, RandomState instance or None, default=None
         Seed of the fold shuffling; an int makes the result reproducible.
     batch_size, device, preprocess : see :class:`~sklearn_craft.pooling.ActivationPooler`
@@ -322,26 +332,27 @@ def task_relationship_matrix(
     if X is not None:
         _check_alignment("X", X, tasks)
 
-    pooler_params = dict(
-        memory=memory, batch_size=batch_size, device=device, preprocess=preprocess, progress=progress
-    )
     features = {}
     for name, value in sources.items():
         if isinstance(value, nn.Module):
-            source_layer = layer.get(name) if isinstance(layer, Mapping) else layer
-            if source_layer is None:
-                source_layer = _last_conv(value, X, **pooler_params)
-            features[name] = (
-                _pooler(value, [source_layer], **pooler_params).fit_transform(X).astype(np.float64)
+            continue
+        if not hasattr(value, "shape") and not isinstance(value, (list, tuple)):
+            raise TypeError(
+                f"sources[{name!r}] must be an nn.Module or a 2-D feature array, got {type(value).__name__}"
             )
-        else:
-            if not hasattr(value, "shape") and not isinstance(value, (list, tuple)):
-                raise TypeError(
-                    f"sources[{name!r}] must be an nn.Module or a 2-D feature array, "
-                    f"got {type(value).__name__}"
-                )
-            _check_alignment(f"sources[{name!r}]", value, tasks)
-            features[name] = check_array(value, dtype=np.float64, input_name=f"sources[{name!r}]")
+        _check_alignment(f"sources[{name!r}]", value, tasks)
+        features[name] = check_array(value, dtype=np.float64, input_name=f"sources[{name!r}]")
+    pooler_params = dict(
+        memory=memory, batch_size=batch_size, device=device, preprocess=preprocess, progress=progress
+    )
+    pooled = Parallel(n_jobs=n_jobs)(
+        delayed(_pool_source)(
+            sources[name], X, layer.get(name) if isinstance(layer, Mapping) else layer, pooler_params
+        )
+        for name in networks
+    )
+    features.update(zip(networks, pooled))
+    features = {name: features[name] for name in sources}
 
     matrix, details = _score_sources(features, prepared, n_jobs, progress, "source")
     return (matrix, details) if return_details else matrix

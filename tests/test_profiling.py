@@ -5,6 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from sklearn_craft.export import load_model, save_model
 from sklearn_craft.models import resnet18
 from sklearn_craft.profiling import (
     compare_models,
@@ -92,17 +93,20 @@ def test_flops_without_meta_support():
     assert count_flops(_DataDependent(), (2, 6, 6)) == 4 * 2 * 9 * 4 * 4 + 4 * 3
 
 
-def test_flops_warns_when_no_layer_module_is_seen():
+def test_flops_of_functions_called_in_forward_are_counted():
     class Functional(nn.Module):
         def __init__(self):
             super().__init__()
             self.weight = nn.Parameter(torch.randn(3, 4))
+            self.fc = nn.Linear(3, 2)
 
         def forward(self, x):
-            return F.linear(x, self.weight)
+            return self.fc(F.linear(x, self.weight))
 
-    with pytest.warns(UserWarning, match="no nn.Conv or nn.Linear module"):
-        assert count_flops(Functional(), (4,)) == 0
+    table = count_flops(Functional(), (4,), by_layer=True)
+    # The container's row holds only what its own forward computes, after its submodules' rows.
+    assert table.values.tolist() == [["fc", "Linear", (2,), 3 * 2], ["", "Functional", (2,), 4 * 3]]
+    assert count_flops(Functional(), (4,)) == 4 * 3 + 3 * 2
 
 
 def test_parameters_and_size():
@@ -193,3 +197,47 @@ def test_compare_models_report():
     assert list(compare_models(original, pruned, (3, 9, 11), latency=False).index) == ["parameters", "size_bytes", "flops"]
     with pytest.raises(TypeError, match="pruned must be a torch.nn.Module"):
         compare_models(original, "model", (3, 9, 11))
+
+
+def test_flops_of_a_model_reloaded_from_its_exported_graph(tmp_path):
+    model, shape = strided_grouped_net(), (3, 9, 11)
+    loaded = load_model(save_model(model, tmp_path / "model.pt2", input_shape=shape))
+    assert count_flops(loaded, shape) == count_flops(model, shape) == 6480 + 864 + 288 + 360
+    table = count_flops(loaded, shape, by_layer=True)
+    assert table[table["flops"] > 0][["layer", "type"]].values.tolist() == [
+        ["0", "conv2d.default"], ["3", "conv2d.default"], ["4", "conv2d.default"], ["6", "linear.default"]
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "lightcnn9"])
+def test_flops_of_library_architectures_reloaded_from_their_exported_graph(tmp_path, name):
+    architecture = ARCHITECTURES[name]
+    model, shape = architecture.build(), architecture.input_shape
+    loaded = load_model(save_model(model, tmp_path / "model.pt2", input_shape=shape))
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in loaded.modules())
+    assert count_flops(loaded, shape) == count_flops(model, shape) > 0
+    # Graph nodes carry the name of the layer they were exported from: the costly rows match.
+    table, reloaded = count_flops(model, shape, by_layer=True), count_flops(loaded, shape, by_layer=True)
+    costly = ["layer", "output_shape", "flops"]
+    assert reloaded[reloaded["flops"] > 0][costly].reset_index(drop=True).equals(
+        table[table["flops"] > 0][costly].reset_index(drop=True)
+    )
+    assert reloaded["flops"].sum() == count_flops(loaded, shape)
+
+
+def test_flops_of_a_graph_without_module_names_are_per_node():
+    graph = torch.fx.symbolic_trace(_FunctionalConv())
+    table = count_flops(graph, (2, 5, 5), by_layer=True)
+    assert table["type"].tolist() == ["conv2d", "relu"] and table["layer"].tolist() == ["conv2d", "relu"]
+    assert table["flops"].tolist() == [4 * 2 * 3 * 3 * 3 * 3, 0]
+    assert count_flops(graph, (2, 5, 5)) == count_flops(_FunctionalConv(), (2, 5, 5))
+
+
+class _FunctionalConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 2, 3, 3))
+
+    def forward(self, x):
+        return F.relu(F.conv2d(x, self.weight))

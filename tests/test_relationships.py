@@ -1,4 +1,5 @@
 import copy
+import threading
 
 import numpy as np
 import pandas as pd
@@ -7,6 +8,7 @@ import torch
 from joblib import parallel_config
 from sklearn.model_selection import KFold
 
+import sklearn_craft.relationships
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.relationships import layer_task_matrix, relative_drop, task_relationship_matrix
 from sklearn_craft.satellites import _best_threshold
@@ -286,3 +288,31 @@ def test_layer_task_matrix_scores_every_conv_layer():
         layer_task_matrix(images, images, tasks)
     with pytest.raises(ValueError, match="samples but tasks has"):
         layer_task_matrix(net, images[:-1], tasks)
+
+
+@pytest.mark.slow
+def test_network_sources_are_pooled_in_parallel_with_the_sequential_results(monkeypatch):
+    images, tasks = _images_and_tasks()
+    mirrored = conv_chain(in_channels=3, n_outputs=2)
+    with torch.no_grad():
+        mirrored[0].weight.neg_()
+    sources = {"net": conv_chain(in_channels=3, n_outputs=2), "features": images.mean(axis=(2, 3)), "mirrored": mirrored}
+    kwargs = dict(cv=3, random_state=0, return_details=True)
+    sequential = task_relationship_matrix(sources, images, tasks, **kwargs)
+    in_processes = task_relationship_matrix(sources, images, tasks, n_jobs=2, **kwargs)
+    for expected, got in zip(sequential, in_processes):
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    assert list(sequential[0].index) == ["net", "features", "mirrored"]
+    assert not sequential[0].loc["net"].equals(sequential[0].loc["mirrored"])
+
+    threads = []
+    pool_source = sklearn_craft.relationships._pool_source
+    monkeypatch.setattr(
+        sklearn_craft.relationships,
+        "_pool_source",
+        lambda *args: threads.append(threading.get_ident()) or pool_source(*args),
+    )
+    with parallel_config(backend="threading"):
+        in_threads = task_relationship_matrix(sources, images, tasks, n_jobs=2, **kwargs)
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    pd.testing.assert_frame_equal(in_threads[0], sequential[0], check_exact=True)
