@@ -31,7 +31,7 @@ from sklearn.utils.validation import (
 )
 from threadpoolctl import threadpool_limits
 
-from ._lasso_path import _first_to_enter, _group_path
+from ._lasso_path import _first_to_enter, _group_paths
 from .targets import encode_target
 
 _PATH_CONSTRAINTS = {
@@ -182,7 +182,7 @@ def characteristic_curve(
     labels = np.asarray(y) if target_type in ("binary", "multiclass") else None
     splits = _held_out_splits(len(X), labels, validation_fraction, cv, random_state)
     with threadpool_limits(limits=1, user_api="blas"):
-        curve, coefs = _group_path(X, Y, splits, _check_alphas(alphas), eps, standardize)
+        ((curve, coefs),) = _group_paths([X], Y, splits, _check_alphas(alphas), eps, standardize)
     return curve, coefs[0] if len(coefs) == 1 else coefs
 
 
@@ -222,9 +222,10 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         Scale features to unit variance before the paths so α means the same in every layer.
         ``coef_`` is reported in the original feature scale.
     n_jobs : int or None, default=None
-        Number of groups processed in parallel threads (``-1``: one per core). BLAS runs on one
-        thread during ``fit`` (its threads slow the many small products down, and would
-        oversubscribe the cores), so ``n_jobs`` is what uses several cores.
+        Number of parallel threads (``-1``: one per core), each solving a batch of up to 8
+        groups of the same width at a time. BLAS runs on one thread during ``fit`` (its threads
+        slow the many small products down, and would oversubscribe the cores), so ``n_jobs`` is
+        what uses several cores.
     random_state : int, RandomState instance or None, default=None
         Seed of the validation split. Fix it for ``memory`` to be reused across fits.
     memory : str, joblib.Memory or None, default=None
@@ -327,14 +328,20 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         labels = y if target_type in ("binary", "multiclass") else None
         splits = _held_out_splits(len(X), labels, self.validation_fraction, self.cv, self.random_state)
 
-        group_path = check_memory(self.memory).cache(_group_path)
+        group_paths = check_memory(self.memory).cache(_group_paths)
         labels_in_order = pd.unique(pd.Series(groups, dtype=object))
         columns = [_as_slice(np.flatnonzero(groups == label)) for label in labels_in_order]
+        batches = _batches([np.count_nonzero(groups == label) for label in labels_in_order])
+        paths = [None] * len(columns)
         with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            paths = Parallel(n_jobs=self.n_jobs, prefer="threads")(
-                delayed(group_path)(X[:, cols], Y, splits, alphas, self.eps, self.standardize) for cols in columns
+            solved = Parallel(n_jobs=self.n_jobs, prefer="threads", return_as="generator")(
+                delayed(group_paths)([X[:, columns[g]] for g in batch], Y, splits, alphas, self.eps, self.standardize)
+                for batch in batches
             )
+            for batch, batch_paths in zip(batches, solved):
+                for g, path in zip(batch, batch_paths):
+                    paths[g] = path
         _summarise_warnings(caught, n_fits=len(columns) * (len(splits) + 1) * len(paths[0][0]))
 
         support = np.zeros(X.shape[1], dtype=bool)
@@ -401,6 +408,20 @@ def _summarise_warnings(caught, n_fits):
             ConvergenceWarning,
             stacklevel=3,
         )
+
+
+def _batches(widths, size=8):
+    """Groups solved together: up to ``size`` of the same width, in order of first appearance.
+
+    Their multi-task paths then share every iteration's NumPy calls (see
+    :func:`~sklearn_craft._lasso_path._multitask_paths`); ``size`` bounds the memory of the
+    Gram matrices held at once.
+    """
+    batches = []
+    for width in pd.unique(pd.Series(widths)):
+        same = np.flatnonzero(np.asarray(widths) == width)
+        batches += [same[start : start + size].tolist() for start in range(0, len(same), size)]
+    return batches
 
 
 def _as_slice(indices):
