@@ -30,6 +30,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from ._lasso_path import _first_to_enter, _group_paths
 from .targets import encode_target
@@ -231,6 +232,8 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
     memory : str, joblib.Memory or None, default=None
         Cache of every group's path and curve, which do not depend on ``gamma``: a grid search
         over ``gamma`` then recomputes only the knees.
+    progress : bool, default=False
+        Show a tqdm progress bar (on stderr) counting the groups whose paths are solved.
 
     Attributes
     ----------
@@ -279,6 +282,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
         "memory": [None, str, HasMethods(["cache"])],
+        "progress": ["boolean"],
     }
 
     def __init__(
@@ -293,6 +297,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         n_jobs=None,
         random_state=None,
         memory=None,
+        progress=False,
     ):
         self.gamma = gamma
         self.alphas = alphas
@@ -304,6 +309,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.memory = memory
+        self.progress = progress
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
@@ -333,7 +339,11 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         columns = [_as_slice(np.flatnonzero(groups == label)) for label in labels_in_order]
         batches = _batches([np.count_nonzero(groups == label) for label in labels_in_order])
         paths = [None] * len(columns)
-        with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
+        with (
+            threadpool_limits(limits=1, user_api="blas"),
+            warnings.catch_warnings(record=True) as caught,
+            tqdm(total=len(columns), desc="LASSO paths", unit="group", disable=not self.progress) as bar,
+        ):
             warnings.simplefilter("always", ConvergenceWarning)
             solved = Parallel(n_jobs=self.n_jobs, prefer="threads", return_as="generator")(
                 delayed(group_paths)([X[:, columns[g]] for g in batch], Y, splits, alphas, self.eps, self.standardize)
@@ -342,6 +352,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
             for batch, batch_paths in zip(batches, solved):
                 for g, path in zip(batch, batch_paths):
                     paths[g] = path
+                bar.update(len(batch))
         _summarise_warnings(caught, n_fits=len(columns) * (len(splits) + 1) * len(paths[0][0]))
 
         support = np.zeros(X.shape[1], dtype=bool)
@@ -415,7 +426,7 @@ def _batches(widths, size=8):
 
     Their multi-task paths then share every iteration's NumPy calls (see
     :func:`~sklearn_craft._lasso_path._multitask_paths`); ``size`` bounds the memory of the
-    Gram matrices held at once.
+    Gram matrices held at once and keeps the progress bar moving.
     """
     batches = []
     for width in pd.unique(pd.Series(widths)):

@@ -589,3 +589,11 @@ def test_head_weights_stay_small_for_nearly_constant_filters(data):
     stds = pruner.transform(X).std(axis=0)
     assert stds[stds > 0].min() < 1e-5
     assert pruner.pruned_model_.head.weight.abs().max().item() < 100.0
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_reaches_the_selection(data, capsys, progress):
+    X, scores = data
+    CraftPruner(_net(), gamma=0.05, random_state=0, progress=progress).fit(X, scores[:, 0])
+    err = capsys.readouterr().err
+    assert ("LASSO paths" in err and "3/3" in err) if progress else "LASSO paths" not in err

@@ -652,3 +652,16 @@ def test_batches_of_groups_cover_every_group_once_by_width():
     pd.testing.assert_frame_equal(serial.curves_, parallel.curves_, check_exact=True)
     np.testing.assert_array_equal(serial.coef_, parallel.coef_)
 
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_counts_groups_on_stderr(progress, capsys):
+    X, y, groups = _correlated_classes(n=80, widths=(4, 4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        LassoFilterSelector(groups=groups, alphas=5, random_state=0, progress=progress).fit(X, y)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    if progress:
+        assert "LASSO paths" in captured.err and "3/3" in captured.err
+    else:
+        assert captured.err == ""
