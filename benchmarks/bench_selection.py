@@ -11,6 +11,14 @@ P2   LassoFilterSelector.fit on 13 groups with VGG16's conv widths (64,64,128,12
      each width at every k-th alpha and extrapolated to 100 alphas and 13 groups.
 P2b  The same fit with a 10-column target: 10 continuous outputs (10 factors plus noise) and 10
      classes (argmax of 10 factors); goal <= 3x the single-output time.
+P2c  The multi-class path on real data: LassoFilterSelector(random_state=0).fit on the pooled
+     responses of MobileFaceNet's 50 convolutions (its trained weights) over the 450 training
+     images of the ETL table's FER2013 emotion split (600 images, 75/25, 7 classes). The case is
+     pooled once into an .npz (--multiclass-case PATH; built from ../shared/data when absent),
+     then only selection is timed. --multiclass-save writes the run's timings, curves and knees,
+     --multiclass-before compares this run with such a file from an earlier version (speed-up,
+     knees and support at every layer's knee, curve RMSE); with --multiclass-case only P2c runs
+     and its section replaces the P2c section of the results file.
 P3   GridSearchCV (3 folds) over 8 gamma values of ActivationPooler + LassoFilterSelector +
      RidgeCV on images through a narrow VGG16, divided by the same search over 1 gamma value;
      both with a fresh joblib.Memory shared by pooler and selector (goal <= 1.5). Two poolers:
@@ -18,13 +26,15 @@ P3   GridSearchCV (3 folds) over 8 gamma values of ActivationPooler + LassoFilte
      cost of each step of one warm fit shows where an extra gamma goes.
 
 Run: python benchmarks/bench_selection.py [--n-samples 20000] [--baseline-every 10]
-Writes benchmarks/results/selection.md.
+     python benchmarks/bench_selection.py --multiclass-case /tmp/mc_case.npz [--multiclass-before before.npz]
+Writes benchmarks/results/selection.md (--results: elsewhere).
 """
 
 import argparse
 import datetime
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +43,7 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+import pandas as pd
 import sklearn
 import torch
 from sklearn.exceptions import ConvergenceWarning
@@ -42,11 +53,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from sklearn_craft.models import vgg16
+import _bench
+import sklearn_craft
+from sklearn_craft.models import mobilefacenet, preset, vgg16
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.selection import LassoFilterSelector
 
 RESULTS = Path(__file__).resolve().parent / "results" / "selection.md"
+P2C_TITLE = "### P2c: multi-class path on MobileFaceNet / FER2013"
 VGG16_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 GAMMAS = (0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.2, 0.5)
 
@@ -171,6 +185,113 @@ def p3(n_images, size, width_mult, repeats):
     return results
 
 
+def multiclass_case(path, data_root):
+    """Pooled responses (DataFrame, one column per filter) and emotion labels of the P2c case.
+
+    Built once and saved to ``path``: MobileFaceNet with its trained weights, every convolution
+    pooled over the 450 training images of the ETL table's emotion split.
+    """
+    if not path.exists():
+        input_preset = preset("mobilefacenet")
+        net = mobilefacenet(weights=data_root / _bench.WEIGHTS["mobilefacenet"])
+        X_train, _, y_train, _ = _bench.task_data("emotion", data_root, 600, input_preset)
+        pooler = ActivationPooler(net, layers="conv", preprocess=input_preset.preprocess).set_output(transform="pandas")
+        features = pooler.fit(X_train).transform(X_train)
+        np.savez(path, X=features.to_numpy(), names=np.asarray(features.columns, dtype=str), y=y_train.astype(str))
+    case = np.load(path)
+    return pd.DataFrame(case["X"], columns=case["names"]), case["y"]
+
+
+def p2c(X, y, repeats):
+    """Median wall and CPU seconds of ``LassoFilterSelector(random_state=0).fit`` and the last fit."""
+    wall, cpu = [], []
+    for repeat in range(repeats):
+        selector = LassoFilterSelector(random_state=0)
+        seconds, cpu_seconds, _ = timed(lambda: selector.fit(X, y))
+        wall.append(seconds)
+        cpu.append(cpu_seconds)
+        print(f"P2c fit {repeat + 1}/{repeats}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU", flush=True)
+    return {"wall": float(np.median(wall)), "cpu": float(np.median(cpu)), "load": os.getloadavg()[0]}, selector
+
+
+def save_run(path, run, selector, command):
+    """The timings, curves, knees and support of a P2c run, for a later --multiclass-before."""
+    curves, knees = selector.curves_, selector.knees_
+    np.savez(
+        path,
+        wall=run["wall"], cpu=run["cpu"], load=run["load"], command=command, version=sklearn_craft_version(),
+        curve_group=curves["group"].astype(str).to_numpy(), curve_alpha=curves["alpha"].to_numpy(),
+        curve_n_selected=curves["n_selected"].to_numpy(), curve_rmse=curves["rmse"].to_numpy(),
+        knee_group=knees["group"].astype(str).to_numpy(), knee_n_selected=knees["n_selected"].to_numpy(),
+        knee_rmse=knees["rmse"].to_numpy(), support=selector.support_,
+    )
+
+
+def sklearn_craft_version():
+    """Where the library came from, and its git commit when it is a checkout."""
+    root = Path(sklearn_craft.__file__).resolve().parents[1]
+    completed = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = completed.stdout.strip() if completed.returncode == 0 else "unknown commit"
+    return f"{root} ({commit})"
+
+
+def p2c_section(X, y, repeats, run, selector, before, command):
+    """Markdown of P2c: this run, and against ``before`` (a --multiclass-save file) when given."""
+    groups = selector.knees_["group"].astype(str).to_numpy()
+    lines = [
+        P2C_TITLE,
+        "",
+        f"- Machine: `{platform.platform()}`, cpu count {os.cpu_count()}; torch {torch.__version__}, "
+        f"scikit-learn {sklearn.__version__}, numpy {np.__version__}",
+        f"- Command: `{command}`",
+        f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"- Library: {sklearn_craft_version()}",
+        "",
+        f"`LassoFilterSelector(random_state=0).fit` (gamma 0.01, 100 alphas, one validation split, n_jobs=None) on "
+        f"the pooled responses of MobileFaceNet's {len(groups)} convolutions ({X.shape[1]} filters, trained "
+        f"weights) over {X.shape[0]} FER2013 training images, {len(np.unique(y))} emotion classes: the "
+        f"multi-task path. Median of {repeats} fit(s); load average {run['load']:.1f} on {os.cpu_count()} cpus "
+        "(a shared machine: CPU seconds of the process are steadier than wall seconds).",
+        "",
+        "| version | wall s | CPU s | load average |",
+        "|---|---|---|---|",
+    ]
+    if before is not None:
+        lines.append(f"| before: {before['version']} | {float(before['wall']):.1f} | {float(before['cpu']):.1f} | "
+                     f"{float(before['load']):.1f} |")
+    lines.append(f"| this run: {sklearn_craft_version()} | {run['wall']:.1f} | {run['cpu']:.1f} | {run['load']:.1f} |")
+    lines.append("")
+    if before is not None:
+        same_groups = np.array_equal(before["knee_group"], groups)
+        n_selected = selector.knees_["n_selected"].to_numpy()
+        differing = [str(g) for g, a, b in zip(groups, before["knee_n_selected"], n_selected) if a != b]
+        curves = selector.curves_
+        rmse_diff = float(np.max(np.abs(before["curve_rmse"] - curves["rmse"].to_numpy())))
+        lines += [
+            f"- Before: `{before['command']}`.",
+            f"- Speed-up: **{float(before['wall']) / run['wall']:.2f}x** in wall time, "
+            f"**{float(before['cpu']) / run['cpu']:.2f}x** in CPU time.",
+            f"- Knees: n_selected equal in {len(groups) - len(differing)} of {len(groups)} layers"
+            + (f" (differ: {', '.join(differing)})" if differing else "")
+            + f"; support_ (the filters kept at every knee) "
+            f"{'identical' if same_groups and np.array_equal(before['support'], selector.support_) else 'DIFFERENT'}; "
+            f"curves: n_selected at every alpha "
+            f"{'identical' if np.array_equal(before['curve_n_selected'], curves['n_selected']) else 'DIFFERENT'}, "
+            f"largest |RMSE difference| {rmse_diff:.2e}.",
+            "",
+        ]
+    return lines
+
+
+def splice(text, section):
+    """``text`` with its P2c section (up to the next ``##`` heading) replaced by ``section``, or appended."""
+    start = text.find(P2C_TITLE)
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    end = min((i for i in (text.find("\n## ", start + 1), text.find("\n### ", start + 1)) if i >= 0), default=len(text))
+    return text[:start] + section.rstrip("\n") + "\n" + text[end:]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-samples", type=int, default=20_000)
@@ -180,9 +301,30 @@ def main():
     parser.add_argument("--p3-size", type=int, default=64)
     parser.add_argument("--p3-width-mult", type=float, default=0.25)
     parser.add_argument("--p3-repeats", type=int, default=3)
+    parser.add_argument("--multiclass-case", type=Path, default=None, help="P2c only: .npz of the pooled case")
+    parser.add_argument("--multiclass-repeats", type=int, default=3)
+    parser.add_argument("--multiclass-save", type=Path, default=None, help="write this P2c run's results (.npz)")
+    parser.add_argument("--multiclass-before", type=Path, default=None, help="a --multiclass-save file to compare with")
+    parser.add_argument("--data-root", type=Path, default=_bench.REPO.parent / "shared" / "data")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args()
     command = "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
     warnings.simplefilter("ignore", ConvergenceWarning)
+    previous = args.results.read_text() if args.results.exists() else ""
+
+    if args.multiclass_case is not None:
+        torch.set_num_threads(1)
+        X, y = multiclass_case(args.multiclass_case, args.data_root)
+        run, selector = p2c(X, y, args.multiclass_repeats)
+        if args.multiclass_save is not None:
+            save_run(args.multiclass_save, run, selector, command)
+        before = None if args.multiclass_before is None else np.load(args.multiclass_before)
+        section = "\n".join(p2c_section(X, y, args.multiclass_repeats, run, selector, before, command))
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(splice(previous, section))
+        print(section)
+        print(f"wrote {args.results}")
+        return
 
     X, groups, factors = structured_features(args.n_samples)
     rng = np.random.default_rng(1)
@@ -281,9 +423,13 @@ def main():
     for name, result in p3_results.items():
         lines.append(f"| {name} | " + " | ".join(f"{seconds:.2f}" for seconds in result["steps"].values()) + " |")
     lines.append("")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(f"wrote {RESULTS}")
+    text = "\n".join(lines)
+    if P2C_TITLE in previous:
+        # P2c is measured by its own run (--multiclass-case); keep its last section.
+        text = splice(text, previous[previous.find(P2C_TITLE) :])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(text)
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
