@@ -17,8 +17,9 @@ P2c  The multi-class path on real data: LassoFilterSelector(random_state=0).fit 
      pooled once into an .npz (--multiclass-case PATH; built from ../shared/data when absent),
      then only selection is timed. --multiclass-save writes the run's timings, curves and knees,
      --multiclass-before compares this run with such a file from an earlier version (speed-up,
-     knees and support at every layer's knee, curve RMSE); with --multiclass-case only P2c runs
-     and its section replaces the P2c section of the results file.
+     knees and support at every layer's knee, curve RMSE), and --multiclass-after takes a saved
+     run instead of fitting; with --multiclass-case only P2c runs and its section replaces the
+     P2c section of the results file.
 P3   GridSearchCV (3 folds) over 8 gamma values of ActivationPooler + LassoFilterSelector +
      RidgeCV on images through a narrow VGG16, divided by the same search over 1 gamma value;
      both with a fresh joblib.Memory shared by pooler and selector (goal <= 1.5). Two poolers:
@@ -211,18 +212,19 @@ def p2c(X, y, repeats):
         wall.append(seconds)
         cpu.append(cpu_seconds)
         print(f"P2c fit {repeat + 1}/{repeats}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU", flush=True)
-    return {"wall": float(np.median(wall)), "cpu": float(np.median(cpu)), "load": os.getloadavg()[0]}, selector
+    run = {"wall": float(np.median(wall)), "cpu": float(np.median(cpu)), "load": os.getloadavg()[0], "repeats": repeats}
+    return run, selector
 
 
-def save_run(path, run, selector, command):
-    """The timings, curves, knees and support of a P2c run, for a later --multiclass-before."""
+def run_record(run, selector, command):
+    """The timings, curves, knees and support of a P2c run (what --multiclass-save writes)."""
     curves, knees = selector.curves_, selector.knees_
-    np.savez(
-        path,
-        wall=run["wall"], cpu=run["cpu"], load=run["load"], command=command, version=sklearn_craft_version(),
-        curve_group=curves["group"].astype(str).to_numpy(), curve_alpha=curves["alpha"].to_numpy(),
+    return dict(
+        wall=run["wall"], cpu=run["cpu"], load=run["load"], repeats=run["repeats"], command=command,
+        version=sklearn_craft_version(),
+        curve_group=np.asarray(curves["group"], dtype=str), curve_alpha=curves["alpha"].to_numpy(),
         curve_n_selected=curves["n_selected"].to_numpy(), curve_rmse=curves["rmse"].to_numpy(),
-        knee_group=knees["group"].astype(str).to_numpy(), knee_n_selected=knees["n_selected"].to_numpy(),
+        knee_group=np.asarray(knees["group"], dtype=str), knee_n_selected=knees["n_selected"].to_numpy(),
         knee_rmse=knees["rmse"].to_numpy(), support=selector.support_,
     )
 
@@ -235,48 +237,47 @@ def sklearn_craft_version():
     return f"{root} ({commit})"
 
 
-def p2c_section(X, y, repeats, run, selector, before, command):
-    """Markdown of P2c: this run, and against ``before`` (a --multiclass-save file) when given."""
-    groups = selector.knees_["group"].astype(str).to_numpy()
+def p2c_section(X, y, after, before, command):
+    """Markdown of P2c: the run ``after`` and, when given, ``before`` (run records) against it."""
+    groups = after["knee_group"]
     lines = [
         P2C_TITLE,
         "",
         f"- Machine: `{platform.platform()}`, cpu count {os.cpu_count()}; torch {torch.__version__}, "
         f"scikit-learn {sklearn.__version__}, numpy {np.__version__}",
-        f"- Command: `{command}`",
+        f"- Command: `{command}`" + ("" if str(after["command"]) == command else f"; the run: `{after['command']}`"),
         f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        f"- Library: {sklearn_craft_version()}",
         "",
         f"`LassoFilterSelector(random_state=0).fit` (gamma 0.01, 100 alphas, one validation split, n_jobs=None) on "
         f"the pooled responses of MobileFaceNet's {len(groups)} convolutions ({X.shape[1]} filters, trained "
         f"weights) over {X.shape[0]} FER2013 training images, {len(np.unique(y))} emotion classes: the "
-        f"multi-task path. Median of {repeats} fit(s); load average {run['load']:.1f} on {os.cpu_count()} cpus "
-        "(a shared machine: CPU seconds of the process are steadier than wall seconds).",
+        "multi-task path. Median fit times; load average when the run ended, on "
+        f"{os.cpu_count()} cpus (a shared machine: CPU seconds of the process are steadier than wall seconds).",
         "",
-        "| version | wall s | CPU s | load average |",
-        "|---|---|---|---|",
+        "| library | fits | wall s | CPU s | load average |",
+        "|---|---|---|---|---|",
     ]
-    if before is not None:
-        lines.append(f"| before: {before['version']} | {float(before['wall']):.1f} | {float(before['cpu']):.1f} | "
-                     f"{float(before['load']):.1f} |")
-    lines.append(f"| this run: {sklearn_craft_version()} | {run['wall']:.1f} | {run['cpu']:.1f} | {run['load']:.1f} |")
+    for name, record in (("before", before), ("after", after)):
+        if record is not None:
+            lines.append(
+                f"| {name}: {record['version']} | {int(record.get('repeats', 1))} | {float(record['wall']):.1f} | "
+                f"{float(record['cpu']):.1f} | {float(record['load']):.1f} |"
+            )
     lines.append("")
     if before is not None:
-        same_groups = np.array_equal(before["knee_group"], groups)
-        n_selected = selector.knees_["n_selected"].to_numpy()
-        differing = [str(g) for g, a, b in zip(groups, before["knee_n_selected"], n_selected) if a != b]
-        curves = selector.curves_
-        rmse_diff = float(np.max(np.abs(before["curve_rmse"] - curves["rmse"].to_numpy())))
+        differing = [str(g) for g, a, b in zip(groups, before["knee_n_selected"], after["knee_n_selected"]) if a != b]
+        same_support = np.array_equal(before["knee_group"], groups)
+        same_support &= np.array_equal(before["support"], after["support"])
+        same_curves = np.array_equal(before["curve_n_selected"], after["curve_n_selected"])
+        rmse_diff = float(np.max(np.abs(before["curve_rmse"] - after["curve_rmse"])))
         lines += [
             f"- Before: `{before['command']}`.",
-            f"- Speed-up: **{float(before['wall']) / run['wall']:.2f}x** in wall time, "
-            f"**{float(before['cpu']) / run['cpu']:.2f}x** in CPU time.",
+            f"- Speed-up: **{float(before['wall']) / float(after['wall']):.2f}x** in wall time, "
+            f"**{float(before['cpu']) / float(after['cpu']):.2f}x** in CPU time.",
             f"- Knees: n_selected equal in {len(groups) - len(differing)} of {len(groups)} layers"
             + (f" (differ: {', '.join(differing)})" if differing else "")
-            + f"; support_ (the filters kept at every knee) "
-            f"{'identical' if same_groups and np.array_equal(before['support'], selector.support_) else 'DIFFERENT'}; "
-            f"curves: n_selected at every alpha "
-            f"{'identical' if np.array_equal(before['curve_n_selected'], curves['n_selected']) else 'DIFFERENT'}, "
+            + f"; support_ (the filters kept at every knee) {'identical' if same_support else 'DIFFERENT'}; "
+            f"curves: n_selected at every alpha {'identical' if same_curves else 'DIFFERENT'}, "
             f"largest |RMSE difference| {rmse_diff:.2e}.",
             "",
         ]
@@ -287,7 +288,7 @@ def splice(text, section):
     """``text`` with its P2c section (up to the next ``##`` heading) replaced by ``section``, or appended."""
     start = text.find(P2C_TITLE)
     if start < 0:
-        return text.rstrip("\n") + "\n\n" + section
+        return (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
     end = min((i for i in (text.find("\n## ", start + 1), text.find("\n### ", start + 1)) if i >= 0), default=len(text))
     return text[:start] + section.rstrip("\n") + "\n" + text[end:]
 
@@ -305,6 +306,7 @@ def main():
     parser.add_argument("--multiclass-repeats", type=int, default=3)
     parser.add_argument("--multiclass-save", type=Path, default=None, help="write this P2c run's results (.npz)")
     parser.add_argument("--multiclass-before", type=Path, default=None, help="a --multiclass-save file to compare with")
+    parser.add_argument("--multiclass-after", type=Path, default=None, help="a saved run instead of fitting")
     parser.add_argument("--data-root", type=Path, default=_bench.REPO.parent / "shared" / "data")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args()
@@ -315,11 +317,14 @@ def main():
     if args.multiclass_case is not None:
         torch.set_num_threads(1)
         X, y = multiclass_case(args.multiclass_case, args.data_root)
-        run, selector = p2c(X, y, args.multiclass_repeats)
+        if args.multiclass_after is not None:
+            after = dict(np.load(args.multiclass_after))
+        else:
+            after = run_record(*p2c(X, y, args.multiclass_repeats), command)
         if args.multiclass_save is not None:
-            save_run(args.multiclass_save, run, selector, command)
-        before = None if args.multiclass_before is None else np.load(args.multiclass_before)
-        section = "\n".join(p2c_section(X, y, args.multiclass_repeats, run, selector, before, command))
+            np.savez(args.multiclass_save, **after)
+        before = None if args.multiclass_before is None else dict(np.load(args.multiclass_before))
+        section = "\n".join(p2c_section(X, y, after, before, command))
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(splice(previous, section))
         print(section)
