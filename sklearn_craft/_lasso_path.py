@@ -22,24 +22,38 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import lasso_path
 
 
-def _group_path(X, Y, splits, alphas, eps, standardize, sample_weight=None):
-    """Characteristic curve and all-sample coefficient path of one group (what ``memory`` caches).
+def _group_paths(blocks, Y, splits, alphas, eps, standardize, sample_weight=None):
+    """Characteristic curves and all-sample coefficient paths of groups (what ``memory`` caches).
 
-    The cross-products of every training part are those of all samples minus those of its
-    held-out part, so the n×p data are multiplied once, plus once more over the held-out rows.
-    ``sample_weight`` (None: every sample weighs 1) weights the cross-products and the means.
-    Returns the curve DataFrame (alpha, n_selected, rmse) and the path of shape
-    (n_targets, n_features, n_alphas) in the original feature scale.
+    ``blocks`` holds the features of every group. The cross-products of every training part
+    are those of all samples minus those of its held-out part, so the n×p data are multiplied
+    once, plus once more over the held-out rows. ``sample_weight`` (None: every sample weighs 1)
+    weights the cross-products and the means. The paths of all the groups and parts are solved
+    together (see :func:`_multitask_paths`). Returns, per group, the curve DataFrame (alpha,
+    n_selected, rmse) and the path of shape (n_targets, n_features, n_alphas) in the original
+    feature scale.
     """
+    problems = [_group_problems(X, Y, splits, alphas, eps, standardize, sample_weight) for X in blocks]
+    grids = [grid for grid, parts, _ in problems for _ in parts]
+    paths = iter(_solve_paths([part for _, parts, _ in problems for part in parts], grids))
+    results = []
+    for grid, parts, held_out in problems:
+        coefs, *part_coefs = [next(paths) for _ in parts]
+        rmse = sum(_held_out_rmse(products, n_test, path) for (products, n_test), path in zip(held_out, part_coefs))
+        n_selected = np.count_nonzero(np.any(coefs != 0, axis=0), axis=0)
+        results.append((pd.DataFrame({"alpha": grid, "n_selected": n_selected, "rmse": rmse / len(splits)}), coefs))
+    return results
+
+
+def _group_problems(X, Y, splits, alphas, eps, standardize, sample_weight=None):
+    """The α grid of one group, the moments of its paths (all samples, then the training part of
+    every split) and the held-out cross-products and total weights of the splits."""
     n_features = X.shape[1]
     Z, x_mean = _centred(X, Y, sample_weight)
     weighted, total = _weighted(Z, sample_weight)
     products = Z.T @ weighted
     full = _moments(products, total, x_mean, n_features, standardize)
-    grid = _alpha_grid(full, alphas, eps)
-    coefs = _solve_path(full, grid)
-
-    rmse = np.zeros(len(grid))
+    parts, held_out = [full], []
     for train, test in splits:
         Z_test = Z[test]
         weighted_test, test_total = _weighted(Z_test, None if sample_weight is None else sample_weight[test])
@@ -48,15 +62,11 @@ def _group_path(X, Y, splits, alphas, eps, standardize, sample_weight=None):
         # Means of the training part relative to the all-sample means, which are zero.
         shift = -test_sum / train_total
         train_products = products - test_products - train_total * np.outer(shift, shift)
-        part = _moments(train_products, train_total, x_mean + shift[:n_features], n_features, standardize)
+        parts.append(_moments(train_products, train_total, x_mean + shift[:n_features], n_features, standardize))
         # Cross-products of the held-out rows centred on the training means, the fit's intercept.
-        held_out = test_products - np.outer(test_sum, shift) - np.outer(shift, test_sum)
-        held_out += test_total * np.outer(shift, shift)
-        rmse += _held_out_rmse(held_out, test_total, _solve_path(part, grid))
-    curve = pd.DataFrame(
-        {"alpha": grid, "n_selected": np.count_nonzero(np.any(coefs != 0, axis=0), axis=0), "rmse": rmse / len(splits)}
-    )
-    return curve, coefs
+        test_products = test_products - np.outer(test_sum, shift) - np.outer(shift, test_sum)
+        held_out.append((test_products + test_total * np.outer(shift, shift), test_total))
+    return _alpha_grid(full, alphas, eps), parts, held_out
 
 
 def _centred(X, Y, sample_weight=None):
@@ -105,92 +115,146 @@ def _correlation_norms2(stats):
 
 
 def _solve_path(stats, grid, tol=1e-4):
-    """LASSO path (one target) or multi-task LASSO path, (n_targets, n_features, n_alphas).
+    """LASSO path (one target) or multi-task LASSO path of one problem, see :func:`_solve_paths`."""
+    return _solve_paths([stats], [grid], tol)[0]
+
+
+def _solve_paths(parts, grids, tol=1e-4):
+    """LASSO paths (one target) or multi-task LASSO paths of problems with as many targets and
+    α (``grids`` holds each one's), each (n_targets, n_features, n_alphas) in the original
+    feature scale.
 
     One target goes to :func:`~sklearn.linear_model.lasso_path` with the Gram matrix. It is
     given a square root ``F`` of the cross-products (``FᵀF = C·m/n``, ``m = p + 1`` rows) in
     place of the ``n`` samples: the objective ``‖Fy − Fx·w‖²/(2m) + α‖w‖₁`` equals the
     full-data one at every ``w`` and the tolerance (relative to ``‖y‖²``) scales alike, so the
-    solver runs the very iterations it would run on the data. Coefficients are returned in the
-    original feature scale.
+    solver runs the very iterations it would run on the data. Several targets go to
+    :func:`_multitask_paths`, all problems with as many features at once.
     """
-    C, n_samples = stats["C"], stats["n_samples"]
-    n_features = len(stats["x_scale"])
-    if len(C) - n_features == 1:
-        F = _gram_root(C) * np.sqrt(len(C) / n_samples)
-        Xf, yf = np.asfortranarray(F[:, :n_features]), F[:, n_features]
-        _, coefs, _ = lasso_path(Xf, yf, alphas=grid, precompute=Xf.T @ Xf, Xy=Xf.T @ yf, tol=tol)
-        coefs = coefs[None]
-    else:
-        coefs = _multitask_path(C, n_samples, n_features, grid, tol)
-    return coefs / stats["x_scale"][None, :, None]
+    paths = [None] * len(parts)
+    widths = np.array([len(stats["x_scale"]) for stats in parts])
+    for n_features in np.unique(widths):
+        same = np.flatnonzero(widths == n_features)
+        if len(parts[same[0]]["C"]) - n_features == 1:
+            for k in same:
+                F = _gram_root(parts[k]["C"]) * np.sqrt(len(parts[k]["C"]) / parts[k]["n_samples"])
+                Xf, yf = np.asfortranarray(F[:, :n_features]), F[:, n_features]
+                _, coefs, _ = lasso_path(Xf, yf, alphas=grids[k], precompute=Xf.T @ Xf, Xy=Xf.T @ yf, tol=tol)
+                paths[k] = coefs[None]
+        else:
+            Cs = np.stack([parts[k]["C"] for k in same])
+            n_samples = np.array([parts[k]["n_samples"] for k in same])
+            grid = np.stack([grids[k] for k in same])
+            for k, coefs in zip(same, _multitask_paths(Cs, n_samples, n_features, grid, tol)):
+                paths[k] = coefs
+    return [coefs / stats["x_scale"][None, :, None] for stats, coefs in zip(parts, paths)]
 
 
-def _multitask_path(C, n_samples, n_features, grid, tol, max_iter=1_000):
-    """Multi-task (L2,1) LASSO path by accelerated proximal gradient on the Gram matrix.
+def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
+    """Multi-task (L2,1) LASSO paths of several problems by accelerated proximal gradient.
 
-    Minimises ``‖Y − XW‖²/2 + nα·Σ_j ‖W_j‖₂`` (n times scikit-learn's objective) with FISTA and
-    gradient-based adaptive restart: one ``G @ W`` product (level-3 BLAS, vectorised over the
-    features and outputs) and a group soft-threshold per iteration. Each α starts from the
-    previous solutions extrapolated along the path, and stops on scikit-learn's rule for 2-D
-    ``y``: a duality gap (its formulation) at most ``tol·‖Y‖²``. On dense paths of correlated
+    Problem ``k`` has the cross-products ``Cs[k]`` of ``n_samples[k]`` samples and the α grid
+    ``grids[k]``. Each path minimises ``‖Y − XW‖²/2 + nα·Σ_j ‖W_j‖₂`` (n times scikit-learn's
+    objective) along its grid with FISTA and gradient-based adaptive restart: one product by the
+    Gram matrix (level-3 BLAS, vectorised over the features and outputs) and a group
+    soft-threshold per iteration. Each α starts from the previous solutions extrapolated along the path, and stops on
+    scikit-learn's rule for 2-D ``y``: a duality gap (its formulation) at most ``tol·‖Y‖²``,
+    checked every 5 iterations, or ``max_iter`` iterations. On dense paths of correlated
     filters, block coordinate descent (scikit-learn's compiled one, run on a square root of
     ``C``) took 5-10 times longer in our measurements, and stopped at its iteration limit where
     filters were nearly collinear. ``max_iter`` is scikit-learn's default for its LASSO solvers:
     on MobileFaceNet's 50 layers and a 7-class target (450 images) a cap of 10 000 gave the same
-    knees in every layer and took 1.7 times longer (196 s against 113 s), the extra iterations
-    going to alphas that had not converged in 1 000.
+    knees in every layer and took 1.7 times longer, the extra iterations going to alphas that
+    had not converged in 1 000.
+
+    The problems (the all-sample path and the training part of every split, of every group
+    of one width) advance side by side, each at its own α with its own iterate, momentum,
+    iteration count and stopping test, so that every path is exactly the one it would be alone
+    while NumPy's per-call overhead, which dominates an iteration on a layer of a few hundred
+    filters, is paid once for all of them.
     """
-    gram, xy = C[:n_features, :n_features], C[:n_features, n_features:]
-    yy = np.trace(C[n_features:, n_features:])
-    lipschitz = scipy.linalg.eigvalsh(gram, subset_by_index=[n_features - 1, n_features - 1])[0]
-    coefs = np.zeros((xy.shape[1], n_features, len(grid)))
-    if lipschitz <= 0:
-        return coefs
+    grams, xy = Cs[:, :n_features, :n_features], Cs[:, :n_features, n_features:]
+    yy = np.trace(Cs[:, n_features:, n_features:], axis1=1, axis2=2)
+    n_targets = xy.shape[2]
+    lipschitz = np.array([scipy.linalg.eigvalsh(gram, subset_by_index=[n_features - 1] * 2)[0] for gram in grams])
+    coefs = np.zeros((len(Cs), n_targets, n_features, grids.shape[1]))
+    # State of the problems still on their path (a problem without signal keeps zeros).
+    live = np.flatnonzero(lipschitz > 0)
+    grams, xy, yy, lipschitz = grams[live], xy[live], yy[live], lipschitz[live]
+    n_samples, grids = n_samples[live], grids[live]
     # The product by the Gram matrix is the cost of an iteration; in float32 it takes about half
     # the time and resolves the gradient to ~1e-7, enough until the gap nears that level (the
     # gap itself is always evaluated in float64).
-    gram32 = gram.astype(np.float32)
-    W = np.zeros_like(xy)
-    for i, alpha in enumerate(grid):
-        penalty = alpha * n_samples
-        if i >= 2 and grid[i - 1] != grid[i - 2]:
-            # The path is smooth in log α between changes of support.
-            ratio = np.log(alpha / grid[i - 1]) / np.log(grid[i - 1] / grid[i - 2])
-            W = W + ratio * (W - coefs[:, :, i - 2].T)
-        V, momentum, n_iter = W, 1.0, 0
-        while (gap := _multitask_gap(W, gram @ W, xy, yy, penalty)) > tol * yy and n_iter < max_iter:
-            product = gram32 if gap > 1e-5 * yy else gram
-            for _ in range(5):
-                step = V - (product @ V.astype(product.dtype, copy=False) - xy) / lipschitz
-                norms = np.sqrt(np.einsum("ij,ij->i", step, step))
-                shrink = np.maximum(1 - penalty / lipschitz / np.maximum(norms, np.finfo(float).tiny), 0)
-                W_next = step * shrink[:, None]
-                next_momentum = (1 + np.sqrt(1 + 4 * momentum**2)) / 2
-                if np.vdot(V - W_next, W_next - W) > 0:
-                    V, next_momentum = W_next, 1.0
-                else:
-                    V = W_next + (momentum - 1) / next_momentum * (W_next - W)
-                W, momentum = W_next, next_momentum
-            n_iter += 5
-        if n_iter >= max_iter:
-            warnings.warn(
-                f"Multi-task LASSO did not converge in {max_iter} iterations at alpha={alpha:.3g}; "
-                "nearly collinear features make the path hard to solve.",
-                ConvergenceWarning,
+    grams32 = grams.astype(np.float32)
+    position = np.zeros(len(live), dtype=int)
+    W = np.zeros((len(live), n_features, n_targets))
+    V, momentum, n_iter = W, np.ones(len(live)), np.zeros(len(live), dtype=int)
+    penalties = grids[:, 0] * n_samples
+    gaps = _multitask_gaps(W, grams, xy, yy, penalties)
+    while len(live):
+        stopped = (gaps <= tol * yy) | (n_iter >= max_iter)
+        if stopped.any():
+            # V is W itself at the start of an α: copies, so that each gets its own update.
+            W, V = W.copy(), V.copy()
+            for k in np.flatnonzero(stopped):
+                i, grid = position[k], grids[k]
+                coefs[live[k], :, :, i] = W[k].T
+                if gaps[k] > tol * yy[k]:
+                    warnings.warn(
+                        f"Multi-task LASSO did not converge in {max_iter} iterations at alpha={grid[i]:.3g}; "
+                        "nearly collinear features make the path hard to solve.",
+                        ConvergenceWarning,
+                    )
+                if i + 1 < len(grid) and i >= 1 and grid[i] != grid[i - 1]:
+                    # The path is smooth in log α between changes of support.
+                    ratio = np.log(grid[i + 1] / grid[i]) / np.log(grid[i] / grid[i - 1])
+                    W[k] = W[k] + ratio * (W[k] - coefs[live[k], :, :, i - 1].T)
+                V[k], momentum[k], n_iter[k], position[k] = W[k], 1.0, 0, i + 1
+            on = position < grids.shape[1]
+            live, position, W, V, momentum, n_iter = live[on], position[on], W[on], V[on], momentum[on], n_iter[on]
+            grams, grams32, xy, yy, lipschitz = grams[on], grams32[on], xy[on], yy[on], lipschitz[on]
+            n_samples, grids, gaps, restarted = n_samples[on], grids[on], gaps[on], stopped[on]
+            penalties = grids[np.arange(len(live)), position] * n_samples
+            gaps[restarted] = _multitask_gaps(
+                W[restarted], grams[restarted], xy[restarted], yy[restarted], penalties[restarted]
             )
-        coefs[:, :, i] = W.T
+            continue
+        threshold = (penalties / lipschitz)[:, None]
+        single = gaps > 1e-5 * yy
+        for _ in range(5):
+            if single.all():
+                gradient = np.matmul(grams32, V.astype(np.float32))
+            else:
+                gradient = np.empty_like(V)
+                gradient[single] = np.matmul(grams32[single], V[single].astype(np.float32))
+                gradient[~single] = np.matmul(grams[~single], V[~single])
+            step = V - (gradient - xy) / lipschitz[:, None, None]
+            norms = np.sqrt(np.einsum("kij,kij->ki", step, step))
+            shrink = np.maximum(1 - threshold / np.maximum(norms, np.finfo(float).tiny), 0)
+            W_next = step * shrink[:, :, None]
+            next_momentum = (1 + np.sqrt(1 + 4 * momentum**2)) / 2
+            change = W_next - W
+            restart = np.einsum("kij,kij->k", V - W_next, change) > 0
+            next_momentum[restart] = 1.0
+            # A restarted problem goes on from W_next itself (plus 0·change).
+            V = W_next + np.where(restart, 0.0, (momentum - 1) / next_momentum)[:, None, None] * change
+            W, momentum = W_next, next_momentum
+        n_iter += 5
+        gaps = _multitask_gaps(W, grams, xy, yy, penalties)
     return coefs
 
 
-def _multitask_gap(W, gram_w, xy, yy, penalty):
-    """Duality gap of the multi-task LASSO, scikit-learn's formulation, from the cross-products."""
+def _multitask_gaps(W, grams, xy, yy, penalties):
+    """Duality gaps of multi-task LASSO problems, scikit-learn's formulation, from the
+    cross-products; one problem per leading index of every argument."""
+    gram_w = np.matmul(grams, W)
     residual_x = xy - gram_w
-    residual_norm2 = yy - 2 * np.vdot(W, xy) + np.vdot(W, gram_w)
-    residual_y = yy - np.vdot(W, xy)
-    dual_norm = np.sqrt(np.max(np.einsum("ij,ij->i", residual_x, residual_x)))
-    scale = penalty / dual_norm if dual_norm > penalty else 1.0
-    primal = 0.5 * residual_norm2 + penalty * np.sum(np.sqrt(np.einsum("ij,ij->i", W, W)))
+    w_xy = np.einsum("kij,kij->k", W, xy)
+    residual_norm2 = yy - 2 * w_xy + np.einsum("kij,kij->k", W, gram_w)
+    residual_y = yy - w_xy
+    dual_norm = np.sqrt(np.max(np.einsum("kij,kij->ki", residual_x, residual_x), axis=1))
+    scale = np.minimum(1.0, penalties / np.maximum(dual_norm, np.finfo(float).tiny))
+    primal = 0.5 * residual_norm2 + penalties * np.sum(np.sqrt(np.einsum("kij,kij->ki", W, W)), axis=1)
     dual = -0.5 * scale**2 * residual_norm2 + scale * residual_y
     return primal - dual
 

@@ -35,7 +35,7 @@ from .targets import CLASSIFICATION_KINDS, encode_target
 #: Share of the samples held out to score each layer's satellite (``satellite_scores_``).
 _SCORE_FRACTION = 0.25
 #: LassoFilterSelector parameters the pruner sets itself.
-_RESERVED_SELECTOR_PARAMS = ("gamma", "groups", "memory")
+_RESERVED_SELECTOR_PARAMS = ("gamma", "groups", "memory", "progress")
 
 
 class _Stopwatch:
@@ -143,7 +143,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     selector_params : dict or None, default=None
         Further parameters of :class:`~sklearn_craft.selection.LassoFilterSelector` (``alphas``,
         ``eps``, ``validation_fraction``, ``cv``, ``standardize``, ``n_jobs``); ``gamma``,
-        ``groups`` and ``memory`` are set by the pruner.
+        ``groups``, ``memory`` and ``progress`` are set by the pruner.
     device : str or torch.device, default="cpu"
         Where forward passes and fine-tuning run; ``pruned_model_`` lives there. A device this
         torch build cannot use is a ``ValueError``.
@@ -156,7 +156,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Cache of the pooled responses and of the LASSO paths, which do not depend on ``gamma``:
         a grid search over ``gamma`` pools each training set once.
     progress : bool, default=False
-        Show tqdm progress bars (pooling, fine-tuning).
+        Show tqdm progress bars (pooling, selection, fine-tuning).
     preprocess : callable or None, default=None
         Applied to every batch of images (float tensors in [0, 1]) before the network sees it,
         when pooling, fine-tuning and predicting, e.g. ``preset("mobilefacenet").preprocess``
@@ -454,6 +454,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             groups=np.repeat(np.asarray(layers, dtype=object), widths),
             memory=self.memory,
             random_state=seed,
+            progress=self.progress,
             **(self.selector_params or {}),
         ).fit(features, y, sample_weight=sample_weight)
         support = np.split(selector.support_, np.cumsum(widths)[:-1])

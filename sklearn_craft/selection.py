@@ -32,9 +32,10 @@ from sklearn.utils.validation import (
     check_X_y,
 )
 from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from ._cache import cached_arrays
-from ._lasso_path import _first_to_enter, _group_path
+from ._lasso_path import _first_to_enter, _group_paths
 from .targets import encode_target
 
 _PATH_CONSTRAINTS = {
@@ -185,7 +186,7 @@ def characteristic_curve(
     labels = np.asarray(y) if target_type in ("binary", "multiclass") else None
     splits = _held_out_splits(len(X), labels, validation_fraction, cv, random_state)
     with threadpool_limits(limits=1, user_api="blas"):
-        curve, coefs = _group_path(X, Y, splits, _check_alphas(alphas), eps, standardize)
+        ((curve, coefs),) = _group_paths([X], Y, splits, _check_alphas(alphas), eps, standardize)
     return curve, coefs[0] if len(coefs) == 1 else coefs
 
 
@@ -225,9 +226,10 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         Scale features to unit variance before the paths so α means the same in every layer.
         ``coef_`` is reported in the original feature scale.
     n_jobs : int or None, default=None
-        Number of groups processed in parallel threads (``-1``: one per core). BLAS runs on one
-        thread during ``fit`` (its threads slow the many small products down, and would
-        oversubscribe the cores), so ``n_jobs`` is what uses several cores.
+        Number of parallel threads (``-1``: one per core), each solving a batch of up to 8
+        groups of the same width at a time. BLAS runs on one thread during ``fit`` (its threads
+        slow the many small products down, and would oversubscribe the cores), so ``n_jobs`` is
+        what uses several cores.
     random_state : int, RandomState instance or None, default=None
         Seed of the validation split. Fix it for ``memory`` to be reused across fits.
     memory : str, joblib.Memory or None, default=None
@@ -235,6 +237,8 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         over ``gamma`` then recomputes only the knees. They are stored as ``.npy`` arrays in a
         ``sklearn_craft`` folder under the path (or the joblib.Memory's location), never as
         pickles: a corrupt or tampered entry is recomputed, never executed.
+    progress : bool, default=False
+        Show a tqdm progress bar (on stderr) counting the groups whose paths are solved.
 
     Attributes
     ----------
@@ -283,6 +287,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
         "memory": [None, str, HasMethods(["cache"])],
+        "progress": ["boolean"],
     }
 
     def __init__(
@@ -297,6 +302,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         n_jobs=None,
         random_state=None,
         memory=None,
+        progress=False,
     ):
         self.gamma = gamma
         self.alphas = alphas
@@ -308,6 +314,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.memory = memory
+        self.progress = progress
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
@@ -349,15 +356,27 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
                         f"split, got {sample_weight[train].sum()!r} (fit) and {sample_weight[test].sum()!r} (held out)"
                     )
 
-        group_path = functools.partial(_cached_group_path, self.memory)
+        group_paths = functools.partial(_cached_group_paths, self.memory)
         labels_in_order = pd.unique(pd.Series(groups, dtype=object))
         columns = [_as_slice(np.flatnonzero(groups == label)) for label in labels_in_order]
-        with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
+        batches = _batches([np.count_nonzero(groups == label) for label in labels_in_order])
+        paths = [None] * len(columns)
+        with (
+            threadpool_limits(limits=1, user_api="blas"),
+            warnings.catch_warnings(record=True) as caught,
+            tqdm(total=len(columns), desc="LASSO paths", unit="group", disable=not self.progress) as bar,
+        ):
             warnings.simplefilter("always", ConvergenceWarning)
-            paths = Parallel(n_jobs=self.n_jobs, prefer="threads")(
-                delayed(group_path)(X[:, cols], Y, splits, alphas, self.eps, self.standardize, sample_weight)
-                for cols in columns
+            solved = Parallel(n_jobs=self.n_jobs, prefer="threads", return_as="generator")(
+                delayed(group_paths)(
+                    [X[:, columns[g]] for g in batch], Y, splits, alphas, self.eps, self.standardize, sample_weight
+                )
+                for batch in batches
             )
+            for batch, batch_paths in zip(batches, solved):
+                for g, path in zip(batch, batch_paths):
+                    paths[g] = path
+                bar.update(len(batch))
         _summarise_warnings(caught, n_fits=len(columns) * (len(splits) + 1) * len(paths[0][0]))
 
         support = np.zeros(X.shape[1], dtype=bool)
@@ -415,24 +434,35 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
 _CURVE_COLUMNS = ("alpha", "n_selected", "rmse")
 
 
-def _cached_group_path(memory, X, Y, splits, alphas, eps, standardize, sample_weight=None):
-    """``_group_path`` through the array cache of ``memory``: the curve's columns and the path."""
+def _cached_group_paths(memory, blocks, Y, splits, alphas, eps, standardize, sample_weight=None):
+    """``_group_paths`` through the array cache of ``memory``: one entry per batch of groups."""
 
     def compute():
-        curve, coefs = _group_path(X, Y, splits, alphas, eps, standardize, sample_weight)
-        return {**{column: curve[column].to_numpy() for column in _CURVE_COLUMNS}, "coefs": coefs}
+        results = _group_paths(blocks, Y, splits, alphas, eps, standardize, sample_weight)
+        return {
+            f"{index}:{name}": values
+            for index, (curve, coefs) in enumerate(results)
+            for name, values in [*((column, curve[column].to_numpy()) for column in _CURVE_COLUMNS), ("coefs", coefs)]
+        }
 
     def valid(stored):
-        return (
-            stored.keys() == {*_CURVE_COLUMNS, "coefs"}
-            and stored["coefs"].ndim == 3
-            and stored["coefs"].shape[:2] == (Y.shape[1], X.shape[1])
-            and all(stored[column].shape == stored["coefs"].shape[2:] for column in _CURVE_COLUMNS)
+        names = {f"{index}:{name}" for index in range(len(blocks)) for name in (*_CURVE_COLUMNS, "coefs")}
+        return stored.keys() == names and all(
+            stored[f"{index}:coefs"].ndim == 3
+            and stored[f"{index}:coefs"].shape[:2] == (Y.shape[1], X.shape[1])
+            and all(stored[f"{index}:{column}"].shape == stored[f"{index}:coefs"].shape[2:] for column in _CURVE_COLUMNS)
+            for index, X in enumerate(blocks)
         )
 
-    key = (X, Y, splits, alphas, eps, standardize, sample_weight)
-    stored = cached_arrays(memory, _group_path, key, compute, valid)
-    return pd.DataFrame({column: stored[column] for column in _CURVE_COLUMNS}), stored["coefs"]
+    key = (blocks, Y, splits, alphas, eps, standardize, sample_weight)
+    stored = cached_arrays(memory, _group_paths, key, compute, valid)
+    return [
+        (
+            pd.DataFrame({column: stored[f"{index}:{column}"] for column in _CURVE_COLUMNS}),
+            stored[f"{index}:coefs"],
+        )
+        for index in range(len(blocks))
+    ]
 
 
 def _summarise_warnings(caught, n_fits):
@@ -451,6 +481,20 @@ def _summarise_warnings(caught, n_fits):
             ConvergenceWarning,
             stacklevel=3,
         )
+
+
+def _batches(widths, size=8):
+    """Groups solved together: up to ``size`` of the same width, in order of first appearance.
+
+    Their multi-task paths then share every iteration's NumPy calls (see
+    :func:`~sklearn_craft._lasso_path._multitask_paths`); ``size`` bounds the memory of the
+    Gram matrices held at once and keeps the progress bar moving.
+    """
+    batches = []
+    for width in pd.unique(pd.Series(widths)):
+        same = np.flatnonzero(np.asarray(widths) == width)
+        batches += [same[start : start + size].tolist() for start in range(0, len(same), size)]
+    return batches
 
 
 def _as_slice(indices):

@@ -176,3 +176,13 @@ def test_pruner_runtimes_report_a_ratio_per_runtime(tmp_path):
     pruned = frame[frame["target"] < 1]
     assert (pruned["flops_ratio"] > 1).all()
     assert np.allclose(pruned["ratio"], pruned["speed_up"] / pruned["flops_ratio"])
+
+
+def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp_path):
+    record = tmp_path / "run.npz"
+    _, text = _run("multiclass", tmp_path, "--save", str(record))
+    assert "| after: " in text and "Speed-up" not in text
+    # A saved run compared with itself: the same knees, support and curves, a speed-up of 1.
+    _, text = _run("multiclass", tmp_path, "--after", str(record), "--before", str(record))
+    assert "**1.00x** in wall time" in text and "n_selected equal in 6 of 6 layers;" in text
+    assert "support_ (the filters kept at every knee) identical" in text and "largest |RMSE difference| 0.00e+00" in text

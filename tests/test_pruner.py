@@ -744,3 +744,11 @@ def test_transform_feature_names_and_pandas_output(data):
     full = CraftPruner(conv_chain(), gamma=0.0, random_state=0).set_output(transform="pandas")
     pooler = ActivationPooler(conv_chain(), layers=["6"]).set_output(transform="pandas")
     pd.testing.assert_frame_equal(full.fit_transform(X, y), pooler.fit_transform(X), rtol=1e-5)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_reaches_the_selection(data, capsys, progress):
+    X, scores = data
+    CraftPruner(conv_chain(), gamma=0.05, random_state=0, progress=progress).fit(X, scores[:, 0])
+    err = capsys.readouterr().err
+    assert ("LASSO paths" in err and "3/3" in err) if progress else "LASSO paths" not in err

@@ -650,3 +650,64 @@ def test_bad_sample_weight_is_rejected_before_anything_is_fitted():
         with pytest.raises(error, match=match):
             selector.fit(X, y, sample_weight=weights)
         assert not _fitted_state(selector)
+
+
+# --------------------------------------------------------------------------- groups solved together
+
+
+def _correlated_classes(n=240, widths=(12, 12, 12, 6), n_classes=4, seed=0):
+    """Responses of a few layers sharing latent factors (ReLU, strongly correlated) and class
+    labels driven by two factors: multi-task paths whose support grows over many alphas."""
+    rng = np.random.default_rng(seed)
+    factors = rng.normal(size=(n, 4))
+    X = np.hstack([np.maximum(factors @ rng.normal(size=(4, w)) + 0.5 * rng.normal(size=(n, w)), 0) for w in widths])
+    y = np.argmax(factors[:, :2] @ rng.normal(size=(2, n_classes)) + 0.7 * rng.normal(size=(n, n_classes)), axis=1)
+    return X, y, np.repeat(np.arange(len(widths)), widths)
+
+
+def test_groups_solved_together_give_each_group_its_own_path():
+    # The selector solves the paths of groups of one width side by side; every group's curve
+    # and path must be exactly what it gets alone, and its all-sample path exactly the path of
+    # that one problem solved alone (one alpha after the other).
+    X, y, groups = _correlated_classes()
+    Y = encode_target(y)[0]
+    splits = sklearn_craft.selection._held_out_splits(len(X), y, 0.25, None, 0)
+    blocks = [np.ascontiguousarray(X[:, groups == g]) for g in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        together = sklearn_craft._lasso_path._group_paths(blocks, Y, splits, 30, 1e-4, True)
+        for block, (curve, coefs) in zip(blocks, together):
+            ((alone_curve, alone_coefs),) = sklearn_craft._lasso_path._group_paths([block], Y, splits, 30, 1e-4, True)
+            pd.testing.assert_frame_equal(curve, alone_curve, check_exact=True)
+            np.testing.assert_array_equal(coefs, alone_coefs)
+            assert curve["n_selected"].nunique() >= 4  # a nontrivial path
+        grid, parts, _ = sklearn_craft._lasso_path._group_problems(blocks[0], Y, splits, 30, 1e-4, True)
+        np.testing.assert_array_equal(sklearn_craft._lasso_path._solve_path(parts[0], grid), together[0][1])
+
+
+def test_batches_of_groups_cover_every_group_once_by_width():
+    widths = [64, 64, 128, 64, 128] + [32] * 10
+    batches = sklearn_craft.selection._batches(widths, size=4)
+    assert sorted(g for batch in batches for g in batch) == list(range(len(widths)))
+    assert all(len(batch) <= 4 and len({widths[g] for g in batch}) == 1 for batch in batches)
+    X, y, groups = _correlated_classes(widths=(6, 6, 4, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        serial = LassoFilterSelector(groups=groups, alphas=20, random_state=0).fit(X, y)
+        parallel = LassoFilterSelector(groups=groups, alphas=20, random_state=0, n_jobs=2).fit(X, y)
+    pd.testing.assert_frame_equal(serial.curves_, parallel.curves_, check_exact=True)
+    np.testing.assert_array_equal(serial.coef_, parallel.coef_)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_counts_groups_on_stderr(progress, capsys):
+    X, y, groups = _correlated_classes(n=80, widths=(4, 4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        LassoFilterSelector(groups=groups, alphas=5, random_state=0, progress=progress).fit(X, y)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    if progress:
+        assert "LASSO paths" in captured.err and "3/3" in captured.err
+    else:
+        assert captured.err == ""

@@ -1,0 +1,171 @@
+"""Benchmark P2c of LassoFilterSelector: the multi-class (multi-task) path on real data.
+
+P2c  LassoFilterSelector(random_state=0).fit on the pooled responses of MobileFaceNet's 50
+     convolutions (its trained weights) over the 450 training images of the ETL table's FER2013
+     emotion split (600 images, 75/25, 7 classes). The case is pooled once into an .npz (--case
+     PATH; built from ../shared/data when absent), then only selection is timed (wall and CPU
+     seconds, median of --repeats fits). --save writes the run's timings, curves and knees;
+     --before compares this run with such a file from another version of the library
+     (speed-up, n_selected at every knee, the support, the curves); --after takes a saved run
+     instead of fitting.
+
+--quick: a synthetic case (120 samples, 6 groups of 16 features, 7 classes), one fit: a smoke run
+of the whole script, not a measurement.
+Run: python benchmarks/bench_multiclass.py --case /tmp/mc_case.npz [--save after.npz] [--before before.npz]
+Writes benchmarks/results/multiclass.md (or --results PATH).
+"""
+
+import os
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+import _bench
+import sklearn_craft
+from sklearn_craft.models import mobilefacenet, preset
+from sklearn_craft.pooling import ActivationPooler
+from sklearn_craft.selection import LassoFilterSelector
+
+FULL = dict(repeats=3)
+QUICK = dict(repeats=1)
+
+
+def real_case(path, data_root):
+    """Pooled responses (DataFrame, one column per filter) and emotion labels of the P2c case.
+
+    Built once and saved to ``path``: MobileFaceNet with its trained weights, every convolution
+    pooled over the 450 training images of the ETL table's emotion split.
+    """
+    if not path.exists():
+        input_preset = preset("mobilefacenet")
+        net = mobilefacenet(weights=data_root / _bench.WEIGHTS["mobilefacenet"])
+        X_train, _, y_train, _ = _bench.task_data("emotion", data_root, 600, input_preset)
+        pooler = ActivationPooler(net, layers="conv", preprocess=input_preset.preprocess).set_output(transform="pandas")
+        features = pooler.fit(X_train).transform(X_train)
+        np.savez(path, X=features.to_numpy(), names=np.asarray(features.columns, dtype=str), y=y_train.astype(str))
+    with np.load(path, allow_pickle=False) as case:
+        return pd.DataFrame(case["X"], columns=case["names"]), case["y"]
+
+
+def synthetic_case(seed=0):
+    """A small stand-in for the real case: 6 layers of 16 correlated responses, 7 classes."""
+    rng = np.random.default_rng(seed)
+    factors = rng.normal(size=(120, 4))
+    X = np.maximum(factors @ rng.normal(size=(4, 96)) + 0.5 * rng.normal(size=(120, 96)), 0)
+    y = np.argmax(factors @ rng.normal(size=(4, 7)) + rng.normal(size=(120, 7)), axis=1).astype(str)
+    return pd.DataFrame(X, columns=[f"layer{i // 16}:{i % 16}" for i in range(96)]), y
+
+
+def timed_fits(X, y, repeats):
+    """Median wall and CPU seconds of ``LassoFilterSelector(random_state=0).fit``, and the last fit."""
+    wall, cpu = [], []
+    for repeat in range(repeats):
+        selector = LassoFilterSelector(random_state=0)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        selector.fit(X, y)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+        print(f"P2c fit {repeat + 1}/{repeats}: {wall[-1]:.1f} s wall, {cpu[-1]:.1f} s CPU", flush=True)
+    return {"wall": np.median(wall), "cpu": np.median(cpu), "load": os.getloadavg()[0], "repeats": repeats}, selector
+
+
+def run_record(run, selector, command):
+    """The timings, curves, knees and support of a run (what --save writes): numeric and str arrays only."""
+    curves, knees = selector.curves_, selector.knees_
+    return dict(
+        wall=run["wall"], cpu=run["cpu"], load=run["load"], repeats=run["repeats"], command=command,
+        version=library_version(),
+        curve_group=np.asarray(curves["group"], dtype=str), curve_alpha=curves["alpha"].to_numpy(),
+        curve_n_selected=curves["n_selected"].to_numpy(), curve_rmse=curves["rmse"].to_numpy(),
+        knee_group=np.asarray(knees["group"], dtype=str), knee_n_selected=knees["n_selected"].to_numpy(),
+        knee_rmse=knees["rmse"].to_numpy(), support=selector.support_,
+    )
+
+
+def library_version():
+    """Where the library came from, and its git commit when it is a checkout."""
+    root = Path(sklearn_craft.__file__).resolve().parents[1]
+    completed = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = completed.stdout.strip() if completed.returncode == 0 else "unknown commit"
+    return f"{root} ({commit})"
+
+
+def load_record(path):
+    with np.load(path, allow_pickle=False) as stored:
+        return {name: stored[name] for name in stored.files}
+
+
+def section_blocks(X, y, after, before, case):
+    """Markdown of P2c: the run ``after`` and, when given, ``before`` (run records) against it."""
+    groups = after["knee_group"]
+    blocks = [
+        f"`LassoFilterSelector(random_state=0).fit` (gamma 0.01, 100 alphas, one validation split, n_jobs=None) on "
+        f"{case}: {len(groups)} groups, {X.shape[1]} features, {X.shape[0]} samples, {len(np.unique(y))} classes "
+        "(the multi-task path). Median fit times; load average when the run ended, on "
+        f"{os.cpu_count()} cpus (CPU seconds of the process are steadier than wall seconds on a shared machine).",
+        "",
+        "| library | fits | wall s | CPU s | load average |",
+        "|---|---|---|---|---|",
+    ]
+    for name, record in (("before", before), ("after", after)):
+        if record is not None:
+            blocks.append(
+                f"| {name}: {record['version']} | {int(record['repeats'])} | {float(record['wall']):.1f} | "
+                f"{float(record['cpu']):.1f} | {float(record['load']):.1f} |"
+            )
+    blocks.append("")
+    if before is not None:
+        differing = [str(g) for g, a, b in zip(groups, before["knee_n_selected"], after["knee_n_selected"]) if a != b]
+        same_support = np.array_equal(before["knee_group"], groups) and np.array_equal(before["support"], after["support"])
+        same_curves = np.array_equal(before["curve_n_selected"], after["curve_n_selected"])
+        rmse_diff = float(np.max(np.abs(before["curve_rmse"] - after["curve_rmse"])))
+        blocks += [
+            f"- Before: `{before['command']}`.",
+            f"- Speed-up: **{float(before['wall']) / float(after['wall']):.2f}x** in wall time, "
+            f"**{float(before['cpu']) / float(after['cpu']):.2f}x** in CPU time.",
+            f"- Knees: n_selected equal in {len(groups) - len(differing)} of {len(groups)} layers"
+            + (f" (differ: {', '.join(differing)})" if differing else "")
+            + f"; support_ (the filters kept at every knee) {'identical' if same_support else 'DIFFERENT'}; "
+            f"curves: n_selected at every alpha {'identical' if same_curves else 'DIFFERENT'}, "
+            f"largest |RMSE difference| {rmse_diff:.2e}.",
+            "",
+        ]
+    return blocks
+
+
+def main(argv=None):
+    parser = _bench.parser(__doc__)
+    parser.set_defaults(threads=1)
+    parser.add_argument("--case", type=Path, default=None, help=".npz of the pooled real case (built when absent)")
+    parser.add_argument("--repeats", type=int, default=None, help="fits timed (the median is reported)")
+    parser.add_argument("--save", type=Path, default=None, help="write this run's record (.npz)")
+    parser.add_argument("--before", type=Path, default=None, help="a --save file of another version to compare with")
+    parser.add_argument("--after", type=Path, default=None, help="a --save file to report instead of fitting")
+    args = parser.parse_args(argv)
+    config = _bench.settings(args, FULL, QUICK)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    if args.quick:
+        (X, y), case = synthetic_case(), "a synthetic case"
+    else:
+        case_path = args.case or Path("/tmp/sklearn_craft_p2c_case.npz")
+        (X, y), case = real_case(case_path, args.data_root), "MobileFaceNet's pooled responses over 450 FER2013 images"
+    command = _bench.command()
+    after = load_record(args.after) if args.after else run_record(*timed_fits(X, y, config["repeats"]), command)
+    if args.save is not None:
+        np.savez(args.save, **after)
+    before = None if args.before is None else load_record(args.before)
+    results = args.results or _bench.RESULTS / "multiclass.md"
+    intro = "P2c: the multi-class path of LassoFilterSelector on real data, before and after a change."
+    _bench.write_section(results, "LassoFilterSelector, multi-class path (P2c)", intro,
+                         section_blocks(X, y, after, before, case), args.quick)
+
+
+if __name__ == "__main__":
+    main()
