@@ -48,7 +48,7 @@ _PAYLOAD_CONFIGS = {
 def _example_batch(example_input, input_shape):
     """A batch of two examples, from ``example_input`` (its first example) or zeros of ``input_shape``."""
     if example_input is not None and input_shape is not None:
-        raise ValueError("save_model needs one of example_input and input_shape, got both")
+        raise ValueError("give at most one of example_input and input_shape, got both")
     if input_shape is not None:
         return torch.zeros((2, *_check_input_shape(input_shape)))
     if not isinstance(example_input, torch.Tensor):

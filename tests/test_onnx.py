@@ -108,9 +108,9 @@ def test_arguments_are_checked_before_exporting(tmp_path):
         save_onnx(model, 3, input_shape=(3,))
     with pytest.raises(ValueError, match="path must be in an existing folder"):
         save_onnx(model, tmp_path / "absent" / "m.onnx", input_shape=(3,))
-    with pytest.raises(ValueError, match="exactly one of example_input and input_shape, got neither"):
+    with pytest.raises(ValueError, match="save_onnx needs example_input or input_shape: Linear does not record"):
         save_onnx(model, tmp_path / "m.onnx")
-    with pytest.raises(ValueError, match="got both"):
+    with pytest.raises(ValueError, match="one of example_input and input_shape, got both"):
         save_onnx(model, tmp_path / "m.onnx", example_input=torch.rand(1, 3), input_shape=(3,))
 
 
