@@ -231,7 +231,9 @@ TABULAR_CHECKS = (
     "check_dict_unchanged",
     "check_fit_idempotent",
     "check_fit_check_is_fitted",
-    # Estimators whose fit takes sample_weight.
+)
+#: Tabular checks of estimators whose fit takes sample_weight.
+SAMPLE_WEIGHT_CHECKS = (
     "check_sample_weights_pandas_series",
     "check_sample_weights_not_an_array",
     "check_sample_weights_list",
@@ -239,7 +241,9 @@ TABULAR_CHECKS = (
     "check_sample_weights_shape",
     "check_sample_weights_not_overwritten",
     "check_sample_weight_equivalence_on_dense_data",
-    # Classifiers and regressors.
+)
+#: Tabular checks of classifiers and regressors.
+SUPERVISED_CHECKS = (
     "check_supervised_y_2d",
     "check_classifier_data_not_an_array",
     "check_classifiers_one_label",
@@ -258,6 +262,7 @@ TABULAR_CHECKS = (
     "check_regressors_no_decision_function",
     "check_regressors_int",
 )
+TABULAR_CHECKS += SAMPLE_WEIGHT_CHECKS + SUPERVISED_CHECKS
 #: Checks of features that only tabular data have, with the feature.
 TABULAR_ONLY_CHECKS = {
     "check_n_features_in_after_fitting": "n_features_in_ (images have no feature count)",

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.base import clone, is_classifier, is_regressor
+from sklearn.exceptions import NotFittedError
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, check_cv, cross_validate
-from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
@@ -23,6 +23,8 @@ from sklearn_craft.surgery import coupled_groups, truncate
 
 from conftest import (
     ARCHITECTURES,
+    SAMPLE_WEIGHT_CHECKS,
+    SUPERVISED_CHECKS,
     assert_expected_failures_are_current,
     conv_chain,
     image_estimator_expected_failures,
@@ -576,15 +578,7 @@ _COVERED_WITH_IMAGES = {
         _CONTRACT,
     ),
     **dict.fromkeys(
-        [
-            "check_sample_weights_pandas_series",
-            "check_sample_weights_not_an_array",
-            "check_sample_weights_list",
-            "check_all_zero_sample_weights_error",
-            "check_sample_weights_shape",
-            "check_sample_weights_not_overwritten",
-            "check_sample_weight_equivalence_on_dense_data",
-        ],
+        SAMPLE_WEIGHT_CHECKS,
         "test_sample_weight.py::test_pruner_weights_the_selection_the_satellites_and_fine_tuning",
     ),
 }
@@ -592,25 +586,7 @@ _COVERED_WITH_IMAGES = {
 _COVERED_AS_CLASSIFIER_OR_REGRESSOR = {
     **_COVERED_WITH_IMAGES,
     **dict.fromkeys(
-        [
-            "check_supervised_y_2d",
-            "check_classifier_data_not_an_array",
-            "check_classifiers_one_label",
-            "check_classifiers_one_label_sample_weights",
-            "check_classifiers_classes",
-            "check_classifier_multioutput",
-            "check_classifiers_train",
-            "check_classifiers_regression_target",
-            "check_classifiers_multilabel_representation_invariance",
-            "check_classifiers_multilabel_output_format_predict",
-            "check_classifiers_multilabel_output_format_predict_proba",
-            "check_classifiers_multilabel_output_format_decision_function",
-            "check_regressors_train",
-            "check_regressor_data_not_an_array",
-            "check_regressor_multioutput",
-            "check_regressors_no_decision_function",
-            "check_regressors_int",
-        ],
+        SUPERVISED_CHECKS,
         "test_classifier_and_regressor_refuse_the_other_kind_of_target",
     ),
 }
