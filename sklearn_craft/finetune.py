@@ -34,10 +34,24 @@ FINETUNE_DEFAULTS = {
     "early_stopping": None,
 }
 
+
+class _CosineDistance(nn.Module):
+    """Mean over the batch of ``1 - cos(output, target)``, rows compared as vectors.
+
+    The distillation loss of Vielzeuf et al. (Eq. 4, whose cosine *similarity* is to be maximised),
+    used by :class:`~sklearn_craft.fusion.FusionDistiller`: only the direction of an embedding is
+    learnt, not its norm.
+    """
+
+    def forward(self, output, target):
+        return (1 - nn.functional.cosine_similarity(output, target, dim=1)).mean()
+
+
 _LOSSES = {
     "mse": nn.MSELoss,
     "cross_entropy": nn.CrossEntropyLoss,
     "bce": nn.BCEWithLogitsLoss,
+    "cosine": _CosineDistance,
 }
 
 _CONSTRAINTS = {
@@ -132,10 +146,12 @@ def finetune(
         Images, in any form accepted by :func:`sklearn_craft.images.as_image_dataset`.
     y : array-like of shape (n_samples,) or (n_samples, n_outputs)
         Targets in the form the loss expects: class indices for ``"cross_entropy"``, 0/1 values for
-        ``"bce"`` and real values for ``"mse"``. A 1-D ``y`` is matched to a model output of shape
-        (n, 1).
-    loss : {"mse", "cross_entropy", "bce"}
-        Mean squared error, cross-entropy on logits, or binary cross-entropy on logits.
+        ``"bce"`` and real values for ``"mse"`` and ``"cosine"``. A 1-D ``y`` is matched to a model
+        output of shape (n, 1).
+    loss : {"mse", "cross_entropy", "bce", "cosine"}
+        Mean squared error, cross-entropy on logits, binary cross-entropy on logits, or the cosine
+        distance ``1 - cos(output, y)`` between each output row and its target row (embedding
+        distillation).
     epochs : int, default=10
         Number of passes over the training part of the data.
     lr : float, default=1e-3
