@@ -68,8 +68,10 @@ class EmbeddingSource:
     --------
     >>> from torch import nn
     >>> from sklearn_craft.fusion import EmbeddingSource
-    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
-    >>> EmbeddingSource(net, layer="1").layer
+    >>> from sklearn_craft.models import preset
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    >>> source = EmbeddingSource(net, layer="1", preprocess=preset("mini_xception").adapt)
+    >>> source.layer
     '1'
     """
 
@@ -341,8 +343,9 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         The auto-encoder's halves, in eval mode (``method="autoencoder"`` only): the encoder maps
         standardised concatenated embeddings to the code, ``transform`` subtracts
         ``code_mean_``.
-    code_mean_ : ndarray of shape (n_components_,)
-        Mean code over the training images (``method="autoencoder"`` only).
+    code_mean_ : ndarray
+        Mean code over the training images, one value per dimension of ``h_G``
+        (``method="autoencoder"`` only).
     history_ : pandas.DataFrame or None
         Auto-encoder losses per epoch (mean squared error per standardised column, see
         :func:`~sklearn_craft.finetune.finetune`); None for the other methods.
@@ -579,9 +582,9 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        h_G : ndarray of shape (n_samples, n_components_), dtype float32
-            The fused embedding: standardised concatenation, PCA scores, or the auto-encoder's
-            code minus its mean over the training images.
+        h_G : ndarray of shape (n_samples, n_components), dtype float32
+            The fused embedding (``n_components_`` columns): standardised concatenation, PCA
+            scores, or the auto-encoder's code minus its mean over the training images.
         """
         check_is_fitted(self)
         networks = self.sources_ if isinstance(next(iter(self.sources_.values())), EmbeddingSource) else None
@@ -593,13 +596,15 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_components_)
-            Fused embeddings, from :meth:`transform` or from a distilled student.
+        X : array-like of shape (n_samples, n_components)
+            Fused embeddings (``n_components_`` columns), from :meth:`transform` or from a
+            distilled student.
 
         Returns
         -------
-        embeddings : ndarray of shape (n_samples, sum of source_dims_), dtype float32
-            The reconstruction of ``[h_1, ..., h_M]`` in the sources' own units.
+        embeddings : ndarray of shape (n_samples, n_columns), dtype float32
+            The reconstruction of ``[h_1, ..., h_M]`` in the sources' own units (the sum of
+            ``source_dims_`` columns).
         """
         check_is_fitted(self)
         Z = np.asarray(X, dtype=np.float32)
@@ -850,8 +855,8 @@ class FusionDistiller(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        h_G : ndarray of shape (n_samples, n_components_), dtype float32
-            The student's outputs.
+        h_G : ndarray of shape (n_samples, n_components), dtype float32
+            The student's outputs (``n_components_`` columns).
         """
         check_is_fitted(self)
         source = EmbeddingSource(self.student_, preprocess=self.preprocess)

@@ -24,8 +24,10 @@ def _run(script, tmp_path, *options):
         sys.executable, str(BENCHMARKS / f"bench_{script}.py"), "--quick", "--results", str(results),
         "--threads", "1", *options,
     ]
-    # One BLAS thread too: on a busy machine a second one only adds contention.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # One BLAS thread too: on a busy machine a second one only adds contention. The scripts import
+    # sklearn_craft from this checkout, not from wherever the environment installed it.
+    path = os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     text = results.read_text()
@@ -186,3 +188,34 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
     _, text = _run("multiclass", tmp_path, "--after", str(record), "--before", str(record))
     assert "**1.00x** in wall time" in text and "n_selected equal in 6 of 6 layers;" in text
     assert "support_ (the filters kept at every knee) identical" in text and "largest |RMSE difference| 0.00e+00" in text
+
+
+@pytest.mark.realdata
+def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_data, tmp_path):
+    results, text = _run_on_real_data("fusion", shared_data, tmp_path, "--ae-epochs", "2")
+    stem = str(results.with_suffix(""))
+    table6 = pd.read_csv(f"{stem}_table6.csv", index_col="target")
+    assert list(table6.index) == ["age", "gender", "race", "attributes", "emotion"]
+    assert _finite(table6, ["Concat", "PCA", "AE", "BT", "BCT"])
+    sources = {"mobilefacenet", "mini_xception", "mtcnn_onet"}
+    assert set(table6["BT_source"]) <= sources
+    assert all(set(combination.split("+")) <= sources for combination in table6["BCT_sources"])
+    # BCT's candidates include every single source, scored on the same folds: never worse than BT.
+    error = table6["metric"] != "accuracy %"
+    assert (table6.loc[error, "BCT"] <= table6.loc[error, "BT"]).all()
+    assert (table6.loc[~error, "BCT"] >= table6.loc[~error, "BT"]).all()
+    nrmse = pd.read_csv(f"{stem}_nrmse.csv", index_col=0)
+    assert list(nrmse.index) == ["mobilefacenet", "mini_xception", "mtcnn_onet", "average"]
+    assert _finite(nrmse, ["PCA", "AE"]) and (nrmse > 0).all().all()
+    costs = pd.read_csv(f"{stem}_costs.csv", index_col=0)
+    teacher, student = costs.iloc[0], costs.iloc[1]
+    assert student["parameters"] < 2.5e6 and student["parameters"] < teacher["parameters"]
+    assert student["flops"] < teacher["flops"]
+    targets = pd.read_csv(f"{stem}_targets.csv", index_col="target")
+    assert list(targets.index) == list(table6.index)
+    assert _finite(targets, ["teacher h_G + satellite", "student h^_G + satellite", "student fine-tuned",
+                             "same network from scratch"])
+    pruned = pd.read_csv(f"{stem}_pruned.csv", index_col=0)
+    assert pruned["parameters"].iloc[1] < pruned["parameters"].iloc[0]
+    assert pruned["filters"].iloc[1] < pruned["filters"].iloc[0]
+    assert "Table 6" in text and "CRAFT-pruned" in text

@@ -117,8 +117,8 @@ class InputPreset:
 
         Returns
         -------
-        x_adapted : torch.Tensor of shape (N, *input_shape)
-            Normalised images of the preset's size and colour mode. A batch already in the
+        x_adapted : torch.Tensor of shape (N, C, H, W)
+            Normalised images of the preset's ``input_shape`` (size and colour mode). A batch already in the
             preset's format gives exactly ``preprocess(x)``.
 
         Examples
