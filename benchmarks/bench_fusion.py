@@ -92,23 +92,22 @@ METHODS = ["Concat", "PCA", "AE"]
 EMBEDDING_VERSION = 1
 
 
+#: Settings of a full-size run and of --quick (each overridden by its command-line option).
+FULL = dict(n=None, cv=5, ae_epochs=100, distill_epochs=12, epochs=4, alphas=50)
+QUICK = dict(n=100, cv=3, ae_epochs=5, distill_epochs=1, epochs=1, alphas=10)
+
+
 def parse(argv):
     p = _bench.parser(__doc__)
     p.add_argument("--cv", type=int, default=None, help="folds of the Table 6 satellites (default 5, quick 3)")
     p.add_argument("--ae-epochs", type=int, default=None, help="most auto-encoder epochs (default 100, quick 5)")
-    p.add_argument("--distill-epochs", type=int, default=None, help="most distillation epochs (default 8, quick 1)")
+    p.add_argument("--distill-epochs", type=int, default=None, help="most distillation epochs (default 12, quick 1)")
     p.add_argument("--epochs", type=int, default=None, help="most fine-tuning epochs (default 4, quick 1)")
     p.add_argument("--gamma", type=float, default=0.01, help="CRAFT gamma of the pruned student")
     p.add_argument("--alphas", type=int, default=None, help="LASSO path length of the pruned student (default 50, quick 10)")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baselines")
     args = p.parse_args(argv)
-    quick = args.quick
-    defaults = dict(n=100 if quick else None, cv=3 if quick else 5, ae_epochs=5 if quick else 100,
-                    distill_epochs=1 if quick else 12, epochs=1 if quick else 4,
-                    alphas=10 if quick else 50)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    vars(args).update(_bench.settings(args, FULL, QUICK))
     torch.set_num_threads(args.threads)
     return args
 
@@ -281,7 +280,7 @@ def part_distillation(args, pool_images, H_pool, ae, nets, target_sets, target_h
     ).T
 
     finetune = _bench.finetune_settings(args.epochs)
-    common = dict(gamma=0.0, finetune=finetune, preprocess=STUDENT.adapt, selector_params=dict(alphas=5),
+    common = dict(gamma=0.0, finetune_params=finetune, preprocess=STUDENT.adapt, selector_params=dict(alphas=5),
                   random_state=_bench.SEED)
     last_conv = [name for name, module in distiller.student_.named_modules() if isinstance(module, torch.nn.Conv2d)][-1]
     rows, times, pruned_row = [], {"distillation": distill_time}, None
@@ -289,7 +288,7 @@ def part_distillation(args, pool_images, H_pool, ae, nets, target_sets, target_h
         tasks, task_types, scoring = task_frame(dataset, labels, args.cv)
         is_fer = dataset == "fer2013"
         strata = labels["emotion"].to_numpy() if is_fer else np.zeros(len(images))
-        train, test = _bench.split(np.arange(len(images)), strata, classification=is_fer)[:2]
+        train, test = _bench.split(np.arange(len(images)), strata, "multiclass" if is_fer else "continuous")[:2]
         fold = np.zeros(len(images), dtype=int) - 1
         fold[test] = 0
         H, _ = side_by_side(target_h[dataset])

@@ -36,15 +36,21 @@ FINETUNE_DEFAULTS = {
 
 
 class _CosineDistance(nn.Module):
-    """Mean over the batch of ``1 - cos(output, target)``, rows compared as vectors.
+    """``1 - cos(output, target)`` of every row, rows compared as vectors.
 
     The distillation loss of Vielzeuf et al. (Eq. 4, whose cosine *similarity* is to be maximised),
     used by :class:`~sklearn_craft.fusion.FusionDistiller`: only the direction of an embedding is
-    learnt, not its norm.
+    learnt, not its norm. ``reduction`` is that of torch's losses; :func:`finetune` asks for
+    per-sample values (``"none"``) to weight them.
     """
 
+    def __init__(self, reduction="mean"):
+        super().__init__()
+        self.reduction = reduction
+
     def forward(self, output, target):
-        return (1 - nn.functional.cosine_similarity(output, target, dim=1)).mean()
+        distance = 1 - nn.functional.cosine_similarity(output, target, dim=1)
+        return distance if self.reduction == "none" else distance.mean()
 
 
 _LOSSES = {

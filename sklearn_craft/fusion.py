@@ -30,10 +30,11 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from ._data import as_image_dataset, input_channels, iter_batches
 from .finetune import finetune
+from .images import as_image_dataset, input_channels, iter_batches
+from .inspection import _check_device
 from .pooling import ActivationPooler
-from .relationships import task_relationship_matrix
+from .relationships import best_rows, task_relationship_matrix
 
 __all__ = [
     "EmbeddingFusion",
@@ -185,7 +186,7 @@ def extract_embeddings(sources, X, *, batch_size=64, device="cpu", progress=Fals
         the module to read and the preprocessing of the network's input. The networks are
         copied, never modified.
     X : ndarray, torch.Tensor or torch.utils.data.Dataset
-        Images (see :func:`sklearn_craft._data.as_image_dataset`), before any source's
+        Images (see :func:`sklearn_craft.images.as_image_dataset`), before any source's
         ``preprocess``.
     batch_size : int, default=64
         Images per forward pass.
@@ -211,7 +212,7 @@ def extract_embeddings(sources, X, *, batch_size=64, device="cpu", progress=Fals
     ((5, 8), (5, 144))
     """
     sources = _network_sources(sources)
-    device = torch.device(device)
+    device = _check_device(device)
     copies = {name: _frozen_copy(source, device) for name, source in sources.items()}
     return _embed_all(copies, X, batch_size, device, progress)
 
@@ -418,12 +419,6 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.progress = progress
 
-    def _device(self):
-        try:
-            return torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(f"device must be a torch device, got {self.device!r}") from error
-
     def _check_sources(self):
         """Validated ``sources``: a dict of EmbeddingSource (networks), or None for column selections."""
         if not self.sources:
@@ -449,7 +444,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
     def _embeddings(self, X, sources, reset):
         """The concatenated embeddings of ``X`` (float32), each source's columns in ``X`` (or None)."""
         if sources is not None:
-            embeddings = _embed_all(sources, X, self.batch_size, self._device(), self.progress)
+            embeddings = _embed_all(sources, X, self.batch_size, _check_device(self.device), self.progress)
             return np.hstack(list(embeddings.values())), {name: h.shape[1] for name, h in embeddings.items()}
         X = validate_data(self, X, dtype=[np.float32, np.float64], reset=reset)
         columns = self.sources if reset else self.sources_
@@ -465,7 +460,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         ----------
         X : images or array-like of shape (n_samples, n_features)
             With network sources, images in any format accepted by
-            :func:`sklearn_craft._data.as_image_dataset`; with column selections, the
+            :func:`sklearn_craft.images.as_image_dataset`; with column selections, the
             precomputed embeddings side by side.
         y : None
             Ignored: the fusion is unsupervised.
@@ -481,7 +476,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"early_stopping={self.early_stopping!r} needs validation_fraction > 0, got validation_fraction=0"
             )
-        device = self._device()
+        device = _check_device(self.device)
         if sources is not None:
             sources = {name: _frozen_copy(source, device) for name, source in sources.items()}
         H, columns = self._embeddings(X, sources, reset=True)
@@ -569,7 +564,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         if self.method == "pca":
             return self.pca_.transform(Z).astype(np.float32)
         if self.method == "autoencoder":
-            return _apply(self.encoder_, Z, self.batch_size, self._device()) - self.code_mean_
+            return _apply(self.encoder_, Z, self.batch_size, _check_device(self.device)) - self.code_mean_
         return Z
 
     def transform(self, X):
@@ -613,7 +608,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         if self.method == "pca":
             Z = self.pca_.inverse_transform(Z)
         elif self.method == "autoencoder":
-            Z = _apply(self.decoder_, np.ascontiguousarray(Z + self.code_mean_), self.batch_size, self._device())
+            Z = _apply(self.decoder_, np.ascontiguousarray(Z + self.code_mean_), self.batch_size, _check_device(self.device))
         return self.scaler_.inverse_transform(Z).astype(np.float32)
 
     def get_feature_names_out(self, input_features=None):
@@ -782,7 +777,7 @@ class FusionDistiller(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : ndarray, torch.Tensor or torch.utils.data.Dataset
-            Unlabelled images (see :func:`sklearn_craft._data.as_image_dataset`).
+            Unlabelled images (see :func:`sklearn_craft.images.as_image_dataset`).
         y : None
             Ignored: distillation needs no label.
         teacher_input : array-like or None, default=None
@@ -807,10 +802,7 @@ class FusionDistiller(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"the teacher must give one embedding row per image ({len(dataset)}), got an array of shape {targets.shape}"
             )
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(f"device must be a torch device, got {self.device!r}") from error
+        device = _check_device(self.device)
         student = copy.deepcopy(self.student).to(device).eval()
         example = next(iter_batches(dataset, 1, device=device, preprocess=self.preprocess))
         with torch.inference_mode():
@@ -860,7 +852,7 @@ class FusionDistiller(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         source = EmbeddingSource(self.student_, preprocess=self.preprocess)
-        return _embed("student", source, self._dataset(X), self.batch_size, torch.device(self.device), self.progress)
+        return _embed("student", source, self._dataset(X), self.batch_size, _check_device(self.device), self.progress)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns, ``"fusiondistiller<k>"``.
@@ -897,12 +889,15 @@ def _best_of(features, tasks, task_types, cv, scoring, n_jobs, random_state, pro
         random_state=random_state,
         progress=progress,
     )
-    best = []
-    for task in matrix.columns:
-        column = matrix[task]
-        winner = column.idxmax() if matrix.attrs["greater_is_better"][task] else column.idxmin()
-        best.append({"task": task, "source": winner, "score": column[winner], "metric": matrix.attrs["metric"][task]})
-    return pd.DataFrame(best).set_index("task"), matrix
+    winners = best_rows(matrix)
+    best = pd.DataFrame(
+        {
+            "source": winners,
+            "score": [matrix.at[winner, task] for task, winner in winners.items()],
+            "metric": [matrix.attrs["metric"][task] for task in winners.index],
+        }
+    )
+    return best.rename_axis("task"), matrix
 
 
 def _check_embeddings(embeddings):

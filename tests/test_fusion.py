@@ -1,7 +1,7 @@
 """Tests of sklearn_craft.fusion: embedding fusion, distillation, BT / BCT, and InputPreset.adapt."""
 
 import pickle
-import warnings
+import sys
 
 import numpy as np
 import pandas as pd
@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
-from sklearn.utils.estimator_checks import estimator_checks_generator, parametrize_with_checks
+from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 from torch.nn import functional as F
 
@@ -27,6 +27,12 @@ from sklearn_craft.fusion import (
 from sklearn_craft.models import mini_xception, mobilefacenet, mtcnn_onet, preset
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.pruner import CraftPruner
+
+from conftest import (
+    assert_expected_failures_are_current,
+    image_estimator_expected_failures,
+    run_image_estimator_check,
+)
 
 
 def _images(n=48, size=12, channels=3, seed=0):
@@ -348,11 +354,18 @@ def test_cosine_loss_of_finetune_is_one_minus_the_cosine_and_ignores_the_norm():
     loss = _LOSSES["cosine"]()
     torch.testing.assert_close(loss(output, target), 1 - F.cosine_similarity(output, target).mean())
     torch.testing.assert_close(loss(3 * output, target), loss(output, target))
+    # finetune weights per-sample losses: one distance per row.
+    per_row = _LOSSES["cosine"](reduction="none")(output, target)
+    torch.testing.assert_close(per_row, 1 - F.cosine_similarity(output, target))
     X = _images(32)
     with torch.no_grad():
         targets = _net(4, seed=5)(torch.from_numpy(X)).numpy()  # what a network of this shape can output
-    history = finetune(_net(4), X, targets, loss="cosine", epochs=15, lr=1e-2, batch_size=8, random_state=0)
-    assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
+    common = dict(loss="cosine", epochs=15, lr=1e-2, batch_size=8, validation_fraction=0.25, random_state=0)
+    history = finetune(_net(4), X, targets, **common)
+    assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[1]
+    # Weights are divided by their mean: equal weights train exactly as none.
+    weighted = finetune(_net(4), X, targets, sample_weight=np.full(32, 3.0), **common)
+    pd.testing.assert_frame_equal(weighted, history, rtol=1e-5)
 
 
 def test_distillation_brings_the_student_towards_the_teacher(distilled):
@@ -509,27 +522,20 @@ def test_sklearn_contract_of_embedding_fusion(estimator, check):
     check(estimator)
 
 
-_IMAGES_ONLY = "feeds 2-D tabular X; the distiller takes images only (tested with images in {test})"
+#: Where this module tests, with images, what scikit-learn's checks test with 2-D tabular X.
 _COVERED_WITH_IMAGES = {
     "check_fit_score_takes_y": "test_teacher_fitted_on_precomputed_embeddings_takes_teacher_input",
     "check_estimators_overwrite_params": "test_user_models_are_untouched",
     "check_dont_overwrite_parameters": "test_user_models_are_untouched",
     "check_estimators_fit_returns_self": "test_teacher_fitted_on_precomputed_embeddings_takes_teacher_input",
     "check_readonly_memmap_input": "test_distiller_pickles_clones_and_refits_identically",
-    "check_n_features_in_after_fitting": "test_distiller_errors",
     "check_positive_only_tag_during_fit": "test_distillation_brings_the_student_towards_the_teacher",
     "check_estimators_dtypes": "test_distillation_brings_the_student_towards_the_teacher",
-    "check_complex_data": "test_distiller_errors",
-    "check_dtype_object": "test_distiller_errors",
     "check_estimators_empty_data_messages": "test_distiller_errors",
     "check_pipeline_consistency": "test_distiller_pickles_clones_and_refits_identically",
     "check_estimators_nan_inf": "test_distiller_errors",
-    "check_estimator_sparse_tag": "test_distiller_errors",
-    "check_estimator_sparse_array": "test_distiller_errors",
-    "check_estimator_sparse_matrix": "test_distiller_errors",
     "check_estimators_pickle": "test_distiller_pickles_clones_and_refits_identically",
     "check_f_contiguous_array_estimator": "test_distillation_brings_the_student_towards_the_teacher",
-    "check_transformer_data_not_an_array": "test_distiller_errors",
     "check_transformer_general": "test_distiller_pickles_clones_and_refits_identically",
     "check_transformer_preserve_dtypes": "test_distillation_brings_the_student_towards_the_teacher",
     "check_methods_sample_order_invariance": "test_distiller_pickles_clones_and_refits_identically",
@@ -539,30 +545,16 @@ _COVERED_WITH_IMAGES = {
     "check_dict_unchanged": "test_user_models_are_untouched",
     "check_fit_idempotent": "test_distiller_pickles_clones_and_refits_identically",
     "check_fit_check_is_fitted": "test_distiller_errors",
-    "check_n_features_in": "test_distiller_errors",
     "check_fit2d_predict1d": "test_distiller_errors",
 }
-EXPECTED_FAILED_CHECKS = {check: _IMAGES_ONLY.format(test=test) for check, test in _COVERED_WITH_IMAGES.items()}
+EXPECTED_FAILED_CHECKS = image_estimator_expected_failures(_COVERED_WITH_IMAGES)
+_CHECKED_DISTILLER = FusionDistiller(EmbeddingFusion({"a": [0, 1], "b": [2]}, method="concat"), _net(3), epochs=1)
 
 
-def _checked_distiller():
-    return FusionDistiller(EmbeddingFusion({"a": [0, 1], "b": [2]}, method="concat"), _net(3), epochs=1)
-
-
-@parametrize_with_checks([_checked_distiller()])
+@parametrize_with_checks([_CHECKED_DISTILLER])
 def test_sklearn_contract_of_fusion_distiller(estimator, check):
-    # Expected failures are asserted rather than marked xfail (as in test_pooling.py): pytest
-    # formats every xfail traceback by re-parsing sklearn's estimator_checks.py, which is slow.
-    name = getattr(check, "func", check).__name__
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if name not in EXPECTED_FAILED_CHECKS:
-            check(estimator)
-            return
-        with pytest.raises((ValueError, TypeError, AssertionError)):
-            check(estimator)
+    run_image_estimator_check(estimator, check, EXPECTED_FAILED_CHECKS)
 
 
 def test_every_expected_failure_names_a_check_that_runs():
-    names = {getattr(check, "func", check).__name__ for _, check in estimator_checks_generator(_checked_distiller())}
-    assert set(EXPECTED_FAILED_CHECKS) <= names
+    assert_expected_failures_are_current(_CHECKED_DISTILLER, EXPECTED_FAILED_CHECKS, sys.modules[__name__])
