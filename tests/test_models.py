@@ -1,4 +1,5 @@
 import pickle
+from fractions import Fraction
 
 import pytest
 import torch
@@ -10,11 +11,15 @@ from sklearn_craft.models import (
     lightcnn9,
     load_weights,
     mobilenet_v1,
+    mobilenet_v1_costs,
     mobilenet_v2,
     resnet18,
     vgg16,
 )
 from sklearn_craft.models.lightcnn import MFMLayer
+from sklearn_craft.models.mobilenet import _V1_BLOCKS, MobileNetV1
+from sklearn_craft.profiling import count_flops
+
 
 from conftest import ARCHITECTURES, CONFIGURABLE
 
@@ -142,6 +147,109 @@ def test_mobilenet_v1_parameter_count():
         expected += 9 * c_in + 2 * c_in + c_in * c_out + 2 * c_out
     expected += 1024 * 1000 + 1000
     assert _count(_on_meta(mobilenet_v1)) == expected
+
+
+@pytest.mark.parametrize("rho, side", [(1.0, 224), (6 / 7, 192), (5 / 7, 160), (4 / 7, 128), (2 / 7, 64), (0.5, 112)])
+def test_mobilenet_v1_resolution_mult_sets_the_input_size(rho, side):
+    model = mobilenet_v1(num_classes=2, width_mult=0.125, resolution_mult=rho, in_channels=1).eval()
+    assert (model.input_size, model.input_shape, model.resolution_mult) == (side, (1, side, side), rho)
+    # Stride 32: the last feature map is side / 32 (rounded up by the "same" paddings).
+    assert model.features(torch.zeros(1, *model.input_shape)).shape[2:] == (-(-side // 32),) * 2
+
+
+def test_mobilenet_v1_resolution_mult_scales_mult_adds_by_rho_squared_and_keeps_parameters():
+    def costs(rho):
+        model = _on_meta(mobilenet_v1, width_mult=0.5, resolution_mult=rho)
+        return count_flops(model, model.input_shape), _count(model)
+
+    classifier = 512 * 1000  # the Linear layer does not depend on the input size
+    flops_1, params_1 = costs(1.0)
+    for sevenths in (6, 5, 4, 2):
+        flops, params = costs(sevenths / 7)
+        assert params == params_1
+        # Every map of a 224 / 192 / 160 / 128 / 64 input halves exactly, so the convolutions scale by rho^2.
+        assert Fraction(flops - classifier, flops_1 - classifier) == Fraction(sevenths, 7) ** 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"resolution_mult": 0}, ValueError, r"resolution_mult must be in \(0, 1\], got 0"),
+        ({"resolution_mult": 1.5}, ValueError, r"resolution_mult must be in \(0, 1\], got 1.5"),
+        ({"resolution_mult": float("nan")}, ValueError, r"resolution_mult must be in \(0, 1\]"),
+        ({"resolution_mult": 0.001}, ValueError, "at least 1 pixel"),
+        ({"resolution_mult": True}, TypeError, "resolution_mult must be a real number"),
+        ({"resolution_mult": "1"}, TypeError, "resolution_mult must be a real number"),
+        ({"width_mult": 0}, ValueError, "width_mult must be > 0"),
+    ],
+)
+def test_mobilenet_v1_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mobilenet_v1(**kwargs)
+
+
+def _formula_mult_adds(alpha, side, num_classes, separable):
+    """Wang & Wong Eq. (2) and (6): D_K^2 M N D_F^2 per standard block, (D_K^2 + N) M D_F^2 per separable one."""
+    d_k, m, d_f = 3, max(1, int(32 * alpha)), -(-side // 2)
+    total = d_k * d_k * 3 * m * d_f * d_f  # the first convolution is standard in both networks
+    for channels, stride in _V1_BLOCKS:
+        n, d_f = max(1, int(channels * alpha)), -(-d_f // stride)
+        total += (d_k * d_k + n) * m * d_f * d_f if separable else d_k * d_k * m * n * d_f * d_f
+        m = n
+    return total + m * num_classes
+
+
+@pytest.mark.parametrize("alpha, rho, num_classes", [(1.0, 1.0, 1000), (0.5, 5 / 7, 40), (0.25, 4 / 7, 40)])
+def test_mobilenet_v1_costs_follow_the_papers_formulas(alpha, rho, num_classes):
+    row = mobilenet_v1_costs([alpha], [rho], num_classes=num_classes).iloc[0]
+    side = round(rho * 224)
+    assert row["input_size"] == side
+    assert row["mult_adds"] == _formula_mult_adds(alpha, side, num_classes, separable=True)
+    assert row["standard_mult_adds"] == _formula_mult_adds(alpha, side, num_classes, separable=False)
+    assert row["mult_adds_ratio"] == row["standard_mult_adds"] / row["mult_adds"]
+    assert row["parameters_ratio"] == row["standard_parameters"] / row["parameters"]
+
+
+def test_mobilenet_v1_block_cost_ratio_is_one_over_n_plus_one_over_nine():
+    # Wang & Wong Eq. (7), layer by layer: the separable block over the standard convolution.
+    separable = _on_meta(mobilenet_v1, width_mult=0.25, resolution_mult=4 / 7)
+    with torch.device("meta"):
+        standard = MobileNetV1(1000, 0.25, 3, 4 / 7, separable=False)
+    flops = {
+        name: count_flops(model, model.input_shape, by_layer=True).set_index("layer")["flops"]
+        for name, model in (("separable", separable), ("standard", standard))
+    }
+    for i in range(1, 14):
+        n = separable.features[i][3].out_channels
+        block = flops["separable"][f"features.{i}.0"] + flops["separable"][f"features.{i}.3"]
+        assert Fraction(int(block), int(flops["standard"][f"features.{i}.0"])) == Fraction(1, n) + Fraction(1, 9)
+
+
+@pytest.fixture(scope="module")
+def paper_costs():
+    return mobilenet_v1_costs()
+
+
+def test_mobilenet_v1_costs_match_the_published_totals(paper_costs):
+    # Howard et al. 2017, Tables 4, 6 and 7 (1000 classes): million mult-adds and parameters.
+    published = {
+        (1.0, 224): (569, 4.2),
+        (0.75, 224): (325, 2.6),
+        (0.5, 224): (149, 1.3),
+        (0.25, 224): (41, 0.5),
+        (1.0, 192): (418, 4.2),
+        (1.0, 160): (290, 4.2),
+        (1.0, 128): (186, 4.2),
+    }
+    costs = paper_costs.set_index(["width_mult", "input_size"])
+    for key, (mult_adds, parameters) in published.items():
+        assert abs(costs.loc[key, "mult_adds"] / 1e6 - mult_adds) < 1
+        assert round(costs.loc[key, "parameters"] / 1e6, 1) == parameters
+    conv = costs.loc[(1.0, 224)]  # "Conv MobileNet": 4866 M mult-adds, 29.3 M parameters
+    assert abs(conv["standard_mult_adds"] / 1e6 - 4866) < 2 and round(conv["standard_parameters"] / 1e6, 1) == 29.3
+    assert paper_costs[["width_mult", "input_size"]].values.tolist() == [
+        [alpha, side] for alpha in (1.0, 0.75, 0.5, 0.25) for side in (224, 192, 160, 128)
+    ]
 
 
 def test_mobilenet_v2_matches_torchvision_layout():

@@ -5,7 +5,7 @@ No weights are downloaded: every constructor returns a randomly initialised netw
 """
 
 from .lightcnn import MaxFeatureMap, lightcnn9
-from .mobilenet import mobilenet_v1, mobilenet_v2
+from .mobilenet import mobilenet_v1, mobilenet_v1_costs, mobilenet_v2
 from .resnet import resnet18
 from .vgg import vgg16
 from .weights import load_weights
