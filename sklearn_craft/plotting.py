@@ -298,3 +298,77 @@ def plot_characteristic_curves(selector, groups=None, ax=None):
         ax.legend(title="layer")
     ax.grid(True, alpha=0.3)
     return ax
+
+
+def plot_attribute_accuracy(accuracy, ax=None, *, baseline=None):
+    """Accuracy of every attribute, one row per attribute and one marker per model (Wang & Wong, Table II).
+
+    Parameters
+    ----------
+    accuracy : pandas.Series or pandas.DataFrame
+        Accuracies indexed by attribute (drawn top to bottom in index order); a DataFrame has
+        one column per model, its column names in the legend. For instance the ``accuracy``
+        columns of several :func:`~sklearn_craft.attributes.attribute_report` side by side,
+        without their ``"mean"`` rows.
+    ax : matplotlib.axes.Axes, default=None
+        Axes to draw on; a new figure, sized to the number of attributes, when None.
+    baseline : pandas.Series, default=None
+        A reference accuracy per attribute, drawn as grey bars, e.g. a report's
+        ``majority_accuracy`` (always answering the more frequent value); it must cover every
+        attribute of ``accuracy``.
+
+    Returns
+    -------
+    ax : matplotlib.axes.Axes
+        The Axes: one line of markers per model (no connecting line), attributes as y tick
+        labels, accuracy on the x axis.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> from sklearn_craft.plotting import plot_attribute_accuracy
+    >>> accuracy = pd.DataFrame({"scratch": [0.90, 0.80], "distilled": [0.92, 0.85]}, index=["Male", "Smiling"])
+    >>> ax = plot_attribute_accuracy(accuracy, baseline=pd.Series({"Male": 0.58, "Smiling": 0.52}))
+    >>> [label.get_text() for label in ax.get_yticklabels()], [line.get_label() for line in ax.lines]
+    (['Male', 'Smiling'], ['scratch', 'distilled'])
+    """
+    from itertools import cycle
+
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(accuracy, pd.Series):
+        accuracy = accuracy.to_frame(accuracy.name if accuracy.name is not None else "accuracy")
+    if not isinstance(accuracy, pd.DataFrame) or accuracy.empty:
+        raise ValueError(f"accuracy must be a non-empty pandas Series or DataFrame, got {type(accuracy).__name__}")
+    if baseline is not None:
+        if not isinstance(baseline, pd.Series):
+            raise ValueError(f"baseline must be a pandas Series indexed by attribute, got {type(baseline).__name__}")
+        missing = [attribute for attribute in accuracy.index if attribute not in baseline.index]
+        if missing:
+            raise ValueError(f"baseline must have a value for every attribute, missing {missing[:5]}")
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(7, 1.5 + 0.25 * len(accuracy)))
+    rows = np.arange(len(accuracy))
+    values = accuracy.to_numpy(float)
+    if baseline is not None:
+        reference = baseline.loc[accuracy.index].to_numpy(float)
+        ax.barh(rows, reference, color="0.85", height=0.6, label=baseline.name or "baseline")
+        values = np.column_stack([values, reference])
+    for column, marker in zip(accuracy.columns, cycle("osD^v<>ph*")):
+        ax.plot(accuracy[column].to_numpy(float), rows, linestyle="none", marker=marker, label=str(column), alpha=0.8)
+    ax.set_yticks(rows, [str(attribute) for attribute in accuracy.index])
+    ax.set_ylim(len(accuracy) - 0.5, -0.5)
+    # Bars start at 0 but accuracies crowd near 1: show only the range where the values differ.
+    low, high = np.nanmin(values), np.nanmax(values)
+    ax.set_xlim(max(0.0, low - 0.05 * (high - low) - 0.01), min(1.0, high) + 0.01)
+    ax.set_xlabel("accuracy")
+    ax.grid(True, axis="x", alpha=0.3)
+    if accuracy.shape[1] > 1 or baseline is not None:
+        # Outside the Axes: with 40 rows every corner inside holds data.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return ax

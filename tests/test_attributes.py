@@ -1,0 +1,378 @@
+import pickle
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+
+from sklearn_craft.attributes import MultiAttributeClassifier, attribute_report
+from sklearn_craft.datasets import load_celeba
+from sklearn_craft.models import mobilenet_v1
+from sklearn_craft.plotting import plot_attribute_accuracy
+
+
+def _embedder(n_outputs=16, seed=0):
+    """A tiny "student": conv trunk, pooled, then a Linear layer producing an embedding."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, n_outputs)
+    )
+
+
+def _planted(n=240, seed=0):
+    """Images whose attribute k (k < 3) is a brighter channel k, and attribute 3 a checkerboard texture."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=(n, 4))
+    X = 0.5 * rng.random((n, 3, 8, 8), dtype=np.float32)
+    X += 0.4 * y[:, :3, None, None].astype(np.float32)
+    checkerboard = np.indices((8, 8)).sum(axis=0) % 2
+    X += 0.5 * (y[:, 3, None, None, None] * checkerboard).astype(np.float32)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _planted()
+
+
+def _fit(model=None, X=None, y=None, **params):
+    settings = dict(head="replace", epochs=15, lr=1e-2, batch_size=32, random_state=0)
+    if X is None:
+        X, y = _planted()
+    model = _embedder() if model is None else model
+    return MultiAttributeClassifier(model, **{**settings, **params}).fit(X, y)
+
+
+# attribute_report -------------------------------------------------------------------------------
+
+
+def test_report_counts_right_predictions_per_attribute():
+    y_true = pd.DataFrame({"Male": [1, 1, 0, 0, 0], "Smiling": [0, 1, 1, 1, 0], "Bald": [0, 0, 0, 0, 0]})
+    y_pred = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 1], [0, 0, 0], [1, 0, 0]])
+    report = attribute_report(y_true, y_pred)
+    assert report.index.name == "attribute" and report.index.tolist() == ["Male", "Smiling", "Bald", "mean"]
+    assert report.columns.tolist() == ["accuracy", "majority_accuracy", "positive_rate"]
+    np.testing.assert_allclose(report["accuracy"], [3 / 5, 4 / 5, 4 / 5, 11 / 15])
+    np.testing.assert_allclose(report["majority_accuracy"], [3 / 5, 3 / 5, 1.0, 11 / 15])
+    np.testing.assert_allclose(report["positive_rate"], [2 / 5, 3 / 5, 0.0, 1 / 3])
+    # The mean row is the hamming accuracy: the share of right (image, attribute) pairs.
+    assert report.loc["mean", "accuracy"] == pytest.approx((y_true.to_numpy() == y_pred).mean())
+
+
+def test_report_takes_names_from_either_frame_or_the_argument():
+    y = np.array([[True, False], [False, False]])
+    assert attribute_report(y, y).index.tolist() == [0, 1, "mean"]
+    frame = pd.DataFrame(y, columns=["a", "b"])
+    assert attribute_report(y, frame).index.tolist() == ["a", "b", "mean"]
+    assert attribute_report(frame, y, attributes=["x", "y"]).index.tolist() == ["x", "y", "mean"]
+    assert attribute_report(y, y)["accuracy"].eq(1).all()
+
+
+@pytest.mark.parametrize(
+    "y_true, y_pred, kwargs, match",
+    [
+        ([1, 0, 1], [1, 0, 1], {}, "y_true must be a 2-D 0/1 matrix"),
+        ([[1, -1]], [[1, 0]], {}, r"y_true must hold 0/1 \(or bool\) values, got \[-1\].*y > 0"),
+        ([[1, 0]], [[0.5, 0]], {}, r"y_pred must hold 0/1 \(or bool\) values, got \[0.5\]"),
+        ([["a", "b"]], [[1, 0]], {}, "y_true must hold 0/1 .* dtype"),
+        ([[1, 0]], [[1, 0, 1]], {}, r"same shape, got \(1, 2\) and \(1, 3\)"),
+        ([[1, 0]], [[1, 0]], {"attributes": ["a"]}, "attributes must be a sequence of 2 names"),
+        ([[1, 0]], [[1, 0]], {"attributes": ["a", "mean"]}, "must not contain 'mean'"),
+        (np.zeros((0, 2)), np.zeros((0, 2)), {}, "y_true is empty"),
+    ],
+)
+def test_report_rejects_bad_input(y_true, y_pred, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        attribute_report(y_true, y_pred, **kwargs)
+
+
+def test_report_rejects_frames_with_different_columns():
+    y = np.zeros((2, 2), dtype=int)
+    with pytest.raises(ValueError, match="same columns in the same order"):
+        attribute_report(pd.DataFrame(y, columns=["a", "b"]), pd.DataFrame(y, columns=["b", "a"]))
+
+
+# MultiAttributeClassifier -----------------------------------------------------------------------
+
+
+def test_learns_a_planted_multi_label_task(planted):
+    X, y = planted
+    clf = _fit(X=X[:160], y=y[:160], epochs=40)
+    report = attribute_report(y[160:], clf.predict(X[160:]))
+    # Every attribute is about balanced (chance 0.5): each one must be learnt, not just the mean.
+    assert (report["majority_accuracy"] < 0.65).all()
+    assert (report["accuracy"] > 0.8).all() and report.loc["mean", "accuracy"] > 0.9
+    assert clf.score(X[160:], y[160:]) == pytest.approx(report.loc["mean", "accuracy"])
+
+
+def test_outputs_are_consistent(planted):
+    X, y = planted
+    clf = _fit(X=X, y=y, epochs=2)
+    logits, proba, labels = clf.decision_function(X), clf.predict_proba(X), clf.predict(X)
+    assert logits.shape == proba.shape == labels.shape == (len(X), 4)
+    assert labels.dtype == np.int64 and set(np.unique(labels)) <= {0, 1}
+    np.testing.assert_allclose(proba, 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    np.testing.assert_array_equal(labels, (proba > 0.5).astype(int))
+    weights = np.r_[np.ones(120), np.zeros(120)]
+    assert clf.score(X, y, sample_weight=weights) == pytest.approx((labels[:120] == y[:120]).mean())
+    assert clf.model_.training is False
+    np.testing.assert_array_equal(clf.classes_, np.arange(4))
+
+
+def test_attribute_names_come_from_a_label_frame(planted):
+    X, y = planted
+    frame = pd.DataFrame(y.astype(bool), columns=["red", "green", "blue", "left"])
+    clf = _fit(X=X[:64], y=frame.iloc[:64], epochs=1)
+    assert clf.attributes_.tolist() == ["red", "green", "blue", "left"]
+    assert _fit(X=X[:64], y=y[:64], epochs=1).attributes_.tolist() == [0, 1, 2, 3]
+
+
+def test_head_replace_keeps_the_trunk_and_swaps_the_last_linear(planted):
+    X, y = planted
+    student = _embedder(n_outputs=16).train()
+    before = {name: value.clone() for name, value in student.state_dict().items()}
+    # Adam moves every weight by about lr per step: at 1e-9 the trained trunk is the student's.
+    clf = _fit(student, X[:32], y[:32], epochs=1, lr=1e-9)
+    head = clf.model_[-1]
+    assert (head.in_features, head.out_features) == (8, 4)
+    torch.testing.assert_close(clf.model_[0].weight, before["0.weight"], rtol=0, atol=1e-7)
+    # The model passed in is untouched: same weights, same training flag.
+    assert student.training and all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_head_keep_trains_a_model_with_one_output_per_attribute(planted):
+    X, y = planted
+    model = mobilenet_v1(num_classes=4, width_mult=0.125, resolution_mult=8 / 224).eval()
+    clf = _fit(model, X[:32], y[:32], head="keep", epochs=1)
+    assert clf.model_.classifier.out_features == 4 and clf.model_ is not model
+    assert not model.training
+
+
+@pytest.mark.parametrize(
+    "model, head, match",
+    [
+        (_embedder(n_outputs=16), "keep", r"head='keep' needs a model with one output per attribute \(4\), got 16"),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            "replace",
+            "needs a model with an nn.Linear layer",
+        ),
+        (
+            nn.Sequential(_embedder(n_outputs=16), nn.BatchNorm1d(16)),
+            "replace",
+            r"replaced the last nn.Linear layer '0.4' .* failed on an image",
+        ),
+        (
+            nn.Sequential(_embedder(n_outputs=16), nn.Flatten(0)),
+            "replace",
+            r"replaced the last nn.Linear layer '0.4' by one with 4 outputs, but the model then has",
+        ),
+    ],
+)
+def test_heads_that_do_not_fit_the_attributes_are_refused(planted, model, head, match):
+    X, y = planted
+    with pytest.raises(ValueError, match=match):
+        MultiAttributeClassifier(model, head=head, epochs=1).fit(X[:8], y[:8])
+
+
+def test_same_seed_gives_the_same_network_and_another_seed_another_one(planted):
+    X, y = planted
+    first, second = (_fit(X=X[:64], y=y[:64], epochs=2, random_state=3) for _ in range(2))
+    other = _fit(X=X[:64], y=y[:64], epochs=2, random_state=4)
+    np.testing.assert_array_equal(first.decision_function(X), second.decision_function(X))
+    assert not np.array_equal(first.decision_function(X), other.decision_function(X))
+
+
+def test_validation_and_early_stopping_reach_finetune(planted):
+    X, y = planted
+    clf = _fit(X=X[:80], y=y[:80], epochs=30, validation_fraction=0.25, early_stopping=1, lr=0.5)
+    history = clf.history_
+    assert history["epoch"].iloc[0] == 0 and np.isnan(history["train_loss"].iloc[0])
+    assert len(history) < 31  # an lr of 0.5 diverges: early stopping ends the run
+
+
+def test_preprocess_is_applied_in_fit_and_predict(planted):
+    X, y = planted
+    shifted = _fit(X=X[:64], y=y[:64], epochs=2, preprocess=lambda batch: 2 * batch - 1)
+    plain = _fit(X=2 * X[:64] - 1, y=y[:64], epochs=2)
+    np.testing.assert_allclose(shifted.decision_function(X), plain.decision_function(2 * X - 1), rtol=1e-4, atol=1e-5)
+
+
+def test_pickle_round_trip_predicts_the_same(planted):
+    X, y = planted
+    clf = _fit(X=X[:64], y=y[:64], epochs=1)
+    restored = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(restored.predict_proba(X), clf.predict_proba(X))
+
+
+def test_clone_is_independent_and_works_in_pipeline_and_grid_search(planted):
+    X, y = planted
+    clf = _fit(X=X[:64], y=y[:64], epochs=1)
+    state = {k: v.clone() for k, v in clf.model_.state_dict().items()}
+    copy = clone(clf)
+    assert copy.model is not clf.model and not hasattr(copy, "model_")
+    copy.set_params(lr=0.1).fit(X[:64], y[:64])
+    assert all(torch.equal(state[k], v) for k, v in clf.model_.state_dict().items())
+
+    pipe = make_pipeline(MultiAttributeClassifier(_embedder(), head="replace", epochs=1, random_state=0))
+    assert pipe.fit(X[:64], y[:64]).predict(X[:5]).shape == (5, 4)
+    search = GridSearchCV(MultiAttributeClassifier(_embedder(), head="replace", epochs=2, random_state=0),
+                          {"lr": [1e-4, 1e-2]}, cv=2).fit(X[:64], y[:64])
+    assert search.best_params_ == {"lr": 1e-2}  # a hundredth of the steps does not move the random head
+
+
+@pytest.mark.parametrize(
+    "params, y, error, match",
+    [
+        ({}, "1d", ValueError, "y must be a 2-D 0/1 matrix"),
+        ({}, "pm1", ValueError, r"y must hold 0/1 \(or bool\) values, got \[-1\]"),
+        ({}, "short", ValueError, r"y must have one row per image \(16\), got 15"),
+        ({"early_stopping": 2}, "ok", ValueError, "early_stopping.*validation_fraction"),
+        ({"head": "adapt"}, "ok", ValueError, "'head' parameter"),
+        ({"epochs": 0}, "ok", ValueError, "'epochs' parameter"),
+    ],
+)
+def test_bad_parameters_and_labels_are_refused(planted, params, y, error, match):
+    X, labels = planted
+    X, labels = X[:16], labels[:16]
+    y = {"1d": labels[:, 0], "pm1": 2 * labels - 1, "short": labels[:15], "ok": labels}[y]
+    with pytest.raises(error, match=match):
+        MultiAttributeClassifier(_embedder(), **{"head": "replace", **params}).fit(X, y)
+
+
+def test_images_are_checked_and_predict_needs_a_fit(planted):
+    X, y = planted
+    clf = MultiAttributeClassifier(_embedder(), head="replace", epochs=1)
+    with pytest.raises(ValueError, match="4-D array of images"):
+        clf.fit(X[:16, 0, 0], y[:16])
+    with pytest.raises(ValueError, match="1 channels, the model expects n_channels=3"):
+        clf.fit(X[:16, :1], y[:16])
+    with pytest.raises(NotFittedError):
+        clf.predict(X)
+
+
+def _expected_failed_checks(estimator):
+    """Checks that fit on 2-D tabular data or a 1-D target, which this image estimator must refuse."""
+    reason = (
+        "feeds 2-D tabular X (or a 1-D y); MultiAttributeClassifier takes images and a 0/1 label matrix only "
+        "(the behaviour is tested with images in this file)"
+    )
+    checks = [
+        "check_fit_score_takes_y",
+        "check_estimators_overwrite_params",
+        "check_dont_overwrite_parameters",
+        "check_estimators_fit_returns_self",
+        "check_readonly_memmap_input",
+        "check_n_features_in_after_fitting",
+        "check_positive_only_tag_during_fit",
+        "check_estimators_dtypes",
+        "check_complex_data",
+        "check_dtype_object",
+        "check_estimators_empty_data_messages",
+        "check_pipeline_consistency",
+        "check_estimators_nan_inf",
+        "check_estimator_sparse_tag",
+        "check_estimator_sparse_array",
+        "check_estimator_sparse_matrix",
+        "check_estimators_pickle",
+        "check_estimators_pickle(readonly_memmap=True)",
+        "check_f_contiguous_array_estimator",
+        "check_methods_sample_order_invariance",
+        "check_methods_subset_invariance",
+        "check_fit2d_1sample",
+        "check_fit2d_1feature",
+        "check_dict_unchanged",
+        "check_fit_idempotent",
+        "check_fit_check_is_fitted",
+        "check_n_features_in",
+        "check_fit2d_predict1d",
+        "check_classifier_data_not_an_array",
+        "check_classifiers_one_label",
+        "check_classifiers_classes",
+        "check_classifier_multioutput",
+        "check_classifiers_train",
+        "check_classifiers_train(readonly_memmap=True)",
+        "check_classifiers_train(readonly_memmap=True,X_dtype=float32)",
+        "check_classifiers_regression_target",
+        "check_classifiers_multilabel_representation_invariance",
+        "check_classifiers_multilabel_output_format_predict",
+        "check_classifiers_multilabel_output_format_predict_proba",
+        "check_classifiers_multilabel_output_format_decision_function",
+        "check_decision_proba_consistency",
+    ]
+    failing = {check: reason for check in checks}
+    failing["check_classifier_not_supporting_multiclass"] = (
+        "expects a binary classifier's 'Only binary classification is supported.'; a 1-D multi-class y is refused "
+        "here with 'y must be a 2-D 0/1 matrix' (tested in this file)"
+    )
+    return failing
+
+
+@parametrize_with_checks(
+    [MultiAttributeClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))],
+    expected_failed_checks=_expected_failed_checks,
+    xfail_strict=True,
+)
+def test_sklearn_contract(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        check(estimator)
+
+
+# Figure -----------------------------------------------------------------------------------------
+
+
+def test_plot_attribute_accuracy_draws_one_marker_per_attribute_and_model():
+    import matplotlib.pyplot as plt
+
+    accuracy = pd.DataFrame({"scratch": [0.9, 0.7, 0.8], "distilled": [0.95, 0.75, 0.6]}, index=["a", "b", "c"])
+    baseline = pd.Series({"c": 0.5, "b": 0.6, "a": 0.55}, name="majority")
+    ax = plot_attribute_accuracy(accuracy, baseline=baseline)
+    assert [label.get_text() for label in ax.get_yticklabels()] == ["a", "b", "c"]
+    for line, column in zip(ax.lines, accuracy.columns):
+        assert line.get_label() == column
+        np.testing.assert_allclose(line.get_xdata(), accuracy[column])
+        np.testing.assert_allclose(line.get_ydata(), [0, 1, 2])
+    # Bars follow the attributes' order, not the baseline's.
+    np.testing.assert_allclose([bar.get_width() for bar in ax.patches], [0.55, 0.6, 0.5])
+    assert ax.get_xlim()[0] < 0.5 and ax.get_xlim()[1] >= 0.95
+    _, axes = plt.subplots()
+    assert plot_attribute_accuracy(accuracy["scratch"], ax=axes) is axes and len(axes.lines) == 1
+    plt.close("all")
+
+
+@pytest.mark.parametrize(
+    "accuracy, baseline, match",
+    [
+        (np.array([0.9, 0.8]), None, "accuracy must be a non-empty pandas Series or DataFrame, got ndarray"),
+        (pd.DataFrame(), None, "non-empty"),
+        (pd.Series({"a": 0.9, "b": 0.8}), pd.Series({"a": 0.5}), r"missing \['b'\]"),
+        (pd.Series({"a": 0.9}), [0.5], "baseline must be a pandas Series"),
+    ],
+)
+def test_plot_attribute_accuracy_rejects_bad_input(accuracy, baseline, match):
+    with pytest.raises(ValueError, match=match):
+        plot_attribute_accuracy(accuracy, baseline=baseline)
+
+
+# Real data --------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_celeba_gives_the_40_attributes_as_booleans(shared_data):
+    root = shared_data / "celeba"
+    _, labels = load_celeba(root, n=6, size=(16, 16), random_state=0)
+    raw = pd.read_csv(root / "list_attr_celeba.txt", sep=r"\s+", skiprows=1)
+    attributes = labels.drop(columns="identity")
+    assert attributes.columns.tolist() == raw.columns.tolist() and len(raw.columns) == 40
+    assert (attributes.dtypes == bool).all()
+    # +1 in the file is True, -1 False: a 0/1 matrix for binary cross-entropy.
+    np.testing.assert_array_equal(attributes.to_numpy(), raw.loc[attributes.index].to_numpy() == 1)
+    assert attribute_report(attributes, attributes).index[:-1].tolist() == raw.columns.tolist()
