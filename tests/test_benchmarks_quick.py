@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -219,3 +220,26 @@ def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_da
     assert pruned["parameters"].iloc[1] < pruned["parameters"].iloc[0]
     assert pruned["filters"].iloc[1] < pruned["filters"].iloc[0]
     assert "Table 6" in text and "CRAFT-pruned" in text
+
+
+@pytest.mark.realdata
+def test_attributes_trains_scratch_and_distilled_rows_and_writes_the_cost_table(shared_data, tmp_path):
+    from sklearn_craft.models import mobilenet_v1
+
+    student = tmp_path / "student.pt"
+    torch.save(mobilenet_v1(num_classes=16, width_mult=0.25).state_dict(), student)
+    results, text = _run_on_real_data("attributes", shared_data, tmp_path, "--n", "64", "--alphas", "0.25", "--epochs", "1",
+                         "--init-from", str(student))
+    frame = pd.read_csv(results.with_suffix(".csv"))
+    assert frame["model"].tolist() == ["majority (train)", "a=0.25 scratch", "a=0.25 distilled"]
+    assert frame["init"].tolist() == ["-", "random", "student.pt"]
+    assert frame["mean_accuracy"].between(0, 1).all()
+    # The distilled student's 16-d embedding layer was replaced: both trained networks have 40 outputs.
+    assert frame.loc[1, "parameters"] == frame.loc[2, "parameters"] and frame.loc[1, "mult_adds"] > 0
+    per_attribute = pd.read_csv(results.with_name("attributes_per_attribute.csv"), index_col="attribute")
+    assert len(per_attribute) == 41 and per_attribute.index[-1] == "mean"
+    np.testing.assert_allclose(per_attribute.loc["mean", frame["model"]], frame["mean_accuracy"])
+    costs = pd.read_csv(tmp_path / "mobilenet_costs.csv")
+    assert len(costs) == 16 and costs.loc[0, "mult_adds_M"] == pytest.approx(568.74)
+    assert (tmp_path / "attributes_accuracy.png").stat().st_size > 0
+    assert "| a=0.25 distilled | student.pt |" in text
