@@ -115,7 +115,7 @@ def train(name, init, model, head, data, input_preset, config):
         epochs=config["epochs"],
         preprocess=input_preset.preprocess,
         random_state=_bench.SEED,
-        progress=False,
+        progress=True,  # one tqdm line per epoch on stderr: how long the epochs take
         **TRAINING,
     )
     start = time.perf_counter()
