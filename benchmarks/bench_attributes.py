@@ -25,9 +25,10 @@ every attribute's more frequent value in the training labels. The MobileNet vs s
 written next to the results (``mobilenet_costs.csv``, counts in millions) and shown in docs/attributes.rst.
 
 Full size (no --quick): all 4,559 CelebA images (3,419 to train, of which 10 % are held out for early stopping
-with patience 3, 1,140 to test), at most 15 epochs of Adam at lr 1e-3 in batches of 64, 64x64 input. Sized so
-that each training finishes in at most 60 minutes on 2 shared CPU cores (alpha 1, the slowest, measured at about
-3 minutes per epoch); the times of the full run are in the results. --quick: 160 images, alpha 0.25, 1 epoch.
+with patience 3, 1,140 to test), at most 10 epochs of Adam at lr 1e-3 in batches of 64, 64x64 input. Sized so
+that each training finishes in at most 60 minutes on 2 shared CPU cores: an epoch of alpha = 1, the slowest,
+took 165 s on a lightly loaded machine and 305 s with 3 other jobs running; the times of the full run are in the
+results. --quick: 160 images, alpha 0.25, 1 epoch.
 Run: python benchmarks/bench_attributes.py [--quick] [--n N] [--epochs E] [--alphas 1 0.5 0.25]
      [--init-from students/student_a1.pt students/student_a0.5.pt] [--cache DIR]
 Writes benchmarks/results/attributes.md, attributes.csv, attributes_per_attribute.csv, mobilenet_costs.csv and
@@ -55,7 +56,7 @@ from sklearn_craft.models.presets import InputPreset
 from sklearn_craft.plotting import plot_attribute_accuracy
 from sklearn_craft.profiling import count_flops, count_parameters
 
-FULL = dict(n=None, epochs=15, alphas=(1.0, 0.5, 0.25))
+FULL = dict(n=None, epochs=10, alphas=(1.0, 0.5, 0.25))
 QUICK = dict(n=160, epochs=1, alphas=(0.25,))
 TRAINING = dict(lr=1e-3, batch_size=64, validation_fraction=0.1, early_stopping=3)
 #: The embedding layer of a distilled student: replaced by ``head="replace"``.
