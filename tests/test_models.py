@@ -1,6 +1,9 @@
 import pickle
 from fractions import Fraction
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.fx
@@ -20,6 +23,7 @@ from sklearn_craft.models.lightcnn import MFMLayer
 from sklearn_craft.models.mobilenet import _V1_BLOCKS, MobileNetV1
 from sklearn_craft.profiling import count_flops
 
+COSTS_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mobilenet_costs.csv"
 
 from conftest import ARCHITECTURES, CONFIGURABLE
 
@@ -250,6 +254,17 @@ def test_mobilenet_v1_costs_match_the_published_totals(paper_costs):
     assert paper_costs[["width_mult", "input_size"]].values.tolist() == [
         [alpha, side] for alpha in (1.0, 0.75, 0.5, 0.25) for side in (224, 192, 160, 128)
     ]
+
+
+def test_documented_cost_table_is_the_computed_one(paper_costs):
+    # docs/attributes.rst shows benchmarks/results/mobilenet_costs.csv: mobilenet_v1_costs(), counts in
+    # millions, everything rounded to 2 decimals (3 for rho).
+    documented = pd.read_csv(COSTS_CSV)
+    millions = ["mult_adds", "parameters", "standard_mult_adds", "standard_parameters"]
+    expected = paper_costs.assign(**{column: paper_costs[column] / 1e6 for column in millions})
+    expected = expected.rename(columns={column: f"{column}_M" for column in millions})
+    assert list(documented.columns) == list(expected.columns)
+    np.testing.assert_allclose(documented.to_numpy(float), expected.to_numpy(float), rtol=0, atol=0.005 + 1e-9)
 
 
 def test_mobilenet_v2_matches_torchvision_layout():
