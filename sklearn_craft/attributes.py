@@ -136,10 +136,11 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
     """Train a network to predict many binary attributes at once (binary cross-entropy).
 
     ``fit`` deep-copies ``model``, gives it one output per attribute (see ``head``) and trains
-    every parameter with binary cross-entropy on the logits
+    every parameter that requires a gradient with binary cross-entropy on the logits
     (:func:`sklearn_craft.finetune.finetune`, ``loss="bce"``) against a 0/1 label matrix, one
-    column per attribute, as Wang & Wong train MobileNets on the 40 CelebA attributes. The model
-    passed in is never modified.
+    column per attribute, as Wang & Wong train MobileNets on the 40 CelebA attributes (freeze
+    layers with ``requires_grad_(False)`` to train the others only). The model passed in is never
+    modified.
 
     **Starting from a distilled student.** A network distilled to reproduce an embedding (for
     instance a MobileNet whose ``classifier`` outputs a 128-d fused embedding) already has the
