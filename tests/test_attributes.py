@@ -147,6 +147,16 @@ def test_head_replace_keeps_the_trunk_and_swaps_the_last_linear(planted):
     assert student.training and all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
+def test_frozen_layers_stay_frozen_and_the_new_head_trains(planted):
+    X, y = planted
+    student = _embedder()
+    student[0].requires_grad_(False)
+    clf = _fit(student, X[:64], y[:64], epochs=2)
+    assert torch.equal(clf.model_[0].weight, student[0].weight) and not clf.model_[0].weight.requires_grad
+    untrained = _fit(student, X[:64], y[:64], epochs=1, lr=1e-12).model_[-1].weight
+    assert not torch.allclose(clf.model_[-1].weight, untrained)
+
+
 def test_head_keep_trains_a_model_with_one_output_per_attribute(planted):
     X, y = planted
     model = mobilenet_v1(num_classes=4, width_mult=0.125, resolution_mult=8 / 224).eval()
