@@ -150,10 +150,11 @@ def task_data(task, root, n, preset, cache=None):
 
 
 def split(images, y, kind):
-    """Seeded 75/25 split, stratified for classes (``kind`` in CLASSIFICATION_KINDS) when every
-    class has two samples or more."""
+    """Seeded 75/25 split, stratified for classes of one column (``kind`` in CLASSIFICATION_KINDS,
+    ``y`` 1-D) when every class has two samples or more; a label matrix is not stratified (most
+    combinations of 40 attributes occur once)."""
     stratify = None
-    if kind in CLASSIFICATION_KINDS and np.unique(y, return_counts=True)[1].min() >= 2:
+    if kind in CLASSIFICATION_KINDS and np.ndim(y) == 1 and np.unique(y, return_counts=True)[1].min() >= 2:
         stratify = y
     return train_test_split(images, y, test_size=TEST_SIZE, random_state=SEED, stratify=stratify)
 

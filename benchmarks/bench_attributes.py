@@ -50,7 +50,6 @@ import torch
 import _bench
 from sklearn_craft.attributes import MultiAttributeClassifier, attribute_report
 from sklearn_craft.models import load_weights, mobilenet_v1, mobilenet_v1_costs
-from sklearn_craft.models._common import scaled
 from sklearn_craft.models.mobilenet import BASE_RESOLUTION
 from sklearn_craft.models.presets import InputPreset
 from sklearn_craft.plotting import plot_attribute_accuracy
@@ -59,7 +58,7 @@ from sklearn_craft.profiling import count_flops, count_parameters
 FULL = dict(n=None, epochs=10, alphas=(1.0, 0.5, 0.25))
 QUICK = dict(n=160, epochs=1, alphas=(0.25,))
 TRAINING = dict(lr=1e-3, batch_size=64, validation_fraction=0.1, early_stopping=3)
-#: The embedding layer of a distilled student: replaced by ``head="replace"``.
+#: Weight of the first convolution in a mobilenet_v1 state dict: its filter count gives alpha.
 FIRST_CONV = "features.0.0.weight"
 MAJORITY = "majority (train)"
 MILLIONS = ["mult_adds", "parameters", "standard_mult_adds", "standard_parameters"]
@@ -75,10 +74,7 @@ def arguments(argv=None):
     args = p.parse_args(argv)
     if not 1 <= args.size <= BASE_RESOLUTION:
         p.error(f"--size must be between 1 and {BASE_RESOLUTION} (resolution_mult = size / {BASE_RESOLUTION}), got {args.size}")
-    config = dict(QUICK if args.quick else FULL)
-    for key in ("n", "epochs", "alphas"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
+    config = _bench.settings(args, FULL, QUICK)
     torch.set_num_threads(args.threads)
     return args, config
 
@@ -91,11 +87,12 @@ def students(paths, alphas, resolution_mult):
         if FIRST_CONV not in state or "classifier.weight" not in state:
             raise ValueError(f"{path} must hold a mobilenet_v1 state dict (keys {FIRST_CONV!r}, 'classifier.weight')")
         filters = state[FIRST_CONV].shape[0]
-        matching = [alpha for alpha in alphas if scaled(32, alpha) == filters]
+        widths = {alpha: mobilenet_v1(num_classes=1, width_mult=alpha).state_dict()[FIRST_CONV].shape[0] for alpha in alphas}
+        matching = [alpha for alpha, width in widths.items() if width == filters]
         if not matching:
             raise ValueError(
                 f"{path} is a MobileNet with {filters} first-layer filters, none of --alphas {list(alphas)} "
-                f"(alpha has int(32 * alpha): {[scaled(32, a) for a in alphas]})"
+                f"(their first layers have {list(widths.values())})"
             )
         alpha = matching[0]
         if alpha in found:
@@ -212,7 +209,7 @@ def main(argv=None):
     initial = students(args.init_from, config["alphas"], resolution_mult)
     costs = cost_table()
     images, labels = _bench.load("celeba", args.data_root, config["n"], input_preset, args.cache)
-    data = _bench.split(images, labels.drop(columns="identity"), classification=False)
+    data = _bench.split(images, labels.drop(columns="identity"), "multilabel-indicator")
     n_attributes = data[2].shape[1]
 
     row, report = majority(data)

@@ -20,10 +20,10 @@ from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._data import as_image_dataset, input_channels, iter_batches
 from .finetune import _CONSTRAINTS as _FINETUNE_CONSTRAINTS
 from .finetune import FINETUNE_DEFAULTS, check_finetune_params, finetune
-from .pooling import _evaluating
+from .images import as_image_dataset, input_channels, iter_batches
+from .inspection import _check_device, _evaluating
 
 __all__ = ["MultiAttributeClassifier", "attribute_report"]
 
@@ -264,16 +264,20 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         self.progress = progress
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Train a copy of the network on images ``X`` and the 0/1 label matrix ``y``.
 
         Parameters
         ----------
         X : ndarray, torch.Tensor or torch.utils.data.Dataset
             Images: N×C×H×W float, N×H×W×C ``uint8`` (scaled to [0, 1]), a tensor N×C×H×W or a
-            Dataset of ``x`` or ``(x, y)`` items (see :func:`sklearn_craft._data.as_image_dataset`).
+            Dataset of ``x`` or ``(x, y)`` items (see :func:`sklearn_craft.images.as_image_dataset`).
         y : array-like or pandas.DataFrame of shape (n_samples, n_attributes)
             0/1 (or bool) labels, one column per attribute; a DataFrame's columns name them.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the images in the loss (see
+            :func:`sklearn_craft.finetune.finetune`): an image of weight 2 counts, in
+            expectation, as that image twice.
 
         Returns
         -------
@@ -289,16 +293,18 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"y must have one row per image ({len(dataset)}), got {len(labels)} rows")
         n_attributes = labels.shape[1]
         head_seed, train_seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max, size=2)
-        network = self._network(n_attributes, next(iter_batches(dataset, 1)), int(head_seed))
+        device = _check_device(self.device)
+        network = self._network(n_attributes, next(iter_batches(dataset, 1)), int(head_seed), device)
         history = finetune(
             network,
             dataset,
             labels.astype(np.float32),
             loss="bce",
-            device=self.device,
+            device=device,
             preprocess=self.preprocess,
             random_state=int(train_seed),
             progress=self.progress,
+            sample_weight=sample_weight,
             **settings,
         )
 
@@ -308,9 +314,9 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         self.history_ = history
         return self
 
-    def _network(self, n_attributes, example, seed):
+    def _network(self, n_attributes, example, seed, device):
         """A copy of ``model`` with ``n_attributes`` outputs (its last Linear replaced for ``head="replace"``)."""
-        network = copy.deepcopy(self.model).to(self.device)
+        network = copy.deepcopy(self.model).to(device)
         replaced = None
         if self.head == "replace":
             linears = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
@@ -328,7 +334,7 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
                     old.in_features, n_attributes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
                 )
             network.set_submodule(replaced, new)
-        example = example.to(self.device)
+        example = example.to(device)
         if self.preprocess is not None:
             example = self.preprocess(example)
         with _evaluating(network), torch.inference_mode():

@@ -1,5 +1,5 @@
 import pickle
-import warnings
+import sys
 
 import numpy as np
 import pandas as pd
@@ -15,7 +15,13 @@ from torch import nn
 from sklearn_craft.attributes import MultiAttributeClassifier, attribute_report
 from sklearn_craft.datasets import load_celeba
 from sklearn_craft.models import mobilenet_v1
-from sklearn_craft.plotting import plot_attribute_accuracy
+
+from conftest import (
+    TABULAR_CHECKS,
+    assert_expected_failures_are_current,
+    image_estimator_expected_failures,
+    run_image_estimator_check,
+)
 
 
 def _embedder(n_outputs=16, seed=0):
@@ -42,12 +48,12 @@ def planted():
     return _planted()
 
 
-def _fit(model=None, X=None, y=None, **params):
+def _fit(model=None, X=None, y=None, sample_weight=None, **params):
     settings = dict(head="replace", epochs=15, lr=1e-2, batch_size=32, random_state=0)
     if X is None:
         X, y = _planted()
     model = _embedder() if model is None else model
-    return MultiAttributeClassifier(model, **{**settings, **params}).fit(X, y)
+    return MultiAttributeClassifier(model, **{**settings, **params}).fit(X, y, sample_weight=sample_weight)
 
 
 # attribute_report -------------------------------------------------------------------------------
@@ -266,110 +272,135 @@ def test_images_are_checked_and_predict_needs_a_fit(planted):
         clf.fit(X[:16, :1], y[:16])
     with pytest.raises(NotFittedError):
         clf.predict(X)
+    with pytest.raises(ValueError, match="NaN|finite"):
+        clf.fit(np.where(np.arange(16)[:, None, None, None] == 3, np.nan, X[:16]).astype(np.float32), y[:16])
+    with pytest.raises(ValueError):
+        clf.fit(X[:0], y[:0])
 
 
-def _expected_failed_checks(estimator):
-    """Checks that fit on 2-D tabular data or a 1-D target, which this image estimator must refuse."""
-    reason = (
-        "feeds 2-D tabular X (or a 1-D y); MultiAttributeClassifier takes images and a 0/1 label matrix only "
-        "(the behaviour is tested with images in this file)"
-    )
-    checks = [
-        "check_fit_score_takes_y",
-        "check_estimators_overwrite_params",
-        "check_dont_overwrite_parameters",
-        "check_estimators_fit_returns_self",
-        "check_readonly_memmap_input",
-        "check_n_features_in_after_fitting",
-        "check_positive_only_tag_during_fit",
-        "check_estimators_dtypes",
-        "check_complex_data",
-        "check_dtype_object",
-        "check_estimators_empty_data_messages",
-        "check_pipeline_consistency",
-        "check_estimators_nan_inf",
-        "check_estimator_sparse_tag",
-        "check_estimator_sparse_array",
-        "check_estimator_sparse_matrix",
-        "check_estimators_pickle",
-        "check_estimators_pickle(readonly_memmap=True)",
-        "check_f_contiguous_array_estimator",
-        "check_methods_sample_order_invariance",
-        "check_methods_subset_invariance",
-        "check_fit2d_1sample",
-        "check_fit2d_1feature",
-        "check_dict_unchanged",
-        "check_fit_idempotent",
-        "check_fit_check_is_fitted",
-        "check_n_features_in",
-        "check_fit2d_predict1d",
-        "check_classifier_data_not_an_array",
-        "check_classifiers_one_label",
-        "check_classifiers_classes",
-        "check_classifier_multioutput",
-        "check_classifiers_train",
-        "check_classifiers_train(readonly_memmap=True)",
-        "check_classifiers_train(readonly_memmap=True,X_dtype=float32)",
-        "check_classifiers_regression_target",
-        "check_classifiers_multilabel_representation_invariance",
-        "check_classifiers_multilabel_output_format_predict",
-        "check_classifiers_multilabel_output_format_predict_proba",
-        "check_classifiers_multilabel_output_format_decision_function",
-        "check_decision_proba_consistency",
-    ]
-    failing = {check: reason for check in checks}
-    failing["check_classifier_not_supporting_multiclass"] = (
-        "expects a binary classifier's 'Only binary classification is supported.'; a 1-D multi-class y is refused "
-        "here with 'y must be a 2-D 0/1 matrix' (tested in this file)"
-    )
-    return failing
+def test_read_only_fortran_or_float64_images_and_predictions_in_any_order(planted):
+    X, y = planted
+    X, y = X[:48], y[:48]
+    clf = _fit(X=X, y=y, epochs=1)
+    read_only = X.copy()
+    read_only.flags.writeable = False
+    np.testing.assert_array_equal(_fit(X=read_only, y=y, epochs=1).decision_function(X), clf.decision_function(X))
+    state = dict(vars(clf))
+    logits = clf.decision_function(X)
+    assert vars(clf).keys() == state.keys() and all(vars(clf)[key] is value for key, value in state.items())
+    np.testing.assert_allclose(clf.decision_function(np.asfortranarray(X)), logits, rtol=1e-6)
+    np.testing.assert_allclose(clf.decision_function(X.astype(np.float64)), logits, rtol=1e-6)
+    order = np.random.default_rng(0).permutation(len(X))
+    np.testing.assert_allclose(clf.decision_function(X[order]), logits[order], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(clf.decision_function(X[5:9]), logits[5:9], rtol=1e-5, atol=1e-6)
 
 
-@parametrize_with_checks(
-    [MultiAttributeClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))],
-    expected_failed_checks=_expected_failed_checks,
-    xfail_strict=True,
-)
+def test_sample_weight_weights_the_loss(planted):
+    X, y = planted
+    X, y = X[:64], y[:64]
+    plain = _fit(X=X, y=y, epochs=2)
+    # Weights are divided by their mean: equal weights train exactly as none.
+    same = _fit(X=X, y=y, epochs=2, sample_weight=pd.Series(np.full(64, 2.5)))
+    np.testing.assert_allclose(same.decision_function(X), plain.decision_function(X), rtol=1e-5, atol=1e-6)
+    weights = np.r_[np.ones(32), np.zeros(32)]
+    first_half = _fit(X=X, y=y, epochs=2, sample_weight=list(weights))
+    assert not np.allclose(first_half.decision_function(X), plain.decision_function(X))
+    with pytest.raises(ValueError, match="(?i)sample.weight"):
+        _fit(X=X, y=y, epochs=1, sample_weight=np.zeros(64))
+    with pytest.raises(ValueError):
+        _fit(X=X, y=y, epochs=1, sample_weight=np.ones(63))
+
+
+#: Where this file tests, with images and a 0/1 label matrix, what scikit-learn's checks test with
+#: 2-D tabular X (or a 1-D y).
+_COVERED_WITH_IMAGES = {
+    "check_fit_score_takes_y": "test_outputs_are_consistent",
+    "check_estimators_fit_returns_self": "test_learns_a_planted_multi_label_task",
+    "check_positive_only_tag_during_fit": "test_preprocess_is_applied_in_fit_and_predict",
+    "check_estimators_pickle": "test_pickle_round_trip_predicts_the_same",
+    "check_fit_idempotent": "test_same_seed_gives_the_same_network_and_another_seed_another_one",
+    **dict.fromkeys(
+        [
+            "check_estimators_overwrite_params",
+            "check_dont_overwrite_parameters",
+            "check_pipeline_consistency",
+        ],
+        "test_clone_is_independent_and_works_in_pipeline_and_grid_search",
+    ),
+    **dict.fromkeys(
+        [
+            "check_readonly_memmap_input",
+            "check_estimators_dtypes",
+            "check_f_contiguous_array_estimator",
+            "check_methods_sample_order_invariance",
+            "check_methods_subset_invariance",
+            "check_dict_unchanged",
+        ],
+        "test_read_only_fortran_or_float64_images_and_predictions_in_any_order",
+    ),
+    **dict.fromkeys(
+        [
+            "check_estimators_empty_data_messages",
+            "check_estimators_nan_inf",
+            "check_fit2d_1sample",
+            "check_fit2d_1feature",
+            "check_fit2d_predict1d",
+            "check_fit_check_is_fitted",
+        ],
+        "test_images_are_checked_and_predict_needs_a_fit",
+    ),
+    **dict.fromkeys(
+        [
+            "check_sample_weights_pandas_series",
+            "check_sample_weights_not_an_array",
+            "check_sample_weights_list",
+            "check_all_zero_sample_weights_error",
+            "check_sample_weights_shape",
+            "check_sample_weights_not_overwritten",
+            "check_sample_weight_equivalence_on_dense_data",
+        ],
+        "test_sample_weight_weights_the_loss",
+    ),
+    **dict.fromkeys(
+        [
+            "check_classifier_data_not_an_array",
+            "check_classifiers_one_label",
+            "check_classifiers_one_label_sample_weights",
+            "check_classifiers_classes",
+            "check_classifier_multioutput",
+            "check_classifiers_train",
+            "check_classifiers_regression_target",
+            "check_classifiers_multilabel_representation_invariance",
+            "check_classifiers_multilabel_output_format_predict",
+            "check_classifiers_multilabel_output_format_predict_proba",
+            "check_classifiers_multilabel_output_format_decision_function",
+        ],
+        "test_outputs_are_consistent",
+    ),
+}
+_CHECKED = MultiAttributeClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+EXPECTED_FAILED_CHECKS = {
+    **image_estimator_expected_failures(
+        {check: test for check, test in _COVERED_WITH_IMAGES.items() if check in TABULAR_CHECKS}
+    ),
+    # Checks of a classifier's outputs that scikit-learn runs on 2-D tabular X or a 1-D y.
+    "check_decision_proba_consistency": (
+        "feeds 2-D tabular X, which an image estimator rejects; tested with images in test_outputs_are_consistent"
+    ),
+    "check_classifier_not_supporting_multiclass": (
+        "expects 'Only binary classification is supported.' for a 1-D multi-class y, refused here as 'y must be a "
+        "2-D 0/1 matrix'; tested with images in test_bad_parameters_and_labels_are_refused"
+    ),
+}
+
+
+@parametrize_with_checks([_CHECKED])
 def test_sklearn_contract(estimator, check):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        check(estimator)
+    run_image_estimator_check(estimator, check, EXPECTED_FAILED_CHECKS)
 
 
-# Figure -----------------------------------------------------------------------------------------
-
-
-def test_plot_attribute_accuracy_draws_one_marker_per_attribute_and_model():
-    import matplotlib.pyplot as plt
-
-    accuracy = pd.DataFrame({"scratch": [0.9, 0.7, 0.8], "distilled": [0.95, 0.75, 0.6]}, index=["a", "b", "c"])
-    baseline = pd.Series({"c": 0.5, "b": 0.6, "a": 0.55}, name="majority")
-    ax = plot_attribute_accuracy(accuracy, baseline=baseline)
-    assert [label.get_text() for label in ax.get_yticklabels()] == ["a", "b", "c"]
-    for line, column in zip(ax.lines, accuracy.columns):
-        assert line.get_label() == column
-        np.testing.assert_allclose(line.get_xdata(), accuracy[column])
-        np.testing.assert_allclose(line.get_ydata(), [0, 1, 2])
-    # Bars follow the attributes' order, not the baseline's.
-    np.testing.assert_allclose([bar.get_width() for bar in ax.patches], [0.55, 0.6, 0.5])
-    assert ax.get_xlim()[0] < 0.5 and ax.get_xlim()[1] >= 0.95
-    _, axes = plt.subplots()
-    assert plot_attribute_accuracy(accuracy["scratch"], ax=axes) is axes and len(axes.lines) == 1
-    plt.close("all")
-
-
-@pytest.mark.parametrize(
-    "accuracy, baseline, match",
-    [
-        (np.array([0.9, 0.8]), None, "accuracy must be a non-empty pandas Series or DataFrame, got ndarray"),
-        (pd.DataFrame(), None, "non-empty"),
-        (pd.Series({"a": 0.9, "b": 0.8}), pd.Series({"a": 0.5}), r"missing \['b'\]"),
-        (pd.Series({"a": 0.9}), [0.5], "baseline must be a pandas Series"),
-    ],
-)
-def test_plot_attribute_accuracy_rejects_bad_input(accuracy, baseline, match):
-    with pytest.raises(ValueError, match=match):
-        plot_attribute_accuracy(accuracy, baseline=baseline)
+def test_every_expected_failure_names_a_check_that_runs():
+    assert_expected_failures_are_current(_CHECKED, EXPECTED_FAILED_CHECKS, sys.modules[__name__])
 
 
 # Real data --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from matplotlib.patches import Rectangle
 from sklearn.exceptions import NotFittedError
 
 from sklearn_craft.plotting import (
+    plot_attribute_accuracy,
     plot_characteristic_curves,
     plot_gamma_tradeoff,
     plot_layer_task_matrix,
@@ -203,3 +204,33 @@ def test_plot_characteristic_curves_of_chosen_groups_on_ax(selector):
         plot_characteristic_curves(selector, groups=["z"], ax=ax)
     with pytest.raises(NotFittedError):
         plot_characteristic_curves(LassoFilterSelector(), ax=ax)
+
+
+def test_plot_attribute_accuracy_draws_one_marker_per_attribute_and_model():
+    accuracy = pd.DataFrame({"scratch": [0.9, 0.7, 0.8], "distilled": [0.95, 0.75, 0.6]}, index=["a", "b", "c"])
+    baseline = pd.Series({"c": 0.5, "b": 0.6, "a": 0.55}, name="majority")
+    ax = plot_attribute_accuracy(accuracy, baseline=baseline)
+    assert [label.get_text() for label in ax.get_yticklabels()] == ["a", "b", "c"]
+    for line, column in zip(ax.lines, accuracy.columns):
+        assert line.get_label() == column
+        np.testing.assert_allclose(line.get_xdata(), accuracy[column])
+        np.testing.assert_allclose(line.get_ydata(), [0, 1, 2])
+    # Bars follow the attributes' order, not the baseline's.
+    np.testing.assert_allclose([bar.get_width() for bar in ax.patches], [0.55, 0.6, 0.5])
+    assert ax.get_xlim()[0] < 0.5 and ax.get_xlim()[1] >= 0.95
+    _, axes = plt.subplots()
+    assert plot_attribute_accuracy(accuracy["scratch"], ax=axes) is axes and len(axes.lines) == 1
+
+
+@pytest.mark.parametrize(
+    "accuracy, baseline, match",
+    [
+        (np.array([0.9, 0.8]), None, "accuracy must be a non-empty pandas Series or DataFrame, got ndarray"),
+        (pd.DataFrame(), None, "non-empty"),
+        (pd.Series({"a": 0.9, "b": 0.8}), pd.Series({"a": 0.5}), r"missing \['b'\]"),
+        (pd.Series({"a": 0.9}), [0.5], "baseline must be a pandas Series"),
+    ],
+)
+def test_plot_attribute_accuracy_rejects_bad_input(accuracy, baseline, match):
+    with pytest.raises(ValueError, match=match):
+        plot_attribute_accuracy(accuracy, baseline=baseline)
