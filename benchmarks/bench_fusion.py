@@ -37,12 +37,15 @@ fine-tunings together) finishes within 60 minutes on 2 shared CPU cores at 64x64
 embeddings, computed once, are cached with --cache); the results page gives the measured times.
 --quick: 100 images per data set (a pool of 300 images: PCA needs more than 171), 3 folds, 1 epoch
 everywhere.
-Run: python benchmarks/bench_fusion.py [--quick] [--n N] [--cache DIR]
+--save-student PATH keeps the distilled student (``torch.save(student_.state_dict(), PATH)``) for
+``bench_attributes.py --init-from PATH``.
+Run: python benchmarks/bench_fusion.py [--quick] [--n N] [--cache DIR] [--save-student PATH]
 Writes benchmarks/results/fusion.md and fusion_*.csv.
 """
 
 import hashlib
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -106,6 +109,8 @@ def parse(argv):
     p.add_argument("--gamma", type=float, default=0.01, help="CRAFT gamma of the pruned student")
     p.add_argument("--alphas", type=int, default=None, help="LASSO path length of the pruned student (default 50, quick 10)")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baselines")
+    p.add_argument("--save-student", type=Path, default=None, metavar="PATH",
+                   help="write the distilled student's state dict there (bench_attributes.py --init-from reads it)")
     args = p.parse_args(argv)
     vars(args).update(_bench.settings(args, FULL, QUICK))
     torch.set_num_threads(args.threads)
@@ -273,6 +278,8 @@ def part_distillation(args, pool_images, H_pool, ae, nets, target_sets, target_h
     distiller.fit(pool_images, teacher_input=H_pool)
     distill_time = time.perf_counter() - start
     print(f"distillation: {distill_time:.0f} s, history:\n{distiller.history_}", flush=True)
+    if args.save_student is not None:
+        torch.save(distiller.student_.state_dict(), args.save_student)
 
     costs = pd.DataFrame(
         {"teacher stack (3 sources + encoder)": teacher_cost(nets, ae.encoder_, H_pool.shape[1]),

@@ -193,7 +193,8 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
 
 @pytest.mark.realdata
 def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_data, tmp_path):
-    results, text = _run_on_real_data("fusion", shared_data, tmp_path, "--ae-epochs", "2")
+    saved = tmp_path / "student.pt"
+    results, text = _run_on_real_data("fusion", shared_data, tmp_path, "--ae-epochs", "2", "--save-student", str(saved))
     stem = str(results.with_suffix(""))
     table6 = pd.read_csv(f"{stem}_table6.csv", index_col="target")
     assert list(table6.index) == ["age", "gender", "race", "attributes", "emotion"]
@@ -220,6 +221,11 @@ def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_da
     assert pruned["parameters"].iloc[1] < pruned["parameters"].iloc[0]
     assert pruned["filters"].iloc[1] < pruned["filters"].iloc[0]
     assert "Table 6" in text and "CRAFT-pruned" in text
+    # The saved student is what bench_attributes.py --init-from reads: a MobileNet v1 alpha=0.5 state dict.
+    from sklearn_craft.models import mobilenet_v1
+
+    state = torch.load(saved, weights_only=True)
+    mobilenet_v1(num_classes=state["classifier.weight"].shape[0], width_mult=0.5).load_state_dict(state)
 
 
 @pytest.mark.realdata
