@@ -191,6 +191,7 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
     assert "support_ (the filters kept at every knee) identical" in text and "largest |RMSE difference| 0.00e+00" in text
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_data, tmp_path):
     saved = tmp_path / "student.pt"
@@ -228,6 +229,7 @@ def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_da
     mobilenet_v1(num_classes=state["classifier.weight"].shape[0], width_mult=0.5).load_state_dict(state)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_attributes_trains_scratch_and_distilled_rows_and_writes_the_cost_table(shared_data, tmp_path):
     from sklearn_craft.models import mobilenet_v1
