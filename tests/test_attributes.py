@@ -17,6 +17,8 @@ from sklearn_craft.datasets import load_celeba
 from sklearn_craft.models import mobilenet_v1
 
 from conftest import (
+    SAMPLE_WEIGHT_CHECKS,
+    SUPERVISED_CHECKS,
     TABULAR_CHECKS,
     assert_expected_failures_are_current,
     image_estimator_expected_failures,
@@ -349,33 +351,10 @@ _COVERED_WITH_IMAGES = {
         ],
         "test_images_are_checked_and_predict_needs_a_fit",
     ),
+    **dict.fromkeys(SAMPLE_WEIGHT_CHECKS, "test_sample_weight_weights_the_loss"),
+    # The classifier checks: regressors' and check_supervised_y_2d are not run on a multi-label classifier.
     **dict.fromkeys(
-        [
-            "check_sample_weights_pandas_series",
-            "check_sample_weights_not_an_array",
-            "check_sample_weights_list",
-            "check_all_zero_sample_weights_error",
-            "check_sample_weights_shape",
-            "check_sample_weights_not_overwritten",
-            "check_sample_weight_equivalence_on_dense_data",
-        ],
-        "test_sample_weight_weights_the_loss",
-    ),
-    **dict.fromkeys(
-        [
-            "check_classifier_data_not_an_array",
-            "check_classifiers_one_label",
-            "check_classifiers_one_label_sample_weights",
-            "check_classifiers_classes",
-            "check_classifier_multioutput",
-            "check_classifiers_train",
-            "check_classifiers_regression_target",
-            "check_classifiers_multilabel_representation_invariance",
-            "check_classifiers_multilabel_output_format_predict",
-            "check_classifiers_multilabel_output_format_predict_proba",
-            "check_classifiers_multilabel_output_format_decision_function",
-        ],
-        "test_outputs_are_consistent",
+        [check for check in SUPERVISED_CHECKS if check.startswith("check_classifier")], "test_outputs_are_consistent"
     ),
 }
 _CHECKED = MultiAttributeClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
