@@ -365,12 +365,10 @@ def _count_full_poolings(monkeypatch, model):
     original = sklearn_craft.pooling._pool_features
     n_parameters = count_parameters(model)
 
-    def counting(model, responses, dataset, *, batch_size, device, preprocess, progress, key=None):
+    def counting(model, responses, dataset, **options):
         if count_parameters(model) == n_parameters:
             calls.append(len(dataset))
-        return original(
-            model, responses, dataset, batch_size=batch_size, device=device, preprocess=preprocess, progress=progress
-        )
+        return original(model, responses, dataset, **options)
 
     monkeypatch.setattr(sklearn_craft.pooling, "_pool_features", counting)
     return calls
