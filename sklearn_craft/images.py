@@ -186,9 +186,6 @@ class _Batches(Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
 
-    def __len__(self):
-        return len(self.dataset)
-
     def __getitem__(self, index):
         return _stack(self.dataset, index)
 
@@ -417,6 +414,14 @@ def iter_batches(
     >>> images = np.zeros((10, 1, 4, 4), dtype=np.float32)
     >>> [tuple(batch.shape) for batch in iter_batches(images, 4)]
     [(4, 1, 4, 4), (4, 1, 4, 4), (2, 1, 4, 4)]
+
+    A DataLoader keeps its own batches, unless ``indices`` asks for another order:
+
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> loader = DataLoader(TensorDataset(torch.from_numpy(images)), batch_size=6)
+    >>> [len(batch) for batch in iter_batches(loader, 4)], [len(b) for b in iter_batches(loader, 4, indices=[9, 0])]
+    ([6, 4], [2])
     """
     dataset = as_image_dataset(dataset)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
