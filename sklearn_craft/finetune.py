@@ -133,6 +133,7 @@ def finetune(
     random_state=None,
     progress=False,
     sample_weight=None,
+    num_workers=0,
 ):
     """Train ``model`` in place on images ``X`` and targets ``y``.
 
@@ -189,6 +190,11 @@ def finetune(
         per-sample loss is averaged over its outputs): a sample of weight 2 counts, in
         expectation, as that sample twice, whatever the scale of the weights. The validation
         loss is the weighted mean over the validation samples. The split is drawn over samples.
+    num_workers : int, default=0
+        Worker processes that read and collate the items of a Dataset ``X`` (see
+        :func:`sklearn_craft.images.iter_batches`); 0 reads them in this process. A DataLoader
+        ``X`` is read in the shuffled order of each epoch with its own collate function and
+        workers. The weights do not depend on it.
 
     Returns
     -------
@@ -266,7 +272,16 @@ def finetune(
         model.eval()
         with torch.no_grad():
             return _run_epoch(
-                model, criterion, dataset, target, val_idx, batch_size, device, preprocess, weights=val_weights
+                model,
+                criterion,
+                dataset,
+                target,
+                val_idx,
+                batch_size,
+                device,
+                preprocess,
+                num_workers,
+                weights=val_weights,
             )
 
     rows = []
@@ -283,7 +298,17 @@ def finetune(
             model.train()
             shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
             train_loss = _run_epoch(
-                model, criterion, dataset, target, shuffled, batch_size, device, preprocess, opt, weights=train_weights
+                model,
+                criterion,
+                dataset,
+                target,
+                shuffled,
+                batch_size,
+                device,
+                preprocess,
+                num_workers,
+                opt,
+                weights=train_weights,
             )
             val_loss = validation_loss() if n_val else np.nan
             _check_converging(trainable, [train_loss, val_loss] if n_val else [train_loss], epoch, lr)
@@ -343,7 +368,7 @@ class _ChannelMoments:
         self.count = total
 
 
-def _input_moments(model, norm, dataset, batch_size, device, preprocess):
+def _input_moments(model, norm, dataset, batch_size, device, preprocess, num_workers):
     """Moments of the input of ``norm`` over all images, the network running in eval mode up to it."""
     moments = _ChannelMoments()
     dtype = _input_dtype(model)
@@ -354,7 +379,7 @@ def _input_moments(model, norm, dataset, batch_size, device, preprocess):
 
     with torch.no_grad():
         # ``preprocess`` runs as the next batch is drawn, outside the model's lock.
-        for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess):
+        for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess, num_workers=num_workers):
             with _evaluating(model):
                 handle = norm.register_forward_pre_hook(record)
                 try:
@@ -366,7 +391,7 @@ def _input_moments(model, norm, dataset, batch_size, device, preprocess):
     return moments
 
 
-def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None, progress=False):
+def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None, progress=False, num_workers=0):
     """Re-estimate the running mean and variance of every BatchNorm layer of ``model`` on ``X``.
 
     Removing filters changes what the layers after them see, so the statistics a BatchNorm layer
@@ -400,6 +425,9 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
         Applied to every batch of images before the model sees it.
     progress : bool, default=False
         Show a tqdm progress bar over the BatchNorm layers.
+    num_workers : int, default=0
+        Worker processes that read and collate the items of a Dataset ``X`` (see
+        :func:`sklearn_craft.images.iter_batches`); 0 reads them in this process.
 
     Returns
     -------
@@ -425,12 +453,13 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
         return model
     dataset = as_image_dataset(X)
     dtype = _input_dtype(model)
-    example = next(iter_batches(dataset, 1, device=_check_device(device), preprocess=preprocess)).to(dtype)
+    example = next(iter_batches(dataset, 1, device=_check_device(device), preprocess=preprocess, indices=[0]))
+    example = example.to(dtype)
     order = [name for name in dict.fromkeys(_call_sequence(model, example)) if name in norms]
     unbiased = {}
     for name in tqdm(order, desc="BatchNorm statistics", disable=not progress):
         norm = norms[name]
-        moments = _input_moments(model, norm, dataset, batch_size, device, preprocess)
+        moments = _input_moments(model, norm, dataset, batch_size, device, preprocess, num_workers)
         if moments.count == 0:
             continue
         with torch.no_grad():
@@ -446,13 +475,17 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     return model
 
 
-def _run_epoch(model, criterion, dataset, target, indices, batch_size, device, preprocess, opt=None, weights=None):
+def _run_epoch(
+    model, criterion, dataset, target, indices, batch_size, device, preprocess, num_workers, opt=None, weights=None
+):
     """Mean loss over ``indices`` in batches; one optimisation step per batch when ``opt`` is given.
 
     ``criterion`` returns per-element losses; ``weights`` (None: all 1) weight every sample's.
     """
     total = 0.0
-    batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, indices=indices.numpy())
+    batches = iter_batches(
+        dataset, batch_size, device=device, preprocess=preprocess, indices=indices.numpy(), num_workers=num_workers
+    )
     dtype = _input_dtype(model)
     for start, xb in zip(range(0, len(indices), batch_size), batches):
         output = model(xb.to(dtype))

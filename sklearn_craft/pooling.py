@@ -93,13 +93,21 @@ class _ChannelMeans:
         raise RuntimeError(f"{self.pending} pooled layer(s) did not run on samples {start}..{self.rows.stop - 1}")
 
 
-def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress):
+def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress, num_workers=0):
     """Channel means of every response, N×ΣC float32."""
     model = _on_device(model, device)
     dtype = _input_dtype(model)
     modules = dict(model.named_modules())
     means = _ChannelMeans(len(dataset), [modules[conv].out_channels for conv in responses])
-    batches = iter_batches(dataset, batch_size, device=device, preprocess=preprocess, progress=progress, desc="pooling")
+    batches = iter_batches(
+        dataset,
+        batch_size,
+        device=device,
+        preprocess=preprocess,
+        progress=progress,
+        desc="pooling",
+        num_workers=num_workers,
+    )
     with torch.inference_mode():
         start = 0
         # ``preprocess`` runs as the next batch is drawn, outside the model's lock: it may pool
@@ -235,7 +243,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         predicate, convolutions that do not run exactly once per forward pass are left out
         with a warning; a named one is an error.
     batch_size : int, default=64
-        Images per forward pass.
+        Images per forward pass (a DataLoader given as ``X`` keeps its own batches).
     device : str or torch.device, default="cpu"
         Where the forward passes run (a model elsewhere, say on a GPU, is copied there, not
         moved). A device this torch build cannot use is a ``ValueError``.
@@ -256,6 +264,11 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         hashed is pooled without the cache, with a warning. The features are stored as ``.npy``
         arrays in a ``sklearn_craft`` folder under the path (or the joblib.Memory's location),
         never as pickles: a corrupt or tampered entry is recomputed, never executed.
+    num_workers : int, default=0
+        Worker processes that read and collate the items of a Dataset given as ``X`` (through a
+        ``torch.utils.data.DataLoader``, see :func:`sklearn_craft.images.iter_batches`); 0
+        reads them in this process. Arrays and tensors are in memory already, and a DataLoader
+        given as ``X`` keeps its own workers. The features do not depend on it.
 
     Attributes
     ----------
@@ -292,6 +305,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         "preprocess": [callable, None],
         "progress": ["boolean"],
         "memory": [None, str, HasMethods(["cache"])],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
     }
 
     def __init__(
@@ -303,6 +317,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         preprocess=None,
         progress=False,
         memory=None,
+        num_workers=0,
     ):
         self.model = model
         self.layers = layers
@@ -311,6 +326,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         self.preprocess = preprocess
         self.progress = progress
         self.memory = memory
+        self.num_workers = num_workers
 
     def _device(self):
         return _check_device(self.device)
@@ -325,9 +341,10 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : ndarray, torch.Tensor or torch.utils.data.Dataset
-            Images: N×C×H×W float, N×H×W×C ``uint8``, a tensor N×C×H×W, or a Dataset of ``x``
-            or ``(x, y)`` items (see :func:`sklearn_craft.images.as_image_dataset`).
+        X : ndarray, torch.Tensor, torch.utils.data.Dataset or torch.utils.data.DataLoader
+            Images: N×C×H×W float, N×H×W×C ``uint8``, a tensor N×C×H×W, a Dataset of ``x``
+            or ``(x, y)`` items, or a DataLoader that does not shuffle (see
+            :func:`sklearn_craft.images.as_image_dataset`).
         y : None
             Ignored.
 
@@ -340,7 +357,8 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
         _select_convs(self.model, self.layers)
         dataset = self._dataset(X)
         model = _on_device(self.model, device)
-        example = next(iter_batches(dataset, 1, device=device, preprocess=self.preprocess)).to(_input_dtype(model))
+        example = next(iter_batches(dataset, 1, device=device, preprocess=self.preprocess, indices=[0]))
+        example = example.to(_input_dtype(model))
         responses = find_responses(model, self.layers, example_input=example)
         # As in transform, the pass stops once every response has run: later layers (a
         # classifier sized for other images) need not accept these. The traced graph still
@@ -390,6 +408,7 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
             device=self._device(),
             preprocess=self.preprocess,
             progress=self.progress,
+            num_workers=self.num_workers,
         )
         key = None
         if cache_folder(self.memory, _pool_features) is not None:

@@ -148,7 +148,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Where forward passes and fine-tuning run; ``pruned_model_`` lives there. A device this
         torch build cannot use is a ``ValueError``.
     batch_size : int, default=64
-        Images per forward pass when pooling, predicting and transforming.
+        Images per forward pass when pooling, predicting and transforming (a DataLoader given
+        as ``X`` keeps its own batches there; fine-tuning has its own ``batch_size``).
     random_state : int, RandomState instance or None, default=None
         Seeds the LASSO validation split, the satellites' held-out split and fine-tuning. Fix it
         for ``memory`` to reuse the LASSO paths across fits.
@@ -162,6 +163,11 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         when pooling, fine-tuning and predicting, e.g. ``preset("mobilefacenet").preprocess``
         (see :func:`sklearn_craft.models.preset`). ``pruned_model_`` itself expects preprocessed
         input, like the original network.
+    num_workers : int, default=0
+        Worker processes that read and collate the items of a Dataset given as ``X`` in every
+        pass over it (pooling, BatchNorm re-estimation, fine-tuning, predicting), through a
+        ``torch.utils.data.DataLoader``; 0 reads them in this process. A DataLoader given as
+        ``X`` keeps its own workers.
 
     Attributes
     ----------
@@ -247,6 +253,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         "memory": [None, str, HasMethods(["cache"])],
         "progress": ["boolean"],
         "preprocess": [callable, None],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
     }
 
     def __init__(
@@ -266,6 +273,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         memory=None,
         progress=False,
         preprocess=None,
+        num_workers=0,
     ):
         self.model = model
         self.gamma = gamma
@@ -282,6 +290,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.memory = memory
         self.progress = progress
         self.preprocess = preprocess
+        self.num_workers = num_workers
 
     def _check_options(self):
         """Validate what ``_parameter_constraints`` cannot express; return the fine-tuning settings."""
@@ -311,6 +320,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             preprocess=self.preprocess,
             progress=self.progress,
             memory=memory,
+            num_workers=self.num_workers,
         )
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -319,9 +329,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : ndarray, torch.Tensor or torch.utils.data.Dataset
-            Images: N×C×H×W float, N×H×W×C ``uint8`` (scaled to [0, 1]), a tensor N×C×H×W or a
-            Dataset of ``x`` or ``(x, y)`` items (see :func:`sklearn_craft.images.as_image_dataset`).
+        X : ndarray, torch.Tensor, torch.utils.data.Dataset or torch.utils.data.DataLoader
+            Images: N×C×H×W float, N×H×W×C ``uint8`` (scaled to [0, 1]), a tensor N×C×H×W, a
+            Dataset of ``x`` or ``(x, y)`` items or a DataLoader that does not shuffle (see
+            :func:`sklearn_craft.images.as_image_dataset`).
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Continuous targets, class labels or a 0/1 multi-label matrix.
         sample_weight : array-like of shape (n_samples,), default=None
@@ -352,7 +363,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             raise ValueError(f"y must have one row per image ({len(dataset)}), got {len(Y)} rows")
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, Y, dtype=np.float64, ensure_non_negative=True)
-        example = next(iter_batches(dataset, 1))
+        example = next(iter_batches(dataset, 1, indices=[0]))
         if self.head == "original":
             n_outputs = 1 if target_type == "binary" else Y.shape[1]
             self._check_original_outputs(example, target_type, n_outputs)
@@ -408,6 +419,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                 random_state=seeds[2],
                 progress=self.progress,
                 sample_weight=sample_weight,
+                num_workers=self.num_workers,
                 **finetune_params,
             )
 
@@ -494,6 +506,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                 device=self.device,
                 preprocess=self.preprocess,
                 progress=self.progress,
+                num_workers=self.num_workers,
             )
         return pruned, {layer: kept[layer] for layer in remaining}
 
@@ -563,7 +576,13 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         with torch.inference_mode():
             outputs = [
                 self.pruned_model_(batch).reshape(len(batch), -1).cpu()
-                for batch in iter_batches(dataset, self.batch_size, device=self.device, preprocess=self.preprocess)
+                for batch in iter_batches(
+                    dataset,
+                    self.batch_size,
+                    device=self.device,
+                    preprocess=self.preprocess,
+                    num_workers=self.num_workers,
+                )
             ]
         return torch.cat(outputs).numpy()
 

@@ -192,7 +192,7 @@ def _check_alignment(name, value, tasks):
         raise ValueError(f"the index of {name} is not aligned with the index of tasks")
 
 
-def _pooler(model, layers, memory, batch_size, device, preprocess, progress):
+def _pooler(model, layers, memory, batch_size, device, preprocess, progress, num_workers):
     return ActivationPooler(
         model,
         layers=layers,
@@ -201,6 +201,7 @@ def _pooler(model, layers, memory, batch_size, device, preprocess, progress):
         preprocess=preprocess,
         progress=progress,
         memory=memory,
+        num_workers=num_workers,
     )
 
 
@@ -233,6 +234,7 @@ def task_relationship_matrix(
     device="cpu",
     preprocess=None,
     progress=False,
+    num_workers=0,
 ):
     """Cross-validated score of a linear satellite of every source on every task.
 
@@ -284,7 +286,7 @@ def task_relationship_matrix(
         Passed to the pooler to cache pooled activations (a folder every worker can reach).
     random_state : int, RandomState instance or None, default=None
         Seed of the fold shuffling; an int makes the result reproducible.
-    batch_size, device, preprocess : see :class:`~sklearn_craft.pooling.ActivationPooler`
+    batch_size, device, preprocess, num_workers : see :class:`~sklearn_craft.pooling.ActivationPooler`
     progress : bool, default=False
         Show progress bars for pooling and fitting.
 
@@ -343,7 +345,12 @@ def task_relationship_matrix(
         _check_alignment(f"sources[{name!r}]", value, tasks)
         features[name] = check_array(value, dtype=np.float64, input_name=f"sources[{name!r}]")
     pooler_params = dict(
-        memory=memory, batch_size=batch_size, device=device, preprocess=preprocess, progress=progress
+        memory=memory,
+        batch_size=batch_size,
+        device=device,
+        preprocess=preprocess,
+        progress=progress,
+        num_workers=num_workers,
     )
     pooled = Parallel(n_jobs=n_jobs)(
         delayed(_pool_source)(
@@ -375,6 +382,7 @@ def layer_task_matrix(
     device="cpu",
     preprocess=None,
     progress=False,
+    num_workers=0,
 ):
     """Satellite score of every task on the pooled responses of every layer of one network.
 
@@ -396,7 +404,7 @@ def layer_task_matrix(
         See :func:`task_relationship_matrix`.
     task_types, scoring, return_details, n_jobs, memory, random_state : \
             see :func:`task_relationship_matrix`
-    batch_size, device, preprocess, progress : see :class:`~sklearn_craft.pooling.ActivationPooler`
+    batch_size, device, preprocess, progress, num_workers : see :class:`~sklearn_craft.pooling.ActivationPooler`
 
     Returns
     -------
@@ -426,7 +434,7 @@ def layer_task_matrix(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     prepared = _prepare_tasks(tasks, task_types, scoring, cv, random_state)
     _check_alignment("X", X, tasks)
-    pooler = _pooler(model, layers, memory, batch_size, device, preprocess, progress)
+    pooler = _pooler(model, layers, memory, batch_size, device, preprocess, progress, num_workers)
     pooled = pooler.fit_transform(X).astype(np.float64)
     layer_of_column = np.array([name.rsplit(":", 1)[0] for name in pooler.get_feature_names_out()])
     features = {layer: pooled[:, layer_of_column == layer] for layer in pooler.layers_}

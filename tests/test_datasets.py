@@ -5,6 +5,7 @@ has a known colour per file (and a position-coded gradient where crops matter), 
 tests can check that images and label rows stay aligned and that crops land where they should.
 """
 
+import pickle
 import re
 import types
 import warnings
@@ -13,12 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.io
+import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.linear_model import RidgeClassifierCV, RidgeCV
 from sklearn.pipeline import make_pipeline
 
 from sklearn_craft.datasets import (
+    LazyImages,
     load_aflw2000,
     load_celeba,
     load_fer2013,
@@ -26,6 +29,8 @@ from sklearn_craft.datasets import (
     load_utkface,
     make_faces,
 )
+from sklearn_craft.datasets import _images
+from sklearn_craft.pooling import ActivationPooler
 
 # --------------------------------------------------------------------------- synthetic faces
 
@@ -292,25 +297,126 @@ def test_loader_errors_name_the_path(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", LOADERS)
-def test_loader_cache_skips_decoding(tmp_path, name):
+def test_loader_cache_is_a_memory_mapped_npy_rebuilt_when_a_file_changes(tmp_path, name, monkeypatch):
     load, make, image_folder = LOADERS[name]
     root, codes = make(tmp_path / name)
     cache = tmp_path / "cache"
+    expected, expected_labels = load(root, n=3, random_state=1, size=(32, 32))
     images, labels = load(root, n=3, random_state=1, size=(32, 32), cache=cache)
-    files = list(cache.glob(f"{name}-*.npz"))
-    assert len(files) == 1
-    # Change every image on disk: a cache hit still returns the first decoding ...
+    files = list(cache.glob(f"{name}-*.npy"))
+    assert [path.name for path in cache.iterdir()] == [files[0].name]  # no temporary file left
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    np.testing.assert_array_equal(images, expected)
+    pd.testing.assert_frame_equal(labels, expected_labels)
+    # A hit maps the file without decoding anything.
+    with monkeypatch.context() as patch:
+        patch.setattr(_images, "_decode", lambda *args: pytest.fail("decoded on a cache hit"))
+        cached, cached_labels = load(root, n=3, random_state=1, size=(32, 32), cache=cache)
+    np.testing.assert_array_equal(cached, images)
+    pd.testing.assert_frame_equal(cached_labels, labels)
+    # Rewriting an image file (new size and time) makes another key: decoded afresh.
     for path in root.glob(f"{image_folder}/*.jpg"):
         with Image.open(path) as img:
             shape = np.asarray(img).shape
-        _save(path, np.full(shape, 7, dtype=np.uint8))
-    cached, cached_labels = load(root, n=3, random_state=1, size=(32, 32), cache=cache)
-    np.testing.assert_array_equal(cached, images)
-    pd.testing.assert_frame_equal(cached_labels, labels)
-    # ... while other options are another key, decoded afresh.
-    fresh, _ = load(root, n=3, random_state=1, size=(24, 24), cache=cache)
+        _save(path, np.full(shape, 7, dtype=np.uint8), quality=80)
+    fresh, _ = load(root, n=3, random_state=1, size=(32, 32), cache=cache)
     assert np.abs(_red(fresh) - 7).max() <= 3
-    assert len(list(cache.glob(f"{name}-*.npz"))) == 2
+    assert len(list(cache.glob(f"{name}-*.npy"))) == 2
+    # ... and so do other options.
+    load(root, n=3, random_state=1, size=(24, 24), cache=cache)
+    assert len(list(cache.glob(f"{name}-*.npy"))) == 3
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        np.zeros((3, 32, 32, 3), dtype=np.float32),  # another dtype
+        np.zeros((2, 32, 32, 3), dtype=np.uint8),  # another number of images
+        np.zeros((3, 24, 24, 3), dtype=np.uint8),  # another size
+        np.zeros((3, 32, 32, 1), dtype=np.uint8),  # another colour
+        "truncated",
+    ],
+)
+def test_loader_cache_rebuilds_a_mismatched_file(tmp_path, stored):
+    root, _ = _make_utkface(tmp_path / "utkface")
+    cache = tmp_path / "cache"
+    expected, _ = load_utkface(root, n=3, random_state=1, size=(32, 32), cache=cache)
+    expected = np.array(expected)
+    (path,) = cache.glob("utkface-*.npy")
+    if isinstance(stored, str):
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        np.save(path, stored)
+    images, _ = load_utkface(root, n=3, random_state=1, size=(32, 32), cache=cache)
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), expected)  # repaired
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_loader_lazy_dataset_decodes_the_eager_images(tmp_path, name):
+    load, make, _ = LOADERS[name]
+    root, _ = make(tmp_path / name)
+    gray = types.SimpleNamespace(size=(24, 20), color="gray")
+    for options in ({"n": 4, "random_state": 0}, {"preset": gray}):
+        expected, expected_labels = load(root, **options)
+        dataset, labels = load(root, lazy=True, **options)
+        assert isinstance(dataset, LazyImages) and isinstance(dataset, torch.utils.data.Dataset)
+        pd.testing.assert_frame_equal(labels, expected_labels)
+        np.testing.assert_array_equal(np.stack([dataset[i] for i in range(len(dataset))]), expected)
+        # It holds file names and boxes, never pixels, and travels to DataLoader workers as such.
+        assert not any(isinstance(value, np.ndarray) and value.dtype == np.uint8 for value in vars(dataset).values())
+        copy = pickle.loads(pickle.dumps(dataset))
+        np.testing.assert_array_equal(copy[len(copy) - 1], expected[-1])
+    with pytest.raises(ValueError, match="cache must be None with lazy=True"):
+        load(root, lazy=True, cache=tmp_path / "cache")
+
+
+def test_lazy_dataset_through_dataloader_workers_and_estimators(tmp_path):
+    root, _, _ = _make_celeba(tmp_path / "celeba")
+    expected, _ = load_celeba(root, size=(16, 16))
+    dataset, _ = load_celeba(root, size=(16, 16), lazy=True)
+    # The default collate stacks the H×W×C items into N×H×W×C uint8 tensors, in worker processes.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    np.testing.assert_array_equal(torch.cat(list(loader)).numpy(), expected)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    features = ActivationPooler(model).fit_transform(expected)
+    np.testing.assert_array_equal(ActivationPooler(model).fit_transform(loader), features)
+    np.testing.assert_array_equal(ActivationPooler(model, batch_size=4, num_workers=2).fit_transform(dataset), features)
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_loader_n_jobs_decodes_the_sequential_images(tmp_path, name):
+    load, make, image_folder = LOADERS[name]
+    root, _ = make(tmp_path / name)
+    expected, expected_labels = load(root)
+    images, labels = load(root, n_jobs=2)
+    np.testing.assert_array_equal(images, expected)
+    pd.testing.assert_frame_equal(labels, expected_labels)
+    cached, _ = load(root, n_jobs=2, cache=tmp_path / "cache")
+    np.testing.assert_array_equal(cached, expected)
+    corrupt = sorted(root.glob(f"{image_folder}/*.jpg"))[-1]
+    corrupt.write_bytes(b"not a jpeg at all")
+    for options in ({"n_jobs": 2}, {"n_jobs": 2, "cache": tmp_path / "cache"}):
+        with pytest.raises(ValueError, match=re.escape(corrupt.name)):
+            load(root, **options)
+    assert not list((tmp_path / "cache").glob("*.tmp"))  # the failed write left nothing behind
+
+
+def test_load_images_reports_different_sizes(tmp_path):
+    _save(tmp_path / "a.jpg", _coded_image(20, 16, 10))
+    _save(tmp_path / "b.jpg", _coded_image(20, 18, 10))
+    paths = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for options in ({}, {"cache": tmp_path / "cache"}):
+        with pytest.raises(ValueError, match=r"different sizes: \(20, 16, 3\) .*a.jpg.* \(20, 18, 3\) .*b.jpg"):
+            _images.load_images(paths, **options)
+    images = LazyImages(paths)
+    assert images[0].shape == (20, 16, 3) and images[1].shape == (20, 18, 3)
+    with pytest.raises(ValueError, match="size is required"):
+        LazyImages(paths, boxes=[[0, 0, 4, 4], [0, 0, 4, 4]])
+    with pytest.raises(ValueError, match="boxes must have shape"):
+        LazyImages(paths, boxes=[[0, 0, 4, 4]], size=(4, 4))
+    with pytest.raises(ValueError, match="color must be"):
+        LazyImages(paths, color="cmyk")
 
 
 @pytest.mark.parametrize("name", LOADERS)
@@ -323,6 +429,10 @@ def test_loader_bad_arguments(tmp_path, name):
         load(root, color="cmyk")
     with pytest.raises(TypeError):
         load(42)
+    with pytest.raises(ValueError):
+        load(root, lazy="yes")
+    with pytest.raises(TypeError):
+        load(root, n_jobs=1.5)
 
 
 # --------------------------------------------------------------------------- set by set
@@ -482,3 +592,26 @@ def test_real_fer2013(shared_data):
     assert images.shape == (3589, 64, 64, 1)
     assert tuple(labels.emotion.cat.categories) == tuple(p.class_names)
     assert labels.emotion.value_counts()["happy"] == 879
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("celeba", {"size": (56, 48)}),
+        ("utkface", {"size": (64, 64)}),
+        ("aflw2000", {"size": (64, 64)}),
+        ("pointing04", {"size": (64, 64)}),
+        ("fer2013", {"split": "test"}),
+    ],
+)
+def test_real_lazy_and_parallel_decoding_match_the_eager_images(shared_data, name, kwargs):
+    load = LOADERS[name][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # UTKFace's two misnamed files
+        expected, labels = load(shared_data / name, n=24, random_state=0, **kwargs)
+        dataset, lazy_labels = load(shared_data / name, n=24, random_state=0, lazy=True, **kwargs)
+        parallel, _ = load(shared_data / name, n=24, random_state=0, n_jobs=2, **kwargs)
+    pd.testing.assert_frame_equal(lazy_labels, labels)
+    np.testing.assert_array_equal(np.stack([dataset[i] for i in range(len(dataset))]), expected)
+    np.testing.assert_array_equal(parallel, expected)

@@ -59,6 +59,19 @@ def test_same_random_state_gives_same_weights_and_other_seeds_differ():
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
 
 
+def test_dataset_workers_and_dataloaders_give_the_same_weights_with_dropout():
+    X, y = _data()
+    tensors = torch.utils.data.TensorDataset(torch.as_tensor(X))
+    inputs = [(X, 0), (tensors, 1), (torch.utils.data.DataLoader(tensors, batch_size=5, num_workers=1), 0)]
+    runs = []
+    for X_in, num_workers in inputs:
+        model = trainable_net(dropout=0.3)
+        options = dict(epochs=1, batch_size=8, random_state=0, num_workers=num_workers)
+        finetune(model, X_in, y, loss="mse", **options)
+        runs.append(_weights(model))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
 def test_global_torch_seed_is_untouched():
     X, y = _data()
     state = torch.random.get_rng_state()

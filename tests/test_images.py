@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 import sklearn_craft.images
 from sklearn_craft.images import as_image_dataset, input_channels, iter_batches
@@ -166,6 +166,121 @@ def test_iter_batches_progress_bar_goes_to_stderr(capsys):
     assert "scanning" in err and "3/3" in err
     list(iter_batches(np.zeros((5, 1, 2, 2)), 2, progress=False, desc="scanning"))
     assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- DataLoaders and workers
+
+
+class _Labelled(Dataset):
+    """H×W×C uint8 numpy images with their index as label, as a lazy loader's items."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], index
+
+
+def test_dataloader_is_iterated_as_given_and_read_in_any_order_through_its_dataset():
+    images = _uint8_images(n=10)
+    expected = _to_tensor(images)
+    tensors = TensorDataset(expected, torch.arange(10))
+    for loader in [
+        DataLoader(_Labelled(images), batch_size=4),  # default collate: N×H×W×C uint8 tensors
+        DataLoader(_Labelled(images), batch_size=4, collate_fn=lambda items: np.stack([x for x, _ in items])),
+        DataLoader(tensors, batch_size=3, num_workers=2),
+        DataLoader(tensors, batch_sampler=[[0, 1], [2, 3, 4, 5, 6], [7], [8, 9]]),
+    ]:
+        dataset = as_image_dataset(loader, n_channels=3)
+        assert len(dataset) == 10 and torch.equal(dataset[7], expected[7])
+        sizes = [len(batch) for batch in iter_batches(dataset, 3)]
+        assert sizes == [len(batch) for batch in loader.batch_sampler]  # the DataLoader's batches
+        assert torch.equal(_all(dataset), expected)
+        assert torch.equal(_all(dataset, indices=[9, 0, 4, 4, 2]), expected[[9, 0, 4, 4, 2]])
+    # Samples follow the sampler, not the Dataset: a subset in another order.
+    subset = DataLoader(tensors, batch_size=2, sampler=[8, 1, 5])
+    assert len(as_image_dataset(subset)) == 3
+    assert torch.equal(_all(subset), expected[[8, 1, 5]])
+    assert torch.equal(_all(subset, indices=[2, 0]), expected[[5, 8]])
+
+
+@pytest.mark.parametrize(
+    "loader, error, message",
+    [
+        (
+            DataLoader(TensorDataset(torch.zeros(4, 3, 4, 4)), shuffle=True),
+            ValueError,
+            "shuffling sampler RandomSampler",
+        ),
+        (
+            DataLoader(TensorDataset(torch.zeros(4, 3, 4, 4)), sampler=torch.utils.data.SubsetRandomSampler([0, 1])),
+            ValueError,
+            "shuffle=False",
+        ),
+        (DataLoader(_Stream(), batch_size=2), TypeError, "IterableDataset _Stream"),
+        (DataLoader(TensorDataset(torch.zeros(4, 3, 4, 4)), batch_size=None), TypeError, "batch_size=None"),
+        (DataLoader(TensorDataset(torch.zeros(0, 3, 4, 4))), ValueError, "yields no sample"),
+        (
+            DataLoader(TensorDataset(torch.zeros(4, 2, 4, 4))),
+            ValueError,
+            r"X \(the batch of samples 0..0\) has 2 channels",
+        ),
+        (DataLoader(_ListDataset([{"x": torch.zeros(3, 4, 4)}])), TypeError, "got dict"),
+        (DataLoader(TensorDataset(torch.zeros(4, 4, 4))), ValueError, "4-D batch"),
+        (DataLoader(TensorDataset(torch.zeros(4, 3, 4, 4, dtype=torch.int32))), ValueError, "float or uint8"),
+    ],
+)
+def test_unusable_dataloaders_are_refused_up_front(loader, error, message):
+    with pytest.raises(error, match=message):
+        as_image_dataset(loader, n_channels=3)
+
+
+def test_dataloader_batches_are_checked_one_by_one():
+    images = torch.zeros(6, 3, 4, 4)
+    images[4, 0, 0, 0] = np.inf
+    dataset = as_image_dataset(DataLoader(TensorDataset(images), batch_size=2), name="faces")
+    batches = iter_batches(dataset, 2)
+    next(batches), next(batches)
+    with pytest.raises(ValueError, match=r"faces \(the batch of samples 4..5\) contains NaN or infinity"):
+        next(batches)
+    dropping = DataLoader(
+        TensorDataset(torch.zeros(6, 3, 4, 4)),
+        batch_size=3,
+        collate_fn=lambda items: torch.stack([x for (x,) in items[:2]]),
+    )
+    with pytest.raises(ValueError, match="holds 2 images, its batch sampler gave 3"):
+        list(iter_batches(as_image_dataset(dropping), 3))
+
+
+@pytest.mark.parametrize("indices", [None, [5, 0, 3, 3]])
+def test_num_workers_read_a_dataset_in_processes_with_the_same_batches(indices):
+    images = _uint8_images(n=11)
+    dataset = _Labelled(images)
+    expected = list(iter_batches(dataset, 4, indices=indices))
+    batches = list(iter_batches(dataset, 4, indices=indices, num_workers=2))
+    assert len(batches) == len(expected) and all(torch.equal(a, b) for a, b in zip(batches, expected))
+    # The caller's random state is not drawn from to seed the workers.
+    torch.manual_seed(0)
+    draw = torch.rand(3)
+    torch.manual_seed(0)
+    list(iter_batches(dataset, 4, num_workers=2))
+    assert torch.equal(torch.rand(3), draw)
+
+
+def test_num_workers_report_bad_items_as_in_process():
+    items = [torch.zeros(3, 4, 4) for _ in range(6)]
+    items[4] = torch.full((3, 4, 4), np.nan)
+    with pytest.raises(ValueError, match=r"faces contains NaN or infinity \(among items \[4, 5\]\)"):
+        list(iter_batches(as_image_dataset(_ListDataset(items), name="faces"), 2, num_workers=2))
+
+
+@pytest.mark.parametrize("num_workers, error", [(-1, ValueError), (1.0, TypeError), (True, TypeError)])
+def test_iter_batches_rejects_bad_num_workers(num_workers, error):
+    with pytest.raises(error, match="num_workers"):
+        next(iter_batches(np.zeros((2, 1, 2, 2)), 1, num_workers=num_workers))
 
 
 def test_input_channels_is_in_channels_of_the_first_conv():

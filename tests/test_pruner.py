@@ -268,6 +268,25 @@ def test_finetune_is_deterministic_and_changes_the_weights(data):
     assert not any(module.training for module in runs[0].pruned_model_.modules())
 
 
+def test_a_dataloader_or_dataset_workers_give_the_fit_of_an_array(data):
+    X, scores = data
+    y = _targets("binary", scores)
+    model = conv_chain()
+    model[5] = nn.BatchNorm2d(16).eval()  # re-estimated after the cut: a pass over a DataLoader too
+    params = dict(gamma=0.1, random_state=0, finetune_params={"epochs": 1, "validation_fraction": 0.2})
+    expected = CraftPruner(model, **params).fit(X, y)
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(X), torch.arange(len(X)))
+    inputs = {
+        "DataLoader": (torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=1), 0),
+        "Dataset with workers": (dataset, 1),
+    }
+    for name, (X_in, num_workers) in inputs.items():
+        pruner = CraftPruner(model, num_workers=num_workers, **params).fit(X_in, y)
+        assert pruner.keep_ == expected.keep_, name
+        assert _same_state(_state(pruner.pruned_model_), _state(expected.pruned_model_)), name
+        np.testing.assert_array_equal(pruner.decision_function(X_in), expected.decision_function(X), err_msg=name)
+
+
 @pytest.mark.parametrize("head", ["satellite", "original"])
 def test_user_model_is_unchanged(data, head):
     X, scores = data
@@ -348,12 +367,10 @@ def _count_full_poolings(monkeypatch, model):
     original = sklearn_craft.pooling._pool_features
     n_parameters = count_parameters(model)
 
-    def counting(model, responses, dataset, *, batch_size, device, preprocess, progress, key=None):
+    def counting(model, responses, dataset, **options):
         if count_parameters(model) == n_parameters:
             calls.append(len(dataset))
-        return original(
-            model, responses, dataset, batch_size=batch_size, device=device, preprocess=preprocess, progress=progress
-        )
+        return original(model, responses, dataset, **options)
 
     monkeypatch.setattr(sklearn_craft.pooling, "_pool_features", counting)
     return calls

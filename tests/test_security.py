@@ -324,3 +324,29 @@ def test_a_forward_hook_is_part_of_the_cache_key(tmp_path):
         handle.remove()
     np.testing.assert_allclose(hooked, ActivationPooler(_Shifted(offset=1.0)).fit(images).transform(images), rtol=1e-6)
     assert not np.array_equal(hooked, plain)
+
+
+# ---------------------------------------------------------------- decoded-image caches of the loaders
+
+
+@pytest.mark.parametrize("kind", [*_POISONS, "object_npz_named_npy"])
+def test_a_poisoned_image_cache_file_is_rebuilt_never_unpickled(tmp_path, kind):
+    from PIL import Image
+
+    from sklearn_craft.datasets import load_utkface
+
+    root = tmp_path / "utkface"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(root / f"{20 + i}_0_1_2017{i}.jpg")
+    cache = tmp_path / "cache"
+    expected, _ = load_utkface(root, size=(8, 8), cache=cache)
+    expected = np.array(expected)
+    (entry,) = cache.glob("utkface-*.npy")
+    flag = tmp_path / "unpickled"
+    _poison(entry, "object_npz" if kind == "object_npz_named_npy" else kind, flag)
+    images, _ = load_utkface(root, size=(8, 8), cache=cache)
+    assert not flag.exists()
+    np.testing.assert_array_equal(images, expected)
+    # Rebuilt in place: a plain uint8 array again, read back without allowing pickles.
+    np.testing.assert_array_equal(np.load(entry, allow_pickle=False), expected)

@@ -65,6 +65,8 @@ def load_aflw2000(
     max_angle=None,
     color=None,
     progress=False,
+    lazy=False,
+    n_jobs=None,
 ):
     """Load AFLW2000-3D images with their head pose (pitch, yaw, roll in degrees).
 
@@ -99,8 +101,12 @@ def load_aflw2000(
     random_state : int, RandomState instance or None, default=None
         Seed of the subset drawn when ``n`` is given.
     cache : str, path-like or None, default=None
-        Folder where decoded arrays are kept (``aflw2000-<hash>.npz``, keyed on the files and
-        options), so that a second identical call skips decoding.
+        Folder where the decoded images are kept, as ``aflw2000-<hash>.npy``: the first call decodes
+        and writes them there, later identical calls map the file (read-only, pages loaded on
+        access) instead of decoding. The hash covers the image files (paths, sizes and
+        modification times) and the options, so a changed file is decoded again; a file that is
+        not a plain ``uint8`` array of the expected shape is rebuilt, never unpickled. None
+        decodes every time.
     crop : bool, default=True
         Crop the face around the landmarks (see above); False resizes the whole image.
     max_angle : float or None, default=None
@@ -110,11 +116,20 @@ def load_aflw2000(
         Output colour mode; None takes the preset's, else "rgb".
     progress : bool, default=False
         Show a progress bar while decoding.
+    lazy : bool, default=False
+        Return a :class:`~sklearn_craft.datasets.LazyImages` Dataset that decodes each image when
+        it is accessed (same crop, size and colour) instead of an array: memory holds file names,
+        not pixels. Pass it to an estimator with ``num_workers`` to decode in worker processes.
+        Needs ``cache=None``.
+    n_jobs : int or None, default=None
+        Threads that decode the images of the array (joblib's convention: None is 1 unless in a
+        ``joblib.parallel_config`` context, -1 is every core); the images do not depend on it.
 
     Returns
     -------
-    images : ndarray of shape (n_images, height, width, channels), dtype uint8
-        Face images, 3 channels for "rgb", 1 for "gray".
+    images : ndarray of shape (n_images, height, width, channels), dtype uint8, or LazyImages
+        Face images, 3 channels for "rgb", 1 for "gray". A read-only memory-mapped array with
+        ``cache``; with ``lazy=True`` a Dataset whose items are the rows of that array.
     labels : pandas.DataFrame
         Indexed by file name (``"image00002.jpg"``), with the float columns ``pitch``, ``yaw`` and
         ``roll`` in degrees. Positive yaw: the face turns toward the image's left side.
@@ -155,6 +170,14 @@ def load_aflw2000(
         paths, labels, geometry = [paths[i] for i in keep], labels.iloc[keep], geometry[keep]
     boxes = _images.face_boxes(*geometry.T, size) if crop else None
     images = _images.load_images(
-        paths, boxes=boxes, size=size, color=color, cache=cache, prefix="aflw2000", progress=progress
+        paths,
+        boxes=boxes,
+        size=size,
+        color=color,
+        cache=cache,
+        prefix="aflw2000",
+        progress=progress,
+        lazy=lazy,
+        n_jobs=n_jobs,
     )
     return images, labels

@@ -33,7 +33,18 @@ def _read_labels(root):
 
 @validate_params({**_images.COMMON_CONSTRAINTS, "crop": ["boolean"]}, prefer_skip_nested_validation=True)
 def load_celeba(
-    root, n=None, size=None, preset=None, random_state=None, cache=None, *, crop=True, color=None, progress=False
+    root,
+    n=None,
+    size=None,
+    preset=None,
+    random_state=None,
+    cache=None,
+    *,
+    crop=True,
+    color=None,
+    progress=False,
+    lazy=False,
+    n_jobs=None,
 ):
     """Load CelebA aligned face images with their attributes and identities.
 
@@ -62,8 +73,12 @@ def load_celeba(
     random_state : int, RandomState instance or None, default=None
         Seed of the subset drawn when ``n`` is given.
     cache : str, path-like or None, default=None
-        Folder where decoded arrays are kept (``celeba-<hash>.npz``, keyed on the files and
-        options), so that a second identical call skips decoding. None decodes every time.
+        Folder where the decoded images are kept, as ``celeba-<hash>.npy``: the first call decodes
+        and writes them there, later identical calls map the file (read-only, pages loaded on
+        access) instead of decoding. The hash covers the image files (paths, sizes and
+        modification times) and the options, so a changed file is decoded again; a file that is
+        not a plain ``uint8`` array of the expected shape is rebuilt, never unpickled. None
+        decodes every time.
     crop : bool, default=True
         Crop the face: a box of height 126 px centred at (89, 133), as wide as the output aspect
         ratio needs (108 px for a 7:6 output such as 112×96), padded with black if it leaves the
@@ -72,11 +87,20 @@ def load_celeba(
         Output colour mode; None takes the preset's, else "rgb".
     progress : bool, default=False
         Show a progress bar while decoding.
+    lazy : bool, default=False
+        Return a :class:`~sklearn_craft.datasets.LazyImages` Dataset that decodes each image when
+        it is accessed (same crop, size and colour) instead of an array: memory holds file names,
+        not pixels. Pass it to an estimator with ``num_workers`` to decode in worker processes.
+        Needs ``cache=None``.
+    n_jobs : int or None, default=None
+        Threads that decode the images of the array (joblib's convention: None is 1 unless in a
+        ``joblib.parallel_config`` context, -1 is every core); the images do not depend on it.
 
     Returns
     -------
-    images : ndarray of shape (n_images, height, width, channels), dtype uint8
-        Face images, 3 channels for "rgb", 1 for "gray".
+    images : ndarray of shape (n_images, height, width, channels), dtype uint8, or LazyImages
+        Face images, 3 channels for "rgb", 1 for "gray". A read-only memory-mapped array with
+        ``cache``; with ``lazy=True`` a Dataset whose items are the rows of that array.
     labels : pandas.DataFrame
         Indexed by file name (``"000001.jpg"``), one bool column per attribute of the file, in the
         file's order (CelebA: ``5_o_Clock_Shadow`` ... ``Young``; e.g. ``Male``, ``Smiling``,
@@ -114,6 +138,14 @@ def load_celeba(
         )
     paths = [root / "img_align_celeba" / name for name in labels.index]
     images = _images.load_images(
-        paths, boxes=boxes, size=size, color=color, cache=cache, prefix="celeba", progress=progress
+        paths,
+        boxes=boxes,
+        size=size,
+        color=color,
+        cache=cache,
+        prefix="celeba",
+        progress=progress,
+        lazy=lazy,
+        n_jobs=n_jobs,
     )
     return images, labels

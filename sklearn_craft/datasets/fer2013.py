@@ -11,7 +11,18 @@ from . import _images
     {**_images.COMMON_CONSTRAINTS, "split": [StrOptions({"train", "test"})]}, prefer_skip_nested_validation=True
 )
 def load_fer2013(
-    root, split="train", n=None, size=None, preset=None, random_state=None, cache=None, *, color=None, progress=False
+    root,
+    split="train",
+    n=None,
+    size=None,
+    preset=None,
+    random_state=None,
+    cache=None,
+    *,
+    color=None,
+    progress=False,
+    lazy=False,
+    n_jobs=None,
 ):
     """Load FER2013 expression images with their emotion.
 
@@ -39,18 +50,31 @@ def load_fer2013(
     random_state : int, RandomState instance or None, default=None
         Seed of the subset drawn when ``n`` is given.
     cache : str, path-like or None, default=None
-        Folder where decoded arrays are kept (``fer2013-<hash>.npz``, keyed on the files and
-        options), so that a second identical call skips decoding.
+        Folder where the decoded images are kept, as ``fer2013-<hash>.npy``: the first call decodes
+        and writes them there, later identical calls map the file (read-only, pages loaded on
+        access) instead of decoding. The hash covers the image files (paths, sizes and
+        modification times) and the options, so a changed file is decoded again; a file that is
+        not a plain ``uint8`` array of the expected shape is rebuilt, never unpickled. None
+        decodes every time.
     color : {"rgb", "gray"} or None, default=None
         Output colour mode; None takes the preset's, else "gray" (one channel). "rgb" repeats the
         gray level on 3 channels.
     progress : bool, default=False
         Show a progress bar while decoding.
+    lazy : bool, default=False
+        Return a :class:`~sklearn_craft.datasets.LazyImages` Dataset that decodes each image when
+        it is accessed (same crop, size and colour) instead of an array: memory holds file names,
+        not pixels. Pass it to an estimator with ``num_workers`` to decode in worker processes.
+        Needs ``cache=None``.
+    n_jobs : int or None, default=None
+        Threads that decode the images of the array (joblib's convention: None is 1 unless in a
+        ``joblib.parallel_config`` context, -1 is every core); the images do not depend on it.
 
     Returns
     -------
-    images : ndarray of shape (n_images, height, width, channels), dtype uint8
-        Face images, 1 channel for "gray", 3 for "rgb".
+    images : ndarray of shape (n_images, height, width, channels), dtype uint8, or LazyImages
+        Face images, 1 channel for "gray", 3 for "rgb". A read-only memory-mapped array with
+        ``cache``; with ``lazy=True`` a Dataset whose items are the rows of that array.
     labels : pandas.DataFrame
         Indexed by file name (``"Training_10118481.jpg"``), with one column ``emotion``: a pandas
         Categorical whose categories are :data:`EMOTIONS` in FER2013's order (angry, disgust,
@@ -85,6 +109,13 @@ def load_fer2013(
     size, color = _images.output_format(size, preset, color, default_size=None, default_color="gray")
     keep = _images.subset(n, random_state, len(labels), folder)
     images = _images.load_images(
-        [paths[i] for i in keep], size=size, color=color, cache=cache, prefix="fer2013", progress=progress
+        [paths[i] for i in keep],
+        size=size,
+        color=color,
+        cache=cache,
+        prefix="fer2013",
+        progress=progress,
+        lazy=lazy,
+        n_jobs=n_jobs,
     )
     return images, labels.iloc[keep]

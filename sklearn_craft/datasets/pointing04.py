@@ -37,7 +37,18 @@ def _read_labels(root):
 
 @validate_params({**_images.COMMON_CONSTRAINTS, "crop": ["boolean"]}, prefer_skip_nested_validation=True)
 def load_pointing04(
-    root, n=None, size=None, preset=None, random_state=None, cache=None, *, crop=True, color=None, progress=False
+    root,
+    n=None,
+    size=None,
+    preset=None,
+    random_state=None,
+    cache=None,
+    *,
+    crop=True,
+    color=None,
+    progress=False,
+    lazy=False,
+    n_jobs=None,
 ):
     """Load the Head Pose Image Database (Pointing'04) with person, tilt and pan.
 
@@ -71,19 +82,32 @@ def load_pointing04(
     random_state : int, RandomState instance or None, default=None
         Seed of the subset drawn when ``n`` is given.
     cache : str, path-like or None, default=None
-        Folder where decoded arrays are kept (``pointing04-<hash>.npz``, keyed on the files and
-        options), so that a second identical call skips decoding.
+        Folder where the decoded images are kept, as ``pointing04-<hash>.npy``: the first call decodes
+        and writes them there, later identical calls map the file (read-only, pages loaded on
+        access) instead of decoding. The hash covers the image files (paths, sizes and
+        modification times) and the options, so a changed file is decoded again; a file that is
+        not a plain ``uint8`` array of the expected shape is rebuilt, never unpickled. None
+        decodes every time.
     crop : bool, default=True
         Crop the face with the annotated box (see above); False resizes the whole frame.
     color : {"rgb", "gray"} or None, default=None
         Output colour mode; None takes the preset's, else "rgb".
     progress : bool, default=False
         Show a progress bar while decoding.
+    lazy : bool, default=False
+        Return a :class:`~sklearn_craft.datasets.LazyImages` Dataset that decodes each image when
+        it is accessed (same crop, size and colour) instead of an array: memory holds file names,
+        not pixels. Pass it to an estimator with ``num_workers`` to decode in worker processes.
+        Needs ``cache=None``.
+    n_jobs : int or None, default=None
+        Threads that decode the images of the array (joblib's convention: None is 1 unless in a
+        ``joblib.parallel_config`` context, -1 is every core); the images do not depend on it.
 
     Returns
     -------
-    images : ndarray of shape (n_images, height, width, channels), dtype uint8
-        Face images, 3 channels for "rgb", 1 for "gray".
+    images : ndarray of shape (n_images, height, width, channels), dtype uint8, or LazyImages
+        Face images, 3 channels for "rgb", 1 for "gray". A read-only memory-mapped array with
+        ``cache``; with ``lazy=True`` a Dataset whose items are the rows of that array.
     labels : pandas.DataFrame
         Indexed by file name (``"person01146+0+0.jpg"``), with the int columns ``person`` (1-15),
         ``series`` (1-2), ``tilt`` (vertical angle, degrees) and ``pan`` (yaw, degrees, -90 to 90;
@@ -122,5 +146,7 @@ def load_pointing04(
         cache=cache,
         prefix="pointing04",
         progress=progress,
+        lazy=lazy,
+        n_jobs=n_jobs,
     )
     return images, labels.iloc[keep]

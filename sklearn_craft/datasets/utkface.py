@@ -25,7 +25,19 @@ def _parse(name):
 
 
 @validate_params(dict(_images.COMMON_CONSTRAINTS), prefer_skip_nested_validation=True)
-def load_utkface(root, n=None, size=None, preset=None, random_state=None, cache=None, *, color=None, progress=False):
+def load_utkface(
+    root,
+    n=None,
+    size=None,
+    preset=None,
+    random_state=None,
+    cache=None,
+    *,
+    color=None,
+    progress=False,
+    lazy=False,
+    n_jobs=None,
+):
     """Load UTKFace face crops with the age, gender and race encoded in their file names.
 
     Every ``*.jpg`` under ``root`` (searched recursively, e.g. in ``crop_part1/`` or ``UTKFace/``)
@@ -49,17 +61,30 @@ def load_utkface(root, n=None, size=None, preset=None, random_state=None, cache=
     random_state : int, RandomState instance or None, default=None
         Seed of the subset drawn when ``n`` is given.
     cache : str, path-like or None, default=None
-        Folder where decoded arrays are kept (``utkface-<hash>.npz``, keyed on the files and
-        options), so that a second identical call skips decoding.
+        Folder where the decoded images are kept, as ``utkface-<hash>.npy``: the first call decodes
+        and writes them there, later identical calls map the file (read-only, pages loaded on
+        access) instead of decoding. The hash covers the image files (paths, sizes and
+        modification times) and the options, so a changed file is decoded again; a file that is
+        not a plain ``uint8`` array of the expected shape is rebuilt, never unpickled. None
+        decodes every time.
     color : {"rgb", "gray"} or None, default=None
         Output colour mode; None takes the preset's, else "rgb".
     progress : bool, default=False
         Show a progress bar while decoding.
+    lazy : bool, default=False
+        Return a :class:`~sklearn_craft.datasets.LazyImages` Dataset that decodes each image when
+        it is accessed (same crop, size and colour) instead of an array: memory holds file names,
+        not pixels. Pass it to an estimator with ``num_workers`` to decode in worker processes.
+        Needs ``cache=None``.
+    n_jobs : int or None, default=None
+        Threads that decode the images of the array (joblib's convention: None is 1 unless in a
+        ``joblib.parallel_config`` context, -1 is every core); the images do not depend on it.
 
     Returns
     -------
-    images : ndarray of shape (n_images, height, width, channels), dtype uint8
-        Face images, 3 channels for "rgb", 1 for "gray".
+    images : ndarray of shape (n_images, height, width, channels), dtype uint8, or LazyImages
+        Face images, 3 channels for "rgb", 1 for "gray". A read-only memory-mapped array with
+        ``cache``; with ``lazy=True`` a Dataset whose items are the rows of that array.
     labels : pandas.DataFrame
         Indexed by file name, sorted, with the columns ``age`` (int, years), ``gender`` (int:
         0 male, 1 female, see :data:`GENDERS`) and ``race`` (int: 0 White, 1 Black, 2 Asian,
@@ -102,6 +127,13 @@ def load_utkface(root, n=None, size=None, preset=None, random_state=None, cache=
     size, color = _images.output_format(size, preset, color, default_size=None, default_color="rgb")
     keep = _images.subset(n, random_state, len(labels), root)
     images = _images.load_images(
-        [paths[i] for i in keep], size=size, color=color, cache=cache, prefix="utkface", progress=progress
+        [paths[i] for i in keep],
+        size=size,
+        color=color,
+        cache=cache,
+        prefix="utkface",
+        progress=progress,
+        lazy=lazy,
+        n_jobs=n_jobs,
     )
     return images, labels.iloc[keep]
