@@ -120,16 +120,24 @@ def _sum_problems(sums, alphas, eps, standardize):
     x_mean = mean[:n_features]
     full = _moments(products, total, x_mean, n_features, standardize)
     parts, held_out = [full], []
-    for test_products, test_total, test_sum in splits:
-        train_total = total - test_total
-        # Means of the training part relative to the all-sample means, which are zero.
-        shift = -test_sum / train_total
-        train_products = products - test_products - train_total * np.outer(shift, shift)
+    for split in splits:
+        train_products, train_total, shift, test_products = _split_parts(products, total, *split)
         parts.append(_moments(train_products, train_total, x_mean + shift[:n_features], n_features, standardize))
-        # Cross-products of the held-out rows centred on the training means, the fit's intercept.
-        test_products = test_products - np.outer(test_sum, shift) - np.outer(shift, test_sum)
-        held_out.append((test_products + test_total * np.outer(shift, shift), test_total))
+        held_out.append((test_products, split[1]))
     return _alpha_grid(full, alphas, eps), parts, held_out
+
+
+def _split_parts(products, total, test_products, test_total, test_sum):
+    """A split's training part from the all-sample cross-products (about the all-sample mean)
+    and its held-out part's (:func:`_centred_sums`): the training cross-products about their
+    own mean, their total weight, that mean minus the all-sample mean, and the held-out
+    cross-products about the training mean (where a model fitted on the training part has its
+    intercept)."""
+    train_total = total - test_total
+    shift = -test_sum / train_total
+    train_products = products - test_products - train_total * np.outer(shift, shift)
+    test_products = test_products - np.outer(test_sum, shift) - np.outer(shift, test_sum)
+    return train_products, train_total, shift, test_products + test_total * np.outer(shift, shift)
 
 
 def _moments(products, n_samples, x_mean, n_features, standardize):
