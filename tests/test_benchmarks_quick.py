@@ -186,3 +186,14 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
     _, text = _run("multiclass", tmp_path, "--after", str(record), "--before", str(record))
     assert "**1.00x** in wall time" in text and "n_selected equal in 6 of 6 layers;" in text
     assert "support_ (the filters kept at every knee) identical" in text and "largest |RMSE difference| 0.00e+00" in text
+
+
+@pytest.mark.slow
+def test_scale_quick_run_measures_every_mode_and_size_and_the_cluster(tmp_path):
+    committed = _committed("scale")
+    _, text = _run("scale", tmp_path, "--sizes", "16", "32", "--grid-n", "45")
+    rows = _table(text, "| mode | n |")
+    assert [(row[0], int(row[1])) for row in rows] == [("select", 16), ("select", 32), ("pruner", 16), ("pruner", 32)]
+    assert all(0 < float(row[2]) < 4 for row in rows)  # peak RSS in GB, the 4 GB budget
+    assert "identical scores: True" in text
+    assert _committed("scale") == committed
