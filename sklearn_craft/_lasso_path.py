@@ -33,7 +33,13 @@ def _group_paths(blocks, Y, splits, alphas, eps, standardize, sample_weight=None
     n_selected, rmse) and the path of shape (n_targets, n_features, n_alphas) in the original
     feature scale.
     """
-    problems = [_group_problems(X, Y, splits, alphas, eps, standardize, sample_weight) for X in blocks]
+    held_out = _held_out_masks(len(Y), splits)
+    return _sum_paths([_cross_sums(X, Y, held_out, sample_weight) for X in blocks], alphas, eps, standardize)
+
+
+def _sum_paths(sums, alphas, eps, standardize):
+    """:func:`_group_paths` of groups given by their :func:`_cross_sums` (all samples seen)."""
+    problems = [_sum_problems(group_sums, alphas, eps, standardize) for group_sums in sums]
     grids = [grid for grid, parts, _ in problems for _ in parts]
     paths = iter(_solve_paths([part for _, parts, _ in problems for part in parts], grids))
     results = []
@@ -41,45 +47,97 @@ def _group_paths(blocks, Y, splits, alphas, eps, standardize, sample_weight=None
         coefs, *part_coefs = [next(paths) for _ in parts]
         rmse = sum(_held_out_rmse(products, n_test, path) for (products, n_test), path in zip(held_out, part_coefs))
         n_selected = np.count_nonzero(np.any(coefs != 0, axis=0), axis=0)
-        results.append((pd.DataFrame({"alpha": grid, "n_selected": n_selected, "rmse": rmse / len(splits)}), coefs))
+        results.append((pd.DataFrame({"alpha": grid, "n_selected": n_selected, "rmse": rmse / len(held_out)}), coefs))
     return results
 
 
 def _group_problems(X, Y, splits, alphas, eps, standardize, sample_weight=None):
     """The α grid of one group, the moments of its paths (all samples, then the training part of
     every split) and the held-out cross-products and total weights of the splits."""
-    n_features = X.shape[1]
-    Z, x_mean = _centred(X, Y, sample_weight)
-    weighted, total = _weighted(Z, sample_weight)
-    products = Z.T @ weighted
+    sums = _cross_sums(X, Y, _held_out_masks(len(Y), splits), sample_weight)
+    return _sum_problems(sums, alphas, eps, standardize)
+
+
+def _held_out_masks(n_samples, splits):
+    """(n_samples, n_splits) bool: whether each sample is held out by each (train, test) split."""
+    masks = np.zeros((n_samples, len(splits)), dtype=bool)
+    for k, (_, test) in enumerate(splits):
+        masks[test, k] = True
+    return masks
+
+
+def _cross_sums(X, Y, held_out, sample_weight=None, shift=None):
+    """Weighted sums of ``Z = [X Y] − shift`` over all rows and over every split's held-out rows.
+
+    Returns a dict: ``n_features`` (of ``X``) and float64 arrays ``shift`` (the all-sample weighted mean when None), and for
+    the parts (all rows, then the held-out rows of each column of ``held_out``) along the first
+    axis, ``total`` (Σw), ``sum`` (Σw·z) and ``products`` (Σw·zzᵀ). Sums of chunks with one
+    shift add up to those of their concatenation (:func:`_add_sums`); :func:`_centred_sums`
+    turns them into the moments about the mean. A shift near the mean (the first chunk's) keeps
+    the uncentred products from cancelling catastrophically when they are centred. ``X`` may be
+    float32: it becomes float64 one group at a time, here.
+    """
+    Z = np.hstack([np.asarray(X, dtype=np.float64), Y])
+    weights = np.ones(len(Z)) if sample_weight is None else sample_weight
+    if shift is None:
+        shift = np.average(Z, axis=0, weights=sample_weight)
+    Z -= shift
+    parts = [slice(None), *(held_out[:, k] for k in range(held_out.shape[1]))]
+    weighted = Z * weights[:, None]
+    return {
+        "n_features": X.shape[1],
+        "shift": shift,
+        "total": np.array([weights[part].sum() for part in parts]),
+        "sum": np.stack([weighted[part].sum(axis=0) for part in parts]),
+        "products": np.stack([Z[part].T @ weighted[part] for part in parts]),
+    }
+
+
+def _add_sums(sums, more):
+    """:func:`_cross_sums` of two chunks with the same shift, as of their concatenation."""
+    return {**sums, **{name: sums[name] + more[name] for name in ("total", "sum", "products")}}
+
+
+def _centred_sums(sums):
+    """The cross-products about the all-sample weighted mean: ``(products, total, mean)`` of
+    all samples, and ``(products, total, sum)`` of every split's held-out samples."""
+    total, offset = sums["total"][0], sums["sum"][0] / sums["total"][0]
+    products = sums["products"][0] - total * np.outer(offset, offset)
+    held_out = []
+    for test_total, test_sum, test_products in zip(sums["total"][1:], sums["sum"][1:], sums["products"][1:]):
+        centred_sum = test_sum - test_total * offset
+        test_products = (
+            test_products - np.outer(test_sum, offset) - np.outer(offset, test_sum) + test_total * np.outer(offset, offset)
+        )
+        held_out.append((test_products, test_total, centred_sum))
+    return products, total, sums["shift"] + offset, held_out
+
+
+def _sum_problems(sums, alphas, eps, standardize):
+    """:func:`_group_problems` from the group's :func:`_cross_sums`."""
+    products, total, mean, splits = _centred_sums(sums)
+    n_features = sums["n_features"]
+    x_mean = mean[:n_features]
     full = _moments(products, total, x_mean, n_features, standardize)
     parts, held_out = [full], []
-    for train, test in splits:
-        Z_test = Z[test]
-        weighted_test, test_total = _weighted(Z_test, None if sample_weight is None else sample_weight[test])
-        test_products, test_sum = Z_test.T @ weighted_test, weighted_test.sum(axis=0)
-        train_total = total - test_total
-        # Means of the training part relative to the all-sample means, which are zero.
-        shift = -test_sum / train_total
-        train_products = products - test_products - train_total * np.outer(shift, shift)
+    for split in splits:
+        train_products, train_total, shift, test_products = _split_parts(products, total, *split)
         parts.append(_moments(train_products, train_total, x_mean + shift[:n_features], n_features, standardize))
-        # Cross-products of the held-out rows centred on the training means, the fit's intercept.
-        test_products = test_products - np.outer(test_sum, shift) - np.outer(shift, test_sum)
-        held_out.append((test_products + test_total * np.outer(shift, shift), test_total))
+        held_out.append((test_products, split[1]))
     return _alpha_grid(full, alphas, eps), parts, held_out
 
 
-def _centred(X, Y, sample_weight=None):
-    """``[X Y]`` minus its (weighted) column means, and the means of ``X``."""
-    x_mean = np.average(X, axis=0, weights=sample_weight)
-    return np.hstack([X - x_mean, Y - np.average(Y, axis=0, weights=sample_weight)]), x_mean
-
-
-def _weighted(Z, sample_weight):
-    """``Z`` with every row multiplied by its weight, and the total weight (None: weights of 1)."""
-    if sample_weight is None:
-        return Z, len(Z)
-    return Z * sample_weight[:, None], sample_weight.sum()
+def _split_parts(products, total, test_products, test_total, test_sum):
+    """A split's training part from the all-sample cross-products (about the all-sample mean)
+    and its held-out part's (:func:`_centred_sums`): the training cross-products about their
+    own mean, their total weight, that mean minus the all-sample mean, and the held-out
+    cross-products about the training mean (where a model fitted on the training part has its
+    intercept)."""
+    train_total = total - test_total
+    shift = -test_sum / train_total
+    train_products = products - test_products - train_total * np.outer(shift, shift)
+    test_products = test_products - np.outer(test_sum, shift) - np.outer(shift, test_sum)
+    return train_products, train_total, shift, test_products + test_total * np.outer(shift, shift)
 
 
 def _moments(products, n_samples, x_mean, n_features, standardize):
@@ -286,9 +344,12 @@ def _held_out_rmse(products, n_test, coefs):
     return np.sqrt(np.clip(squared, 0, None))
 
 
-def _first_to_enter(X, Y, standardize, sample_weight=None):
-    """Index of the feature with the largest ``‖X_jᵀY‖₂``: the first to enter the LASSO path."""
-    Z, x_mean = _centred(X, Y, sample_weight)
-    weighted, total = _weighted(Z, sample_weight)
-    stats = _moments(Z.T @ weighted, total, x_mean, X.shape[1], standardize)
+def _first_to_enter(sums, standardize):
+    """Index of the feature with the largest ``‖X_jᵀY‖₂``: the first to enter the LASSO path.
+
+    ``sums`` are the group's :func:`_cross_sums`.
+    """
+    products, total, mean, _ = _centred_sums(sums)
+    n_features = sums["n_features"]
+    stats = _moments(products, total, mean[:n_features], n_features, standardize)
     return int(np.argmax(_correlation_norms2(stats)))

@@ -60,23 +60,22 @@ class _AllRecorded(Exception):
 
 
 class _ChannelMeans:
-    """Forward hooks writing each response's channel means into one preallocated matrix.
+    """Forward hooks writing each response's channel means into the rows of one batch.
 
     Maps are reduced as soon as they are produced, so memory holds one batch of activations
-    plus the N×ΣC result, whatever the number of images.
+    plus the batch's B×ΣC means.
     """
 
-    def __init__(self, n_samples, widths):
-        self.features = torch.empty(n_samples, sum(widths), dtype=torch.float32)
+    def __init__(self, widths):
         self.bounds = list(itertools.pairwise(itertools.accumulate(widths, initial=0)))
-        self.rows = slice(0, 0)
+        self.features = None
         self.pending = 0
 
     def hook(self, index):
         low, high = self.bounds[index]
 
         def record(module, inputs, output):
-            self.features[self.rows, low:high] = _spatial_mean(output)
+            self.features[:, low:high] = _spatial_mean(output)
             self.pending -= 1
             if self.pending == 0:
                 raise _AllRecorded
@@ -84,21 +83,22 @@ class _ChannelMeans:
         return record
 
     def run(self, model, batch, start):
-        self.rows = slice(start, start + len(batch))
+        """The B×ΣC float32 channel means of ``batch``, the samples from ``start`` on."""
+        self.features = torch.empty(len(batch), self.bounds[-1][1], dtype=torch.float32)
         self.pending = len(self.bounds)
         try:
             model(batch)
         except _AllRecorded:
-            return
-        raise RuntimeError(f"{self.pending} pooled layer(s) did not run on samples {start}..{self.rows.stop - 1}")
+            return self.features
+        raise RuntimeError(f"{self.pending} pooled layer(s) did not run on samples {start}..{start + len(batch) - 1}")
 
 
-def _pool_features(model, responses, dataset, *, batch_size, device, preprocess, progress, num_workers=0):
-    """Channel means of every response, N×ΣC float32."""
+def _iter_pooled(model, responses, dataset, *, batch_size, device, preprocess, progress, num_workers=0):
+    """Channel means of every response, one B×ΣC float32 array per batch."""
     model = _on_device(model, device)
     dtype = _input_dtype(model)
     modules = dict(model.named_modules())
-    means = _ChannelMeans(len(dataset), [modules[conv].out_channels for conv in responses])
+    means = _ChannelMeans([modules[conv].out_channels for conv in responses])
     batches = iter_batches(
         dataset,
         batch_size,
@@ -108,23 +108,34 @@ def _pool_features(model, responses, dataset, *, batch_size, device, preprocess,
         desc="pooling",
         num_workers=num_workers,
     )
-    with torch.inference_mode():
-        start = 0
-        # ``preprocess`` runs as the next batch is drawn, outside the model's lock: it may pool
-        # this very model itself.
-        for batch in batches:
-            with _evaluating(model):
-                handles = [
-                    modules[response].register_forward_hook(means.hook(index))
-                    for index, response in enumerate(responses.values())
-                ]
-                try:
-                    means.run(model, batch.to(dtype), start)
-                finally:
-                    for handle in handles:
-                        handle.remove()
-            start += len(batch)
-    return means.features.numpy()
+    start = 0
+    # ``preprocess`` runs as the next batch is drawn, outside the model's lock: it may pool
+    # this very model itself. Inference mode is entered per batch, so that it does not leak
+    # into the caller's code while the generator waits between batches.
+    for batch in batches:
+        with torch.inference_mode(), _evaluating(model):
+            handles = [
+                modules[response].register_forward_hook(means.hook(index))
+                for index, response in enumerate(responses.values())
+            ]
+            try:
+                features = means.run(model, batch.to(dtype), start)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        start += len(batch)
+        yield features.numpy()
+
+
+def _pool_features(model, responses, dataset, **options):
+    """Channel means of every response, N×ΣC float32 (``options``: those of :func:`_iter_pooled`)."""
+    modules = dict(model.named_modules())
+    features = np.empty((len(dataset), sum(modules[conv].out_channels for conv in responses)), dtype=np.float32)
+    start = 0
+    for batch in _iter_pooled(model, responses, dataset, **options):
+        features[start : start + len(batch)] = batch
+        start += len(batch)
+    return features
 
 
 def _tensor_token(tensor):
@@ -426,6 +437,54 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
             and stored["features"].dtype == np.float32,
         )
         return features["features"]
+
+    def iter_transform(self, X, batch_size=None):
+        """Pool the responses batch by batch: :meth:`transform`'s rows, one batch at a time.
+
+        For data sets whose N×ΣC responses do not fit in memory: only one batch of images,
+        activations and pooled rows is held at a time, e.g. to feed
+        :meth:`LassoFilterSelector.partial_fit <sklearn_craft.selection.LassoFilterSelector.partial_fit>`.
+        ``memory`` is not used (nothing of the whole data set is ever stored).
+
+        Parameters
+        ----------
+        X : ndarray, torch.Tensor or torch.utils.data.Dataset
+            Images, in any format accepted by :meth:`fit`.
+        batch_size : int, default=None
+            Images per forward pass and per yielded array; None uses ``batch_size``.
+
+        Returns
+        -------
+        batches : iterator of ndarray of shape (n_batch, sum of the pooled channels), dtype float32
+            The rows of :meth:`transform`, ``batch_size`` images at a time, in order; the images
+            are checked now, the network runs as the batches are drawn.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from torch import nn
+        >>> from sklearn_craft.pooling import ActivationPooler
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> images = np.random.default_rng(0).integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8)
+        >>> pooler = ActivationPooler(model).fit(images)
+        >>> [batch.shape for batch in pooler.iter_transform(images, batch_size=4)]
+        [(4, 12), (4, 12), (2, 12)]
+        """
+        check_is_fitted(self)
+        dataset = self._dataset(X)
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        return _iter_pooled(
+            self.model,
+            self.responses_,
+            dataset,
+            batch_size=batch_size,
+            device=self._device(),
+            preprocess=self.preprocess,
+            progress=self.progress,
+            num_workers=self.num_workers,
+        )
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output features, ``"<layer>:<channel>"``.

@@ -27,8 +27,9 @@ from .finetune import check_finetune_params, finetune, recalibrate_batchnorm
 from .inspection import _check_device, _evaluating, _input_dtype, _on_device, _select_convs
 from .pooling import ActivationPooler
 from .profiling import compare_models
-from .satellites import fit_layer_satellites, fit_satellite, make_satellite, satellite_head
-from .selection import LassoFilterSelector
+from ._lasso_path import _add_sums, _cross_sums
+from .satellites import _satellite_from_sums, fit_layer_satellites, fit_satellite, make_satellite, satellite_head
+from .selection import LassoFilterSelector, _streamed_held_out
 from .surgery import attach_head, prune_channels, truncate
 from .targets import CLASSIFICATION_KINDS, encode_target
 
@@ -168,6 +169,19 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         pass over it (pooling, BatchNorm re-estimation, fine-tuning, predicting), through a
         ``torch.utils.data.DataLoader``; 0 reads them in this process. A DataLoader given as
         ``X`` keeps its own workers.
+    streaming : bool, default=False
+        Never hold the pooled responses of all the images: pool them batch by batch and feed
+        each batch to :meth:`LassoFilterSelector.partial_fit
+        <sklearn_craft.selection.LassoFilterSelector.partial_fit>`, whose cross-products also
+        give the satellites (and the head is refitted from the cross-products of the pruned
+        network's responses, again batch by batch), so memory does not grow with the number of
+        images beyond the images themselves (pass a Dataset that reads them on access) and the
+        targets. The validation split is then drawn per image (see ``partial_fit``; ``cv`` must
+        be None or an int), ``memory`` caches the LASSO paths but not the pooled responses, and
+        the satellites choose their ridge penalty on that split instead of by leave-one-out: a
+        binary or multi-label satellite thresholds its 0/1 regression at 0.5 and
+        ``satellite_scores_`` are the held-out R² of every satellite's decision against the
+        encoded target (the values, or the 0/1 class indicators), also for classification.
 
     Attributes
     ----------
@@ -254,6 +268,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         "progress": ["boolean"],
         "preprocess": [callable, None],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "streaming": ["boolean"],
     }
 
     def __init__(
@@ -274,6 +289,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         progress=False,
         preprocess=None,
         num_workers=0,
+        streaming=False,
     ):
         self.model = model
         self.gamma = gamma
@@ -291,6 +307,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.progress = progress
         self.preprocess = preprocess
         self.num_workers = num_workers
+        self.streaming = streaming
 
     def _check_options(self):
         """Validate what ``_parameter_constraints`` cannot express; return the fine-tuning settings."""
@@ -371,36 +388,56 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         clock = _Stopwatch()
 
         clock.start("pooling")
-        pooler = self._pooler(self.model, self.layers, self.memory).fit(X)
-        features = pooler.transform(X)
+        pooler = self._pooler(self.model, self.layers, None if self.streaming else self.memory).fit(X)
         layers = pooler.layers_
         widths = [pooler.n_channels_[layer] for layer in layers]
         columns = {
             layer: np.arange(start, start + width)
             for layer, start, width in zip(layers, np.cumsum([0, *widths[:-1]]), widths)
         }
-
-        clock.start("selection")
-        selector, selected = self._select(features, y, layers, widths, seeds[0], sample_weight)
-
-        clock.start("satellites")
-        satellites, scores = fit_layer_satellites(
-            features,
-            y,
-            target_type,
-            {layer: columns[layer][selected[layer]] for layer in layers},
-            test_size=_SCORE_FRACTION,
-            random_state=seeds[1],
-            sample_weight=sample_weight,
-        )
+        if self.streaming:
+            selector = self._selector(layers, widths, seeds[0])
+            labels, start = np.asarray(y), 0
+            for batch in pooler.iter_transform(X):
+                rows = slice(start, start + len(batch))
+                weights = None if sample_weight is None else sample_weight[rows]
+                selector.partial_fit(batch, labels[rows], sample_weight=weights, classes=classes)
+                start += len(batch)
+            clock.start("selection")
+            selected = self._selected(selector, layers, widths)
+            clock.start("satellites")
+            fitted = {
+                layer: _satellite_from_sums(target_type, group_sums, selected[layer], classes)
+                for layer, group_sums in zip(layers, selector._stream_["sums"])
+            }
+            satellites = {layer: satellite for layer, (satellite, _) in fitted.items()}
+            scores = pd.Series({layer: score for layer, (_, score) in fitted.items()}, name="score", dtype=float)
+        else:
+            features = pooler.transform(X)
+            clock.start("selection")
+            selector, selected = self._select(features, y, layers, widths, seeds[0], sample_weight)
+            clock.start("satellites")
+            satellites, scores = fit_layer_satellites(
+                features,
+                y,
+                target_type,
+                {layer: columns[layer][selected[layer]] for layer in layers},
+                test_size=_SCORE_FRACTION,
+                random_state=seeds[1],
+                sample_weight=sample_weight,
+            )
         head_layer = self._resolve_head_layer(layers, scores)
 
         clock.start("surgery")
         scale = self._filter_scales(selector.coef_, selected, columns) if self.scale_filters else None
         pruned, keep = self._cut(dataset, example, head_layer, selected, scale)
         if self.head == "satellite":
-            pooled = self._pooler(pruned, [head_layer]).fit(X).transform(X)
-            satellites[head_layer] = fit_satellite(make_satellite(target_type), pooled, y, sample_weight)
+            head_pooler = self._pooler(pruned, [head_layer]).fit(X)
+            if self.streaming:
+                satellites[head_layer] = self._streamed_satellite(head_pooler, X, Y, target_type, classes, selector, sample_weight)
+            else:
+                pooled = head_pooler.transform(X)
+                satellites[head_layer] = fit_satellite(make_satellite(target_type), pooled, y, sample_weight)
             pruned = self._with_satellite_head(pruned, satellites[head_layer])
         pruned.eval()
         width = self._output_width(pruned, example)
@@ -459,19 +496,40 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         """
         return (y, *encode_target(y))
 
-    def _select(self, features, y, layers, widths, seed, sample_weight=None):
-        """Selection stage: the fitted LassoFilterSelector and the filters kept per layer."""
-        selector = LassoFilterSelector(
+    def _selector(self, layers, widths, seed):
+        """The unfitted LassoFilterSelector of the pooled ``layers``."""
+        return LassoFilterSelector(
             gamma=self.gamma,
             groups=np.repeat(np.asarray(layers, dtype=object), widths),
             memory=self.memory,
             random_state=seed,
             progress=self.progress,
             **(self.selector_params or {}),
-        ).fit(features, y, sample_weight=sample_weight)
+        )
+
+    def _select(self, features, y, layers, widths, seed, sample_weight=None):
+        """Selection stage: the fitted LassoFilterSelector and the filters kept per layer."""
+        selector = self._selector(layers, widths, seed).fit(features, y, sample_weight=sample_weight)
+        return selector, self._selected(selector, layers, widths)
+
+    def _selected(self, selector, layers, widths):
+        """The filters kept in every layer, from a fitted selector's support."""
         support = np.split(selector.support_, np.cumsum(widths)[:-1])
-        selected = {layer: np.flatnonzero(mask) for layer, mask in zip(layers, support)}
-        return selector, self._choose_filters(selected)
+        return self._choose_filters({layer: np.flatnonzero(mask) for layer, mask in zip(layers, support)})
+
+    def _streamed_satellite(self, pooler, X, Y, target_type, classes, selector, sample_weight):
+        """The satellite of ``pooler``'s one layer from cross-products accumulated batch by batch,
+        on the validation split the selector streamed."""
+        stream = selector._stream_
+        held_out = _streamed_held_out(np.arange(len(Y)), stream["seed"], stream["validation_fraction"], stream["cv"])
+        sums, start = None, 0
+        for batch in pooler.iter_transform(X):
+            rows = slice(start, start + len(batch))
+            weights = None if sample_weight is None else sample_weight[rows]
+            chunk = _cross_sums(batch, Y[rows], held_out[rows], weights, shift=None if sums is None else sums["shift"])
+            sums = chunk if sums is None else _add_sums(sums, chunk)
+            start += len(batch)
+        return _satellite_from_sums(target_type, sums, np.arange(batch.shape[1]), classes)[0]
 
     def _resolve_head_layer(self, layers, scores):
         """The pooled layer the head reads: ``head_layer`` resolved against the satellites' scores."""

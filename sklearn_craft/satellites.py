@@ -33,10 +33,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import RidgeClassifierCV, RidgeCV
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import LabelBinarizer, StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ._lasso_path import _centred_sums, _held_out_rmse, _split_parts
 from .targets import TARGET_KINDS
 
 __all__ = [
@@ -352,3 +353,73 @@ def fit_layer_satellites(features, y, kind, columns, *, test_size=0.25, random_s
         scores[layer] = held_out.score(X[test], y[test], sample_weight=test_weights)
         satellites[layer] = fit_satellite(make_satellite(kind), X, y, weights)
     return satellites, pd.Series(scores, name="score", dtype=float)
+
+
+def _ridge_from_moments(products, n_features, alphas):
+    """Ridge coefficients (n_targets, n_features, n_alphas) of centred cross-products ``[X Y]ᵀ[X Y]``.
+
+    One eigendecomposition of the Gram matrix serves every penalty: ``(XᵀX + αI)⁻¹XᵀY``.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(products[:n_features, :n_features])
+    projected = eigenvectors.T @ products[:n_features, n_features:]
+    scaled = projected[:, :, None] / (np.clip(eigenvalues, 0, None)[:, None, None] + np.asarray(alphas)[None, None, :])
+    return np.einsum("ij,jta->tia", eigenvectors, scaled)
+
+
+def _satellite_from_sums(kind, sums, columns, classes=None):
+    """A satellite of :func:`make_satellite` fitted from cross-products alone, and its held-out score.
+
+    The streaming form of :func:`fit_layer_satellites` for one layer: ``sums`` are the
+    :func:`~sklearn_craft._lasso_path._cross_sums` of a group of pooled responses and the
+    encoded target (:func:`~sklearn_craft.targets.encode_target`: the values, 0/1 indicators),
+    with held-out parts; ``columns`` are the responses the satellite reads. The ridge penalty is
+    the one of :data:`ALPHAS` with the lowest held-out error of the parts (mean over them)
+    instead of leave-one-out, which needs every sample; at that penalty the coefficients are
+    those the in-memory satellite gets on the same samples. A binary or multi-label satellite
+    thresholds its 0/1 regression at 0.5 (choosing the threshold needs every training score); a
+    multi-class one is RidgeClassifierCV's ridge to ±1 indicators. The score is the held-out R²
+    (mean over outputs and parts) of the decision against the encoded target.
+    """
+    n_features = sums["n_features"]
+    index = np.concatenate([np.asarray(columns, dtype=np.intp), np.arange(n_features, len(sums["shift"]))])
+    products, total, mean, splits = _centred_sums(sums)
+    products, mean = products[np.ix_(index, index)], mean[index]
+    splits = [(p[np.ix_(index, index)], t, m[index]) for p, t, m in splits]
+    width = len(columns)
+    parts = [_split_parts(products, total, *split) for split in splits]
+    errors = [_held_out_rmse(test, 1.0, _ridge_from_moments(train, width, ALPHAS)) for train, _, _, test in parts]
+    best = int(np.argmin(np.mean(errors, axis=0)))
+    scores = []
+    for (train, _, shift, test), (_, test_total, test_sum) in zip(parts, splits):
+        coef = _ridge_from_moments(train, width, ALPHAS[best : best + 1])[:, :, 0]
+        cross = coef @ test[:width, width:]
+        residual = test[width:, width:] - cross - cross.T + coef @ test[:width, :width] @ coef.T
+        # The held-out mean lies test_sum / test_total from the all-sample mean, shift from the training one.
+        offset = (test_sum / test_total - shift)[width:]
+        total_squares = np.diag(test[width:, width:]) - test_total * offset**2
+        explained = 1 - np.diag(residual) / np.where(total_squares > 0, total_squares, np.inf)
+        scores.append(np.mean(np.where(total_squares > 0, explained, 0.0)))
+    coef = _ridge_from_moments(products, width, ALPHAS[best : best + 1])[:, :, 0]
+    return _satellite(kind, mean[:width], coef, mean[width:], ALPHAS[best], classes), float(np.mean(scores))
+
+
+def _satellite(kind, x_mean, coef, y_mean, alpha, classes):
+    """The fitted satellite of :func:`make_satellite` whose 0/1 (or value) regression is
+    ``(x − x_mean)·coefᵀ + y_mean``: the fitted state of scikit-learn's models set from it."""
+    satellite = make_satellite(kind)
+    scaler, linear = satellite[0], satellite[-1]
+    scaler.mean_, scaler.var_, scaler.scale_ = x_mean, None, None
+    scaler.n_samples_seen_, scaler.n_features_in_ = 0, len(x_mean)
+    linear.n_features_in_, linear.alpha_ = len(x_mean), alpha
+    if kind in ("continuous", "continuous-multioutput"):
+        linear.coef_, linear.intercept_ = (coef[0], y_mean[0]) if kind == "continuous" else (coef, y_mean)
+    elif kind == "multiclass":
+        # RidgeClassifierCV regresses ±1 indicators: twice the 0/1 regression, minus 1.
+        linear._label_binarizer = LabelBinarizer(pos_label=1, neg_label=-1).fit(classes)
+        linear.classes_ = linear._label_binarizer.classes_
+        linear.coef_, linear.intercept_ = 2 * coef, 2 * y_mean - 1
+    else:
+        linear.classes_ = np.arange(coef.shape[0]) if kind == "multilabel-indicator" else np.asarray(classes)
+        linear.coef_ = coef if kind == "multilabel-indicator" else coef[0]
+        linear.intercept_ = y_mean - 0.5 if kind == "multilabel-indicator" else y_mean[0] - 0.5
+    return satellite

@@ -9,7 +9,6 @@ non-zero coefficient at the knee are the ones the pruned network keeps. The path
 solved from each group's cross-products in :mod:`sklearn_craft._lasso_path`.
 """
 
-import functools
 import math
 import warnings
 from numbers import Integral, Real
@@ -21,6 +20,7 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_selection import SelectorMixin
 from sklearn.model_selection import check_cv, train_test_split
+from sklearn.preprocessing import label_binarize
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 from sklearn.utils.validation import (
@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ._cache import cached_arrays
-from ._lasso_path import _first_to_enter, _group_paths
+from ._lasso_path import _add_sums, _centred_sums, _cross_sums, _first_to_enter, _group_paths, _sum_paths
 from .targets import encode_target
 
 _PATH_CONSTRAINTS = {
@@ -340,7 +340,8 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         # validate_data would set n_features_in_ and feature_names_in_ before y, alphas, groups
         # and cv are checked: everything is validated into locals, and attributes set at the end.
         feature_names = _get_feature_names(X)
-        X, y = check_X_y(X, y, dtype=np.float64, multi_output=True, ensure_min_samples=2, estimator=self)
+        # float32 responses stay float32: each group becomes float64 only while its cross-products are formed.
+        X, y = check_X_y(X, y, dtype=(np.float64, np.float32), multi_output=True, ensure_min_samples=2, estimator=self)
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         alphas = _check_alphas(self.alphas)
@@ -356,33 +357,221 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
                         f"split, got {sample_weight[train].sum()!r} (fit) and {sample_weight[test].sum()!r} (held out)"
                     )
 
-        group_paths = functools.partial(_cached_group_paths, self.memory)
-        labels_in_order = pd.unique(pd.Series(groups, dtype=object))
-        columns = [_as_slice(np.flatnonzero(groups == label)) for label in labels_in_order]
-        batches = _batches([np.count_nonzero(groups == label) for label in labels_in_order])
-        paths = [None] * len(columns)
+        labels_in_order, columns, batches = _group_layout(groups)
+
+        def solve(batch):
+            blocks = [X[:, columns[g]] for g in batch]
+            args = (blocks, Y, splits, alphas, self.eps, self.standardize, sample_weight)
+            return _cached_paths(self.memory, _group_paths, args, [block.shape[1] for block in blocks], Y.shape[1])
+
+        def first_to_enter(g):
+            sums = _cross_sums(X[:, columns[g]], Y, np.zeros((len(X), 0), dtype=bool), sample_weight)
+            return _first_to_enter(sums, self.standardize)
+
+        paths = self._solve_groups(solve, batches, n_parts=len(splits) + 1)
+        selection = self._knee_selection(labels_in_order, columns, paths, first_to_enter, X.shape[1])
+
+        for name, value in selection.items():
+            setattr(self, name, value)
+        self.groups_ = groups
+        self.n_features_in_ = X.shape[1]
+        if feature_names is not None:
+            self.feature_names_in_ = feature_names
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        # A fit starts afresh: what earlier partial_fit calls streamed in is forgotten.
+        for name in ("_stream_", "n_samples_seen_"):
+            vars(self).pop(name, None)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
+        """Add a chunk of samples to the cross-products the paths are solved from.
+
+        Selection out of core: every group's cross-products ``[X Y]ᵀ[X Y]`` (about a shift taken
+        from the first chunk, in float64), column sums and total weight are accumulated over the
+        chunks, for all samples and for the held-out samples of the validation split, so the
+        samples themselves are never kept (float32 chunks stay float32 until their group is
+        folded in). Memory is that of one chunk plus ``(n_splits + 1)·(p + t)²`` numbers per
+        group of ``p`` features (``t`` encoded targets), whatever the number of samples.
+
+        The selection (``support_``, ``coef_``, ``curves_``, ``knees_``) is computed from the
+        cross-products when one of them is first read after new data (``transform`` and
+        ``get_support`` read ``support_``), with the parameters of that moment (``gamma``,
+        ``alphas``, ``eps``, ``standardize``, ``n_jobs``, ``memory``); it equals the selection
+        :meth:`fit` makes on the concatenated chunks with the same validation split, up to
+        rounding. ``memory`` caches the paths under a digest of the cross-products.
+
+        The validation split is drawn per sample, so that chunks can be of any size: the
+        ``i``-th sample streamed in (counting from 0 over all calls) is held out when a hash of
+        ``(i, seed)`` falls below ``validation_fraction`` (the held-out share is
+        ``validation_fraction`` in expectation, not exactly, and not stratified), the seed drawn
+        from ``random_state`` on the first call. An int ``cv`` assigns every sample to one of
+        ``cv`` folds by the same hash. Other ``cv`` (splitters, lists of splits) cannot be
+        decided chunk by chunk and are refused. ``groups``, ``validation_fraction``, ``cv``,
+        ``random_state`` and the classes are fixed by the first call; :meth:`fit` forgets
+        everything streamed in, and the next ``partial_fit`` starts again.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A chunk of pooled filter responses (float32 or float64).
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Its targets: floats to regress (one or several outputs, or a 0/1 label matrix) or
+            class labels (see ``classes``).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the chunk's samples, as in :meth:`fit`.
+        classes : array-like of shape (n_classes,), default=None
+            Every class label of the whole stream, when ``y`` holds class labels (integers,
+            strings or booleans); read on the first call only, so that later chunks need not
+            hold every class. None takes the labels of the first chunk, and a later chunk with
+            another label is an error. Encoded as :func:`encode_target` encodes labels.
+
+        Returns
+        -------
+        self : LassoFilterSelector
+            The selector, whose selection covers every chunk seen so far.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn_craft.selection import LassoFilterSelector
+        >>> rng = np.random.default_rng(0)
+        >>> X = rng.normal(size=(3000, 8)).astype(np.float32)
+        >>> y = np.where(X[:, 2] - X[:, 5] > 0, "yes", "no")
+        >>> selector = LassoFilterSelector(groups=[0, 0, 0, 0, 1, 1, 1, 1], random_state=0)
+        >>> for start in range(0, 3000, 500):
+        ...     selector = selector.partial_fit(X[start : start + 500], y[start : start + 500], classes=["no", "yes"])
+        >>> selector.n_samples_seen_, np.flatnonzero(selector.get_support()).tolist()
+        (3000, [2, 5])
+        """
+        first = "_stream_" not in vars(self)
+        feature_names = _get_feature_names(X)
+        X = check_array(X, dtype=(np.float64, np.float32), estimator=self)
+        if first:
+            if self.cv is not None and (isinstance(self.cv, bool) or not isinstance(self.cv, Integral) or self.cv < 2):
+                raise ValueError(
+                    "partial_fit needs cv=None (one validation_fraction split) or an int >= 2 (folds drawn per "
+                    f"sample), got cv={self.cv!r}: explicit splits cannot be decided chunk by chunk"
+                )
+            _check_alphas(self.alphas)
+            groups = self._feature_groups(X.shape[1], feature_names)
+            stream = {
+                "target": _stream_target(y, classes),
+                "seed": int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max)),
+                "validation_fraction": self.validation_fraction,
+                "cv": self.cv,
+                "sums": None,
+            }
+            seen = 0
+        else:
+            stream, groups, seen = self._stream_, self.groups_, self.n_samples_seen_
+            if X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting {self.n_features_in_} "
+                    "features as input (those of the first partial_fit chunk)"
+                )
+            known = getattr(self, "feature_names_in_", None)
+            if (known is None) != (feature_names is None) or (known is not None and list(known) != list(feature_names)):
+                raise ValueError("X must have the feature names of the first partial_fit chunk")
+            if classes is not None and not np.array_equal(np.unique(classes), stream["target"]["classes"]):
+                raise ValueError(
+                    f"classes must be those of the first partial_fit call {stream['target']['classes'].tolist()}, "
+                    f"got {np.unique(classes).tolist()}"
+                )
+        Y = _encode_chunk(y, stream["target"])
+        check_consistent_length(X, Y)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        held_out = _streamed_held_out(
+            np.arange(seen, seen + len(X)), stream["seed"], stream["validation_fraction"], stream["cv"]
+        )
+        labels, columns, _ = _group_layout(groups)
+        if stream["sums"] is None:
+            sums = [_cross_sums(X[:, cols], Y, held_out, sample_weight) for cols in columns]
+        else:
+            sums = [
+                _add_sums(old, _cross_sums(X[:, cols], Y, held_out, sample_weight, shift=old["shift"]))
+                for old, cols in zip(stream["sums"], columns)
+            ]
+
+        self._stream_ = {**stream, "sums": sums}
+        self.n_samples_seen_ = seen + len(X)
+        if first:
+            self.groups_ = groups
+            self.n_features_in_ = X.shape[1]
+            if feature_names is not None:
+                self.feature_names_in_ = feature_names
+            elif "feature_names_in_" in vars(self):
+                del self.feature_names_in_
+        for name in _SELECTION_ATTRIBUTES:
+            vars(self).pop(name, None)
+        return self
+
+    def __getattr__(self, name):
+        # After partial_fit the selection is computed when it is first read (see partial_fit).
+        if name in _SELECTION_ATTRIBUTES and "_stream_" in vars(self):
+            vars(self).update(self._select_from_stream())
+            return vars(self)[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _select_from_stream(self):
+        """``support_``, ``coef_``, ``curves_`` and ``knees_`` from the streamed cross-products."""
+        stream = self._stream_
+        sums, n_targets = stream["sums"], stream["target"]["n_targets"]
+        totals = sums[0]["total"]
+        if self.n_samples_seen_ < 2:
+            raise ValueError(f"partial_fit needs at least 2 samples before selecting, got {self.n_samples_seen_}")
+        for held_out_total in totals[1:]:
+            if held_out_total <= 0 or totals[0] - held_out_total <= 0:
+                raise ValueError(
+                    "every part of the validation split must have a positive total weight, got "
+                    f"{totals[0] - held_out_total!r} (fit) and {held_out_total!r} (held out) after "
+                    f"{self.n_samples_seen_} samples; stream in more samples"
+                )
+        products, _, _, _ = _centred_sums(sums[0])
+        if not np.any(np.diag(products)[sums[0]["n_features"] :] > 0):
+            raise ValueError("y must vary across samples, got a constant target (a single value or class)")
+        alphas = _check_alphas(self.alphas)
+        labels, columns, batches = _group_layout(self.groups_)
+
+        def solve(batch):
+            args = ([sums[g] for g in batch], alphas, self.eps, self.standardize)
+            return _cached_paths(self.memory, _sum_paths, args, [sums[g]["n_features"] for g in batch], n_targets)
+
+        paths = self._solve_groups(solve, batches, n_parts=len(totals))
+        return self._knee_selection(
+            labels, columns, paths, lambda g: _first_to_enter(sums[g], self.standardize), self.n_features_in_
+        )
+
+    def _solve_groups(self, solve, batches, n_parts):
+        """The paths of every group, ``solve(batch)`` giving those of a batch of groups, in threads."""
+        paths = [None] * sum(map(len, batches))
         with (
             threadpool_limits(limits=1, user_api="blas"),
             warnings.catch_warnings(record=True) as caught,
-            tqdm(total=len(columns), desc="LASSO paths", unit="group", disable=not self.progress) as bar,
+            tqdm(total=len(paths), desc="LASSO paths", unit="group", disable=not self.progress) as bar,
         ):
             warnings.simplefilter("always", ConvergenceWarning)
             solved = Parallel(n_jobs=self.n_jobs, prefer="threads", return_as="generator")(
-                delayed(group_paths)(
-                    [X[:, columns[g]] for g in batch], Y, splits, alphas, self.eps, self.standardize, sample_weight
-                )
-                for batch in batches
+                delayed(solve)(batch) for batch in batches
             )
             for batch, batch_paths in zip(batches, solved):
                 for g, path in zip(batch, batch_paths):
                     paths[g] = path
                 bar.update(len(batch))
-        _summarise_warnings(caught, n_fits=len(columns) * (len(splits) + 1) * len(paths[0][0]))
+        _summarise_warnings(caught, n_fits=len(paths) * n_parts * len(paths[0][0]))
+        return paths
 
-        support = np.zeros(X.shape[1], dtype=bool)
-        coef = np.zeros((Y.shape[1], X.shape[1]))
+    def _knee_selection(self, labels, columns, paths, first_to_enter, n_features):
+        """The fitted selection from every group's path: the knee at ``gamma`` of each curve.
+
+        ``first_to_enter(g)`` is the feature group ``g`` keeps when its path is empty.
+        """
+        support = np.zeros(n_features, dtype=bool)
+        coef = np.zeros((paths[0][1].shape[0], n_features))
         curves, knees = [], []
-        for label, cols, (curve, coefs) in zip(labels_in_order, columns, paths):
+        for g, (label, cols, (curve, coefs)) in enumerate(zip(labels, columns, paths)):
             if self.gamma == 0:
                 knee = len(curve) - 1
                 keep = np.ones(coefs.shape[1], dtype=bool)
@@ -390,24 +579,18 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
                 knee = find_knee(curve, self.gamma)
                 keep = np.any(coefs[:, :, knee] != 0, axis=0)
                 if not keep.any():
-                    keep[_first_to_enter(X[:, cols], Y, self.standardize, sample_weight)] = True
+                    keep[first_to_enter(g)] = True
             support[cols] = keep
             coef[:, cols] = coefs[:, :, knee]
             curves.append(curve.assign(group=label))
             alpha, rmse = curve["alpha"].iloc[knee], curve["rmse"].iloc[knee]
             knees.append({"group": label, "alpha": alpha, "n_selected": int(keep.sum()), "rmse": rmse})
-
-        self.support_ = support
-        self.coef_ = coef[0] if len(coef) == 1 else coef
-        self.curves_ = pd.concat(curves, ignore_index=True)[["group", "alpha", "n_selected", "rmse"]]
-        self.knees_ = pd.DataFrame(knees, columns=["group", "alpha", "n_selected", "rmse"])
-        self.groups_ = groups
-        self.n_features_in_ = X.shape[1]
-        if feature_names is not None:
-            self.feature_names_in_ = feature_names
-        elif hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
-        return self
+        return {
+            "support_": support,
+            "coef_": coef[0] if len(coef) == 1 else coef,
+            "curves_": pd.concat(curves, ignore_index=True)[["group", "alpha", "n_selected", "rmse"]],
+            "knees_": pd.DataFrame(knees, columns=["group", "alpha", "n_selected", "rmse"]),
+        }
 
     def _feature_groups(self, n_features, names):
         """Group label of every column, from ``groups`` or the ``"<layer>:<channel>"`` names."""
@@ -434,11 +617,16 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
 _CURVE_COLUMNS = ("alpha", "n_selected", "rmse")
 
 
-def _cached_group_paths(memory, blocks, Y, splits, alphas, eps, standardize, sample_weight=None):
-    """``_group_paths`` through the array cache of ``memory``: one entry per batch of groups."""
+#: Fitted attributes of the selection, computed lazily after partial_fit.
+_SELECTION_ATTRIBUTES = ("support_", "coef_", "curves_", "knees_")
+
+
+def _cached_paths(memory, function, args, widths, n_targets):
+    """``function(*args)`` (:func:`_group_paths` of data, :func:`_sum_paths` of cross-products)
+    through the array cache of ``memory``: one entry per batch of groups of ``widths`` features."""
 
     def compute():
-        results = _group_paths(blocks, Y, splits, alphas, eps, standardize, sample_weight)
+        results = function(*args)
         return {
             f"{index}:{name}": values
             for index, (curve, coefs) in enumerate(results)
@@ -446,23 +634,92 @@ def _cached_group_paths(memory, blocks, Y, splits, alphas, eps, standardize, sam
         }
 
     def valid(stored):
-        names = {f"{index}:{name}" for index in range(len(blocks)) for name in (*_CURVE_COLUMNS, "coefs")}
+        names = {f"{index}:{name}" for index in range(len(widths)) for name in (*_CURVE_COLUMNS, "coefs")}
         return stored.keys() == names and all(
             stored[f"{index}:coefs"].ndim == 3
-            and stored[f"{index}:coefs"].shape[:2] == (Y.shape[1], X.shape[1])
+            and stored[f"{index}:coefs"].shape[:2] == (n_targets, width)
             and all(stored[f"{index}:{column}"].shape == stored[f"{index}:coefs"].shape[2:] for column in _CURVE_COLUMNS)
-            for index, X in enumerate(blocks)
+            for index, width in enumerate(widths)
         )
 
-    key = (blocks, Y, splits, alphas, eps, standardize, sample_weight)
-    stored = cached_arrays(memory, _group_paths, key, compute, valid)
+    stored = cached_arrays(memory, function, args, compute, valid)
     return [
         (
             pd.DataFrame({column: stored[f"{index}:{column}"] for column in _CURVE_COLUMNS}),
             stored[f"{index}:coefs"],
         )
-        for index in range(len(blocks))
+        for index in range(len(widths))
     ]
+
+
+def _group_layout(groups):
+    """The group labels in order of first appearance, the columns of each (a slice when
+    contiguous) and the batches of groups whose paths are solved together."""
+    labels = pd.unique(pd.Series(groups, dtype=object))
+    columns = [_as_slice(np.flatnonzero(groups == label)) for label in labels]
+    return labels, columns, _batches([np.count_nonzero(groups == label) for label in labels])
+
+
+def _stream_target(y, classes):
+    """How ``partial_fit`` encodes every chunk's target, fixed by the first one: the sorted
+    classes (None for values to regress) and the number of encoded columns."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 2 or y.dtype.kind == "f":
+        if classes is not None:
+            raise ValueError(
+                f"classes is for class labels, got a float target of shape {y.shape}: floats are values to regress"
+            )
+        return {"classes": None, "n_targets": 1 if y.ndim == 1 else y.shape[1]}
+    classes = np.unique(y if classes is None else np.asarray(classes))
+    if len(classes) < 2:
+        raise ValueError(
+            f"classes must hold at least 2 labels, got {classes.tolist()}: pass every class of the stream "
+            "as classes= on the first partial_fit call"
+        )
+    return {"classes": classes, "n_targets": 1 if len(classes) == 2 else len(classes)}
+
+
+def _encode_chunk(y, target):
+    """A chunk's target encoded as :func:`encode_target` encodes the whole target."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if target["classes"] is None:
+        if y.ndim not in (1, 2) or y.dtype.kind not in "biuf":
+            raise ValueError(f"y must be numeric, of 1 or 2 dimensions, got dtype {y.dtype} and shape {y.shape}")
+        Y = y.astype(np.float64).reshape(len(y), -1)
+        if Y.shape[1] != target["n_targets"]:
+            raise ValueError(f"y must have {target['n_targets']} column(s) as in the first chunk, got {Y.shape[1]}")
+        if not np.isfinite(Y).all():
+            raise ValueError(f"y must be finite, got {np.count_nonzero(~np.isfinite(Y))} NaN or infinite values")
+        return Y
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D class labels, got shape {y.shape}")
+    unknown = ~np.isin(y, target["classes"])
+    if unknown.any():
+        raise ValueError(
+            f"y holds labels {np.unique(y[unknown]).tolist()} that are not in classes {target['classes'].tolist()}"
+        )
+    return label_binarize(y, classes=target["classes"]).astype(np.float64)
+
+
+def _streamed_held_out(indices, seed, validation_fraction, cv):
+    """Held-out membership of the samples streamed in at ``indices``, as :func:`_held_out_masks`.
+
+    A sample's membership depends only on its index and ``seed`` (splitmix64 of both, as a
+    uniform number in [0, 1)), never on how the stream is cut into chunks.
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(indices, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    uniform = (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+    if cv is None:
+        return (uniform < validation_fraction)[:, None]
+    return np.floor(uniform * cv).astype(int)[:, None] == np.arange(cv)
 
 
 def _summarise_warnings(caught, n_fits):

@@ -251,3 +251,13 @@ def test_attributes_trains_scratch_and_distilled_rows_and_writes_the_cost_table(
     assert len(costs) == 16 and costs.loc[0, "mult_adds_M"] == pytest.approx(568.74)
     assert (tmp_path / "attributes_accuracy.png").stat().st_size > 0
     assert "| a=0.25 distilled | student.pt |" in text
+
+
+def test_scale_quick_run_measures_every_mode_and_size_and_the_cluster(tmp_path):
+    committed = _committed("scale")
+    _, text = _run("scale", tmp_path, "--sizes", "16", "32", "--grid-n", "45")
+    rows = _table(text, "| mode | n |")
+    assert [(row[0], int(row[1])) for row in rows] == [("select", 16), ("select", 32), ("pruner", 16), ("pruner", 32)]
+    assert all(0 < float(row[2]) < 4 for row in rows)  # peak RSS in GB, the 4 GB budget
+    assert "identical scores: True" in text
+    assert _committed("scale") == committed

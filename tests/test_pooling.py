@@ -605,3 +605,25 @@ def test_failed_fit_leaves_nothing_fitted_and_a_failed_refit_keeps_the_previous_
         fitted.set_params(layers=only_twice).fit(images)
     assert all(vars(fitted)[name] is value for name, value in before.items() if name.endswith("_"))
     assert fitted.responses_ == {"used": "used"}
+
+
+def test_iter_transform_yields_the_rows_of_transform_batch_by_batch():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    images = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 3), dtype=np.uint8)
+    pooler = ActivationPooler(model, batch_size=4).fit(images)
+    batches = pooler.iter_transform(images, batch_size=5)
+    assert torch.is_inference_mode_enabled() is False
+    first = next(batches)
+    # Between batches the caller is outside inference mode, and the model is as it was given.
+    assert not torch.is_inference_mode_enabled() and model.training
+    chunks = [first, *batches]
+    assert [len(chunk) for chunk in chunks] == [5, 5, 1] and all(chunk.dtype == np.float32 for chunk in chunks)
+    # Another batch size may round the convolutions differently; the same one gives the same bits.
+    np.testing.assert_allclose(np.concatenate(chunks), pooler.transform(images), rtol=1e-5, atol=1e-6)
+    chunks = list(pooler.iter_transform(images))
+    assert [len(chunk) for chunk in chunks] == [4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(chunks), pooler.transform(images))
+    with pytest.raises(ValueError, match="batch_size must be a positive int or None, got 0"):
+        pooler.iter_transform(images, batch_size=0)
+    with pytest.raises(NotFittedError):
+        ActivationPooler(model).iter_transform(images)

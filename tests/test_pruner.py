@@ -745,3 +745,55 @@ def test_progress_reaches_the_selection(data, capsys, progress):
     CraftPruner(conv_chain(), gamma=0.05, random_state=0, progress=progress).fit(X, scores[:, 0])
     err = capsys.readouterr().err
     assert ("LASSO paths" in err and "3/3" in err) if progress else "LASSO paths" not in err
+
+
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+def test_streaming_fit_selects_on_the_streamed_split_and_heads_with_its_satellite(data, kind):
+    # streaming=True never holds the pooled responses of all images: its selection is the one
+    # fit makes on them with the split partial_fit drew, and its head is still the satellite
+    # (fitted from the pruned network's cross-products) of what transform returns.
+    X, scores = data
+    y = _targets(kind, scores)
+    weights = np.random.default_rng(3).uniform(0.5, 2.0, size=len(X))
+    pruner = CraftPruner(conv_chain(), gamma=0.05, random_state=0, batch_size=48, streaming=True)
+    pruner.fit(X, y, sample_weight=weights)
+    stream = pruner.selector_._stream_
+    held_out = sklearn_craft.selection._streamed_held_out(np.arange(len(X)), stream["seed"], 0.25, None)[:, 0]
+    features = ActivationPooler(conv_chain()).fit(X).transform(X)
+    in_memory = sklearn_craft.selection.LassoFilterSelector(
+        gamma=0.05, groups=pruner.selector_.groups_, cv=[(np.flatnonzero(~held_out), np.flatnonzero(held_out))]
+    ).fit(features, y, sample_weight=weights)
+    np.testing.assert_array_equal(pruner.selector_.support_, in_memory.support_)
+    assert pruner.selector_.n_samples_seen_ == len(X)
+
+    head = pruner.head_layer_
+    satellite = pruner.satellites_[head]
+    expected = _satellite_output(satellite, pruner.transform(X))
+    np.testing.assert_allclose(pruner.decision_function(X), expected, rtol=1e-4, atol=1e-4)
+    assert set(pruner.satellite_scores_.index) == set(pruner.layers_)
+    assert np.isfinite(pruner.satellite_scores_).all() and (pruner.satellite_scores_ <= 1).all()
+
+
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+def test_satellites_from_cross_products_are_the_in_memory_ridge_at_their_penalty(kind):
+    from sklearn_craft._lasso_path import _cross_sums
+    from sklearn_craft.satellites import _satellite_from_sums, fit_satellite, make_satellite
+    from sklearn_craft.targets import encode_target
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 6)) + 3.0
+    y = _targets(kind, X[:, [0, 2]] - 3.0 + 0.5 * rng.normal(size=(400, 2)))
+    Y, _, classes = encode_target(y)
+    weights = rng.uniform(0.5, 2.0, size=len(X))
+    sums = _cross_sums(X, Y, (rng.random(len(X)) < 0.25)[:, None], weights)
+    columns = [0, 2, 3]
+    satellite, score = _satellite_from_sums(kind, sums, columns, classes)
+    reference = make_satellite(kind)
+    reference[-1].set_params(alphas=[satellite[-1].alpha_])
+    fit_satellite(reference, X[:, columns], y, weights)
+    decision, expected = _satellite_output(satellite, X[:, columns]), _satellite_output(reference, X[:, columns])
+    if kind in ("binary", "multilabel-indicator"):
+        # The in-memory threshold is chosen on the training scores; the streamed one is 0.5.
+        decision, expected = decision - satellite[-1].intercept_, expected - reference[-1].intercept_
+    np.testing.assert_allclose(decision, expected, rtol=1e-9, atol=1e-9)
+    assert 0 < score <= 1

@@ -711,3 +711,132 @@ def test_progress_bar_counts_groups_on_stderr(progress, capsys):
         assert "LASSO paths" in captured.err and "3/3" in captured.err
     else:
         assert captured.err == ""
+
+
+def _streamed(selector, X, y, sizes, sample_weight=None, classes=None):
+    """``selector`` after partial_fit on consecutive chunks of ``sizes`` rows (cycled)."""
+    start, k = 0, 0
+    while start < len(X):
+        stop = start + sizes[k % len(sizes)]
+        weights = None if sample_weight is None else sample_weight[start:stop]
+        selector.partial_fit(X[start:stop], y[start:stop], sample_weight=weights, classes=classes)
+        start, k = stop, k + 1
+    return selector
+
+
+def _streamed_splits(selector, n_samples):
+    """The (train, test) pairs partial_fit held out, as explicit splits for fit."""
+    stream = selector._stream_
+    masks = sklearn_craft.selection._streamed_held_out(
+        np.arange(n_samples), stream["seed"], stream["validation_fraction"], stream["cv"]
+    )
+    return [(np.flatnonzero(~mask), np.flatnonzero(mask)) for mask in masks.T]
+
+
+def _assert_same_selection(streamed, fitted, rtol=1e-7):
+    np.testing.assert_array_equal(streamed.support_, fitted.support_)
+    np.testing.assert_array_equal(streamed.knees_["n_selected"], fitted.knees_["n_selected"])
+    # At α_max itself the first filter sits exactly on the threshold of entering: rounding decides.
+    inside = streamed.curves_["alpha"] < streamed.curves_.groupby("group")["alpha"].transform("max")
+    np.testing.assert_array_equal(streamed.curves_["n_selected"][inside], fitted.curves_["n_selected"][inside])
+    for column in ("alpha", "rmse"):
+        np.testing.assert_allclose(streamed.curves_[column], fitted.curves_[column], rtol=rtol)
+        np.testing.assert_allclose(streamed.knees_[column], fitted.knees_[column], rtol=rtol)
+    np.testing.assert_allclose(streamed.coef_, fitted.coef_, rtol=rtol, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", ["continuous", "multiclass", "multioutput"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_partial_fit_selects_as_fit_on_the_concatenated_chunks(target, weighted):
+    # The cross-products accumulated chunk by chunk (float32 responses, a shift taken from the
+    # first chunk) give the curves, knees and coefficients fit computes on all the data at once,
+    # with the validation split partial_fit drew sample by sample.
+    X, y, groups = _correlated_classes(n=400, widths=(6, 6, 4))
+    X = (X + 50.0).astype(np.float32)  # far from zero: naive uncentred sums would lose digits
+    if target == "continuous":
+        y = X[:, 1] - 0.5 * X[:, 8] + np.random.default_rng(1).normal(size=len(X))
+    elif target == "multioutput":
+        y = np.column_stack([X[:, 1] - X[:, 13], X[:, 7]]).astype(np.float64)
+    weights = np.random.default_rng(2).uniform(0.2, 3.0, size=len(X)) if weighted else None
+    classes = np.unique(y) if target == "multiclass" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        streamed = _streamed(
+            LassoFilterSelector(groups=groups, alphas=20, random_state=0), X, y, [97, 3, 150], weights, classes
+        )
+        fitted = LassoFilterSelector(groups=groups, alphas=20, cv=_streamed_splits(streamed, len(X))).fit(
+            X, y, sample_weight=weights
+        )
+        _assert_same_selection(streamed, fitted)
+    assert streamed.n_samples_seen_ == len(X) and streamed.n_features_in_ == X.shape[1]
+    assert fitted.curves_["n_selected"].nunique() >= 3  # nontrivial paths
+
+
+def test_partial_fit_does_not_depend_on_the_chunk_sizes_and_folds_per_sample():
+    X, y = _regression(n=300)
+    groups = [0] * 5 + [1] * 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        one = LassoFilterSelector(groups=groups, alphas=15, cv=3, random_state=4).partial_fit(X, y)
+        many = _streamed(LassoFilterSelector(groups=groups, alphas=15, cv=3, random_state=4), X, y, [1, 64, 17])
+        splits = _streamed_splits(many, len(X))
+        assert len(splits) == 3 and sorted(np.concatenate([test for _, test in splits]).tolist()) == list(range(300))
+        _assert_same_selection(many, one, rtol=1e-9)
+        _assert_same_selection(many, LassoFilterSelector(groups=groups, alphas=15, cv=splits).fit(X, y))
+    # The held-out share is validation_fraction in expectation, and the seed comes from random_state.
+    masks = [_streamed_splits(LassoFilterSelector(random_state=seed).partial_fit(X, y), 20_000) for seed in (0, 1)]
+    assert abs(len(masks[0][0][1]) / 20_000 - 0.25) < 0.01
+    assert not np.array_equal(masks[0][0][1], masks[1][0][1])
+
+
+def test_partial_fit_keeps_float32_chunks_and_computes_the_selection_when_read():
+    X, y = _regression(n=200)
+    X32 = X.astype(np.float32)
+    selector = LassoFilterSelector(alphas=10, random_state=0).partial_fit(X32[:100], y[:100])
+    assert "support_" not in vars(selector) and "knees_" not in vars(selector)
+    first = selector.get_support().copy()
+    assert "support_" in vars(selector) and "curves_" in vars(selector)
+    selector.partial_fit(X32[100:], y[100:])
+    assert "support_" not in vars(selector)  # new data: the selection is recomputed when read
+    as64 = _streamed(LassoFilterSelector(alphas=10, random_state=0), X32.astype(np.float64), y, [100])
+    pd.testing.assert_frame_equal(selector.curves_, as64.curves_, check_exact=True)
+    assert selector.transform(X32).dtype == np.float32 and first.shape == (10,)
+    # fit forgets what was streamed; partial_fit then starts a new stream.
+    selector.fit(X, y)
+    assert "_stream_" not in vars(selector) and not hasattr(selector, "n_samples_seen_")
+    assert selector.partial_fit(X[:50], y[:50]).n_samples_seen_ == 50
+
+
+def test_partial_fit_paths_are_cached_by_memory(tmp_path):
+    X, y = _regression(n=200)
+    kwargs = dict(alphas=10, random_state=0, memory=str(tmp_path))
+    first = _streamed(LassoFilterSelector(**kwargs), X, y, [80])
+    first.support_
+    entries = sorted(tmp_path.rglob("*.npz"))
+    assert len(entries) == 1
+    again = _streamed(LassoFilterSelector(**kwargs), X, y, [80])
+    pd.testing.assert_frame_equal(again.curves_, first.curves_, check_exact=True)
+    assert sorted(tmp_path.rglob("*.npz")) == entries
+
+
+def test_partial_fit_refuses_what_cannot_stream():
+    X, y = _regression(n=60)
+    labels = np.where(y > np.median(y), "high", "low")
+    with pytest.raises(ValueError, match="partial_fit needs cv=None .* got cv=KFold"):
+        LassoFilterSelector(cv=KFold(3)).partial_fit(X, y)
+    selector = LassoFilterSelector().partial_fit(X[:30], labels[:30], classes=["high", "low"])
+    with pytest.raises(ValueError, match=r"labels \['mid'\] that are not in classes \['high', 'low'\]"):
+        selector.partial_fit(X[30:31], np.array(["mid"]))
+    with pytest.raises(ValueError, match="classes must be those of the first partial_fit call"):
+        selector.partial_fit(X[30:], labels[30:], classes=["a", "b"])
+    with pytest.raises(ValueError, match="X has 3 features, but LassoFilterSelector is expecting 10"):
+        selector.partial_fit(X[30:, :3], labels[30:])
+    assert selector.n_samples_seen_ == 30  # refused chunks leave the stream as it was
+    with pytest.raises(ValueError, match="classes is for class labels"):
+        LassoFilterSelector().partial_fit(X, y, classes=[0, 1])
+    with pytest.raises(ValueError, match="classes must hold at least 2 labels"):
+        LassoFilterSelector().partial_fit(X[:5], np.array(["low"] * 5))
+    with pytest.raises(ValueError, match="y must vary across samples"):
+        LassoFilterSelector().partial_fit(X, np.ones(len(X))).get_support()
+    with pytest.raises(AttributeError, match="has no attribute 'support_'"):
+        LassoFilterSelector().support_

@@ -21,6 +21,7 @@ __all__ = [
     "mini_xception",
     "mobilefacenet",
     "mobilenet_v1",
+    "mobilenet_v1_costs",
     "mobilenet_v2",
     "mtcnn_onet",
     "preset",

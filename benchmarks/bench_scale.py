@@ -1,0 +1,173 @@
+"""Scaling: peak memory and wall time against the number of images, and a dask cluster.
+
+S1 streams a synthetic Dataset of 3x112x96 images, generated on the fly from a seed per index
+(nothing is held in memory), through a randomly initialised MobileFaceNet (all 50 convolutions,
+9,792 filters) in one child process per (mode, n), and records the child's peak resident memory
+(``ru_maxrss``) and wall time:
+
+- ``select``: ``ActivationPooler.iter_transform`` batch by batch into
+  ``LassoFilterSelector.partial_fit``, then the selection (the paths of every layer);
+- ``pruner``: ``CraftPruner(streaming=True, finetune_params=None).fit`` on the Dataset
+  (pooling and selection, satellites, surgery, BatchNorm re-estimation, the head's pooling).
+
+The target is continuous: a random pattern mixed into every image with a weight drawn from the
+same seed. S2 runs a small grid search over ``gamma`` (pipeline ActivationPooler ->
+LassoFilterSelector -> RidgeCV) in one process and on a dask ``LocalCluster`` of two worker
+processes, one thread each.
+
+``--quick`` runs tiny sizes (a smoke test of the script, not the benchmark).
+"""
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+
+import _bench
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+FULL = {"sizes": [1000, 5000], "modes": ["select", "pruner"], "batch_size": 64, "grid_n": 300}
+QUICK = {"sizes": [24, 48], "modes": ["select", "pruner"], "batch_size": 16, "grid_n": 60}
+SHAPE = (3, 112, 96)
+
+
+class SyntheticImages(Dataset):
+    """``n`` images generated from a seed per index, and a continuous target of each."""
+
+    def __init__(self, n):
+        self.n = n
+        self.pattern = torch.Generator().manual_seed(-1)
+
+    def __len__(self):
+        return self.n
+
+    def target(self, index):
+        return float(np.random.default_rng(index).normal())
+
+    def __getitem__(self, index):
+        generator = torch.Generator().manual_seed(int(index))
+        pattern = torch.rand(SHAPE, generator=torch.Generator().manual_seed(10**9))
+        return 0.5 * torch.rand(SHAPE, generator=generator) + 0.25 * (1 + self.target(index)) * pattern
+
+
+def child(mode, n, batch_size):
+    """Run one measurement; print peak RSS (bytes) and seconds."""
+    from sklearn_craft import CraftPruner
+    from sklearn_craft.models import mobilefacenet
+    from sklearn_craft.pooling import ActivationPooler
+    from sklearn_craft.selection import LassoFilterSelector
+
+    torch.manual_seed(0)
+    model = mobilefacenet().eval()
+    images = SyntheticImages(n)
+    y = np.array([images.target(i) for i in range(n)])
+    start = time.perf_counter()
+    if mode == "select":
+        pooler = ActivationPooler(model, batch_size=batch_size).fit(images)
+        groups = np.repeat(pooler.layers_, [pooler.n_channels_[layer] for layer in pooler.layers_])
+        selector = LassoFilterSelector(groups=groups, alphas=20, random_state=0)
+        done = 0
+        for batch in pooler.iter_transform(images):
+            selector.partial_fit(batch, y[done : done + len(batch)])
+            done += len(batch)
+        kept = int(selector.support_.sum())
+    else:
+        pruner = CraftPruner(
+            model, gamma=0.05, finetune_params=None, batch_size=batch_size, random_state=0, streaming=True,
+            selector_params={"alphas": 20},
+        ).fit(images, y)
+        kept = int(sum(len(keep) for keep in pruner.keep_.values()))
+    seconds = time.perf_counter() - start
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, seconds, kept)
+
+
+def s1(sizes, modes, batch_size, threads):
+    rows = []
+    for mode in modes:
+        for n in sizes:
+            command = [sys.executable, __file__, "--child", mode, str(n), "--batch-size", str(batch_size),
+                       "--threads", str(threads)]
+            peak, seconds, kept = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-3:]
+            rows.append({"mode": mode, "n": n, "peak_rss_gb": int(peak) / 1e9, "wall_s": float(seconds),
+                         "ms_per_image": 1000 * float(seconds) / n, "filters_kept": int(kept)})
+            print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def s2(n, threads):
+    import distributed
+    import joblib
+    from sklearn.base import clone
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+
+    from sklearn_craft.pooling import ActivationPooler
+    from sklearn_craft.selection import LassoFilterSelector
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU())
+    images = SyntheticImages(n)
+    X = torch.stack([images[i] for i in range(n)]).numpy()
+    y = np.array([images.target(i) for i in range(n)])
+    search = GridSearchCV(
+        make_pipeline(ActivationPooler(model), LassoFilterSelector(alphas=20, random_state=0), RidgeCV()),
+        {"lassofilterselector__gamma": [0.001, 0.01, 0.1, 0.3]},
+        cv=3,
+        n_jobs=-1,
+    )
+    start = time.perf_counter()
+    single = clone(search).set_params(n_jobs=1).fit(X, y).cv_results_["mean_test_score"]
+    one_s = time.perf_counter() - start
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                       dashboard_address=None)
+    with cluster, distributed.Client(cluster):
+        start = time.perf_counter()
+        with joblib.parallel_config(backend="dask"):
+            on_cluster = search.fit(X, y).cv_results_["mean_test_score"]
+        cluster_s = time.perf_counter() - start
+    return one_s, cluster_s, bool(np.array_equal(single, on_cluster))
+
+
+def main(argv=None):
+    parser = _bench.parser(__doc__, real_data=False)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="numbers of images of S1")
+    parser.add_argument("--modes", nargs="+", choices=["select", "pruner"], default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--grid-n", type=int, default=None, help="images of the S2 grid search")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    config = _bench.settings(args, FULL, QUICK)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child(args.child[0], int(args.child[1]), config["batch_size"])
+        return
+    results = args.results or _bench.RESULTS / "scale.md"
+    frame = s1(config["sizes"], config["modes"], config["batch_size"], args.threads)
+    one_s, cluster_s, same = s2(config["grid_n"], args.threads)
+    lines = [
+        "### S1: peak memory and wall time against n (streaming)",
+        "",
+        f"MobileFaceNet (random weights, 50 convolutions, 9,792 filters), synthetic {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} "
+        f"images generated per index, batches of {config['batch_size']}, {args.threads} torch thread(s), "
+        "LASSO paths of 20 alphas per layer. Peak RSS is the child process's ``ru_maxrss`` (model, "
+        "Python, torch and the libraries included).",
+        "",
+        _bench.table(frame.set_index(["mode", "n"]), floatfmt=".3g"),
+        "",
+        "### S2: grid search over gamma, one process vs a dask LocalCluster(2)",
+        "",
+        f"{config['grid_n']} images, a 2-convolution network, 4 gammas x 3 folds: one process "
+        f"{one_s:.1f} s, LocalCluster(n_workers=2, threads_per_worker=1) {cluster_s:.1f} s "
+        f"(cluster start-up excluded); identical scores: {same}.",
+    ]
+    _bench.write_section(results, "Scaling: streaming memory and a dask cluster", __doc__.split("\n\n")[0], lines, args.quick)
+
+
+if __name__ == "__main__":
+    main()
