@@ -251,7 +251,7 @@ def finetune(
     val_idx, train_idx = order[:n_val], order[n_val:]
     train_weights = val_weights = None
     if sample_weight is not None:
-        weights = torch.as_tensor(_check_sample_weight(sample_weight, target.numpy(), ensure_non_negative=True))
+        weights = torch.tensor(_check_sample_weight(sample_weight, target.numpy(), ensure_non_negative=True))
         parts = {"training": train_idx, "validation": val_idx} if n_val else {"training": train_idx}
         totals = {part: weights[indices].sum().item() for part, indices in parts.items()}
         if min(totals.values()) <= 0:
