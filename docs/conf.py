@@ -19,7 +19,7 @@ autosummary_generate = True
 autodoc_default_options = {
     "members": True,
     "inherited-members": False,
-    "exclude-members": "set_fit_request, set_score_request, set_predict_request, set_transform_request",
+    "exclude-members": "set_fit_request, set_partial_fit_request, set_score_request, set_predict_request, set_transform_request",
 }
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
