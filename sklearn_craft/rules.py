@@ -80,7 +80,7 @@ class L1NormRule(FilterRule):
     >>> from sklearn_craft.rules import L1NormRule
     >>> conv = nn.Conv2d(1, 3, 1, bias=False)
     >>> with torch.no_grad():
-    ...     conv.weight.copy_(torch.tensor([1.0, -4.0, 2.0]).view(3, 1, 1, 1))
+    ...     _ = conv.weight.copy_(torch.tensor([1.0, -4.0, 2.0]).view(3, 1, 1, 1))
     >>> L1NormRule().score_filters(conv, None, None).tolist()
     [1.0, 4.0, 2.0]
     """
