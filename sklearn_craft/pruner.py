@@ -90,6 +90,11 @@ class _Selection:
     selectors: dict
     stages: list
     keep_ratio: float
+    #: Sequential mode: the network cut stage by stage, the channels each layer kept in it, and
+    #: its BatchNorm layers whose statistics the last cuts made stale.
+    network: nn.Module = None
+    kept: dict = None
+    stale: list = None
 
 
 def _columns(layers, widths):
@@ -552,7 +557,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         satellites = selection.satellites
 
         clock.start("surgery")
-        pruned, keep = self._cut(dataset, example, head_layer, selection.selected, selection.scale)
+        if selection.network is None:
+            pruned, keep = self._cut(dataset, example, head_layer, selection.selected, selection.scale)
+        else:
+            pruned, keep = self._finish_sequential_cut(data, head_layer, selection)
         if self.head == "satellite":
             pooled = self._pooler(pruned, [head_layer]).fit(X).transform(X)
             satellites[head_layer] = fit_satellite(make_satellite(target_type), pooled, y, sample_weight)
@@ -683,7 +691,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         # before any cut; after a cut, none (they are re-estimated on the task's images, as the
         # final cut does), then up to the last stage pooled and before the next cut.
         fresh, cut = math.inf, False
-        selection = _Selection({}, {} if self.scale_filters else None, {}, [], {}, [], None)
+        selection = _Selection({}, {} if self.scale_filters else None, {}, [], {}, [], None, kept={})
         for stage in tqdm(stages, desc="sequential selection", unit="stage", disable=not self.progress):
             start = time.perf_counter()
             clock.start("pooling")
@@ -712,9 +720,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
 
             clock.start("surgery")
             if scale is not None or any(len(selected[layer]) < convs[layer].out_channels for layer in stage):
-                current = prune_channels(current, selected, data.example, scale=scale)
+                current, kept = prune_channels(current, selected, data.example, scale=scale, return_kept=True)
+                selection.kept.update(kept)
                 first = min(position[layer] for layer in stage)
                 fresh, cut = (min(fresh, first) if cut else -1), True
+            else:
+                selection.kept.update({layer: list(range(convs[layer].out_channels)) for layer in stage})
             selection.selected.update(selected)
             selection.satellites.update(satellites)
             selection.scores.append(scores)
@@ -726,7 +737,37 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         order = [layer for layer in pooler.layers_ if layer in selection.selected]
         selection.scores = scores.loc[order].rename("score")
         selection.selected = {layer: selection.selected[layer] for layer in order}
+        selection.network = current
+        selection.stale = [name for name in norms if position[name] > fresh]
         return selection
+
+    def _finish_sequential_cut(self, data, head_layer, selection):
+        """Surgery stage of the sequential mode: the network cut stage by stage, after ``head_layer``.
+
+        The same network as the one-shot cut of the original with everything selected, without
+        the surgery again: only the BatchNorm statistics made stale since the last stage pooled
+        are re-estimated.
+        """
+        network = selection.network
+        if network is self.model:
+            # Nothing was cut and the model is on the CPU: the pruned network must still be a copy.
+            network = copy.deepcopy(network)
+        if self.head == "satellite" and self.head_layer == "best":
+            network = truncate(network, head_layer, data.example)
+        modules = dict(network.named_modules())
+        network = network.to(self.device)
+        stale = [name for name in selection.stale if name in modules]
+        if self.recalibrate_bn and stale:
+            recalibrate_batchnorm(
+                network,
+                data.dataset,
+                batch_size=self.batch_size,
+                device=self.device,
+                preprocess=self.preprocess,
+                progress=self.progress,
+                layers=stale,
+            )
+        return network, {layer: selection.kept[layer] for layer in selection.selected if layer in modules}
 
     def _selection_targets(self, data, body, layers, features, columns, clock):
         """Layer -> the LASSO target that selects its filters, None for the task's.

@@ -107,6 +107,18 @@ def test_sequential_with_one_layer_is_one_shot(data):
     assert sequential.satellite_scores_.equals(one_shot.satellite_scores_)
 
 
+@pytest.mark.parametrize("gamma", [0.0, GAMMA])
+def test_sequential_leaves_the_model_alone(data, gamma):
+    X, y = data
+    model = conv_chain(n_outputs=1)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    pruner = CraftPruner(
+        model, gamma=gamma, head="original", selection="sequential", finetune_params={"epochs": 1}, random_state=0
+    ).fit(X, y)
+    assert pruner.pruned_model_ is not model and pruner.pruned_model_before_finetune_ is not model
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in state.items())
+
+
 def test_sequential_uses_memory_for_every_stage(data, tmp_path):
     X, y = data
     first = CraftPruner(conv_chain(), gamma=GAMMA, selection="sequential", random_state=0, memory=str(tmp_path)).fit(X, y)
