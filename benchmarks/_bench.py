@@ -111,16 +111,13 @@ FINETUNE_TEXT = (
 
 
 def fit_before_and_after_finetuning(pruner, finetune, X_train, y_train):
-    """Fit ``pruner`` without fine-tuning, then (when ``finetune``) a clone with it.
+    """Fit a clone of ``pruner`` with the fine-tuning budget ``finetune`` (None: none), once.
 
-    Returns both fits: the first is the pruned network with its satellite head (ridge on the
-    kept filters' responses) before any training. With ``memory`` set on the pruner the second
-    fit reuses the first one's pooled responses and LASSO paths.
+    The fitted pruner answers for both networks: ``predict`` for the fine-tuned one,
+    ``predict_before_finetune`` for the pruned network with its satellite head (ridge on the kept
+    filters' responses) before any training.
     """
-    untrained = sklearn.base.clone(pruner).set_params(finetune_params=None).fit(X_train, y_train)
-    if finetune is None:
-        return untrained, untrained
-    return untrained, sklearn.base.clone(pruner).set_params(finetune_params=finetune).fit(X_train, y_train)
+    return sklearn.base.clone(pruner).set_params(finetune_params=finetune).fit(X_train, y_train)
 
 
 def load(dataset, root, n, preset, cache=None):

@@ -8,15 +8,18 @@ baseline  full fine-tuning of MobileFaceNet (CASIA-WebFace weights) with a new h
           network is the original one cut after its last convolution's response, then global average
           pooling and a Linear head (initialised as the ridge satellite), and all of it is trained.
 craft     ``CraftPruner(gamma=g)`` with the same fine-tuning budget, g in ``--gammas``.
-l1        the same per-layer filter counts as craft at that gamma, chosen by the L1 norm of each
-          filter's weights (Li et al. 2017), same fine-tuning.
-random    the same counts chosen at random (seeded), same fine-tuning.
+l1        ``filter_rule="l1_norm"``: the same per-layer filter counts as craft at that gamma (LASSO's),
+          chosen by the L1 norm of each filter's weights (Li et al. 2017), same fine-tuning.
+random    ``filter_rule="random"``: the same counts chosen at random (seeded), same fine-tuning.
+l1@flops, random@flops
+          the same rules with one keep ratio over all layers, found so that the network's FLOPs
+          match craft's at that gamma (``flops_target`` = craft's FLOPs share in ``report_``).
 
-l1 and random are CraftPruner subclasses overriding its ``_choose_filters`` extension point, so
-satellites, surgery, head, fine-tuning and profiling are the library's, identical for all rules.
-Residual additions couple channels (``surgery.merge_keep`` keeps a channel when any convolution
-of the stream keeps it) and depthwise convolutions keep the channels of their input, so the final
-sizes of the three rules may differ.
+The rules are CraftPruner parameters, so satellites, surgery, head, fine-tuning and profiling are
+the library's, identical for all rules. Residual additions couple channels (``surgery.merge_keep``
+keeps a channel when any convolution of the stream keeps it) and depthwise convolutions keep the
+channels of their input, so the final sizes of l1, random and craft may differ; the @flops rows
+match the total FLOPs by construction.
 
 Columns: score (accuracy, or MAE in the label's unit) on the test quarter, parameters, FLOPs and
 CPU latency per image (``profiling.measure_latency``, batch 1, 1 thread, median over alternating
@@ -35,7 +38,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import pandas as pd
 
 import _bench
@@ -47,30 +49,10 @@ FULL = dict(n=600, epochs=4, gammas=(0.1, 0.01, 0.001), alphas=100)
 QUICK = dict(n=120, epochs=1, gammas=(0.01,), alphas=20)
 
 
-class L1NormPruner(CraftPruner):
-    """CraftPruner keeping, per layer, as many filters as LASSO selected, those of largest L1 norm."""
-
-    def _choose_filters(self, selected):
-        chosen = {}
-        for layer, indices in selected.items():
-            weight = self.model.get_submodule(layer).weight.detach()
-            norms = weight.abs().flatten(1).sum(dim=1).numpy()
-            chosen[layer] = np.sort(np.argsort(-norms, kind="stable")[: len(indices)])
-        return chosen
-
-
-class RandomFilterPruner(CraftPruner):
-    """CraftPruner keeping, per layer, as many filters as LASSO selected, drawn at random."""
-
-    def _choose_filters(self, selected):
-        rng = np.random.default_rng(self.random_state)
-        return {
-            layer: np.sort(rng.choice(self.model.get_submodule(layer).out_channels, len(indices), replace=False))
-            for layer, indices in selected.items()
-        }
-
-
-RULES = {"craft": CraftPruner, "l1": L1NormPruner, "random": RandomFilterPruner}
+#: Row name -> filter_rule, with the per-layer counts of LASSO at the row's gamma.
+RULES = {"craft": "lasso", "l1": "l1_norm", "random": "random"}
+#: Row name -> filter_rule, at the FLOPs of the craft row of the same gamma.
+MATCHED = {"l1@flops": "l1_norm", "random@flops": "random"}
 
 
 def latencies(models, shape, rounds=5):
@@ -94,22 +76,31 @@ def run_task(task, args, config, net, input_preset, memory):
         memory=memory,
         progress=False,
     )
-    runs, untrained = {}, {}
+    runs = {}
     start = time.perf_counter()
-    methods = [("baseline", CraftPruner, 0.0)]
-    methods += [(f"{rule} g={gamma:g}", cls, gamma) for gamma in config["gammas"] for rule, cls in RULES.items()]
-    for name, cls, gamma in methods:
-        pruner = cls(net, gamma=gamma, finetune_params=finetune, **common)
-        untrained[name], runs[name] = _bench.fit_before_and_after_finetuning(pruner, finetune, X_train, y_train)
+
+    def fit(name, **params):
+        pruner = CraftPruner(net, finetune_params=finetune, **common, **params)
+        runs[name] = _bench.fit_before_and_after_finetuning(pruner, finetune, X_train, y_train)
         print(f"  {task} {name}: {time.perf_counter() - start:.0f} s elapsed", flush=True)
-    # The task's first fit paid the (then cached) pooling and LASSO paths.
-    first = untrained["baseline"].timings_
-    pool_select = float(first["pooling"] + first["selection"])
-    base_timings = runs["baseline"].timings_
-    times = {"baseline": float(base_timings["surgery"] + base_timings.get("finetune", 0.0))}
+        return runs[name]
+
+    fit("baseline", gamma=0.0)
+    for gamma in config["gammas"]:
+        for rule, filter_rule in RULES.items():
+            fit(f"{rule} g={gamma:g}", gamma=gamma, filter_rule=filter_rule)
+        report = runs[f"craft g={gamma:g}"].report_
+        share = float(report.loc["flops", "pruned"] / report.loc["flops", "original"])
+        for rule, filter_rule in MATCHED.items():
+            fit(f"{rule} g={gamma:g}", gamma=gamma, filter_rule=filter_rule, flops_target=share)
+    # The task's first fit, the baseline, paid the (then cached) pooling and LASSO paths.
+    first = runs["baseline"].timings_
+    times = {"baseline": float(first["surgery"] + first.get("finetune", 0.0))}
     for name, pruner in list(runs.items())[1:]:
         t = pruner.timings_
-        times[name] = pool_select + float(t["satellites"] + t["surgery"] + t.get("finetune", 0.0))
+        # The @flops rows fit no LASSO: their selection time is the FLOPs bisection.
+        select = float(t["selection"]) if "@flops" in name else float(first["selection"])
+        times[name] = float(first["pooling"]) + select + float(t["satellites"] + t["surgery"] + t.get("finetune", 0.0))
     shape = (3, *input_preset.size)
     latency = latencies({name: p.pruned_model_ for name, p in runs.items()}, shape)
     rows = []
@@ -120,7 +111,7 @@ def run_task(task, args, config, net, input_preset, memory):
                 method=name,
                 metric=_bench.metric_name(kind),
                 score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
-                score_before_ft=_bench.task_score(kind, y_test, untrained[name].predict(X_test)),
+                score_before_ft=_bench.task_score(kind, y_test, pruner.predict_before_finetune(X_test)),
                 parameters=count_parameters(pruner.pruned_model_),
                 flops=count_flops(pruner.pruned_model_, shape),
                 latency_ms=1e3 * latency[name],
@@ -161,8 +152,9 @@ def write_results(result, config, results, quick):
         "Score: accuracy for gender/emotion, MAE (degrees / years) for yaw/age, on the test quarter. "
         "`*_chg_pct` = % change vs the task's baseline; latency: batch 1, 1 thread, median of alternating "
         "rounds. time_s: baseline = head fit + fine-tuning; pruned = pooling + selection + satellites + "
-        "surgery + fine-tuning. l1/random keep the same per-layer counts as craft at that gamma (before "
-        "the coupled-channel merge)."
+        "surgery + fine-tuning (the @flops rows: their FLOPs bisection instead of the selection). l1/random keep "
+        "the same per-layer counts as craft at that gamma (before the coupled-channel merge); l1@flops/random@flops "
+        "keep one ratio of every layer's filters, found by bisection so that the FLOPs match craft's at that gamma."
     )
     _bench.write_section(results, "ETL Table 1 (MobileFaceNet)", intro, [_bench.table(shown)], quick)
 

@@ -59,13 +59,13 @@ def main(argv=None):
                     random_state=_bench.SEED,
                     memory=f"{scratch}/{task}",
                 )
-                untrained, pruner = _bench.fit_before_and_after_finetuning(pruner, finetune, X_train, y_train)
+                pruner = _bench.fit_before_and_after_finetuning(pruner, finetune, X_train, y_train)
                 rows.append(
                     dict(
                         task=task,
                         gamma=gamma,
                         metric=_bench.metric_name(kind),
-                        score_before_ft=_bench.task_score(kind, y_test, untrained.predict(X_test)),
+                        score_before_ft=_bench.task_score(kind, y_test, pruner.predict_before_finetune(X_test)),
                         score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
                         flops=count_flops(pruner.pruned_model_, shape),
                         size_bytes=model_size_bytes(pruner.pruned_model_),

@@ -230,6 +230,23 @@ class _ChannelGraph:
         self.followers = [name for name in self.order if name in followers]
         return groups
 
+    def readers(self, name):
+        """Convolutions, not depthwise, whose input channels are the output channels of ``name`` (forward order).
+
+        Found as the convolutions whose input channels removing one output channel of ``name``
+        removes: directly, or through BatchNorm, activations, depthwise convolutions and
+        residual additions.
+        """
+        pruning = self._group(self.convs[name], [0])
+        reading = {
+            self.names[dep.target.module]
+            for dep, _ in pruning
+            if isinstance(dep.target.module, nn.Conv2d)
+            and not self.graph.is_out_channel_pruning_fn(dep.handler)
+            and not _follows_input(dep.target.module)
+        }
+        return [conv for conv in self.order if conv in reading]
+
     def paired(self, name):
         """Whether output channels i and C + i of group root ``name`` are coupled (a Max-Feature-Map follows).
 

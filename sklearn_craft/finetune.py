@@ -391,7 +391,9 @@ def _input_moments(model, norm, dataset, batch_size, device, preprocess, num_wor
     return moments
 
 
-def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=None, progress=False, num_workers=0):
+def recalibrate_batchnorm(
+    model, X, *, batch_size=64, device="cpu", preprocess=None, progress=False, num_workers=0, layers=None
+):
     """Re-estimate the running mean and variance of every BatchNorm layer of ``model`` on ``X``.
 
     Removing filters changes what the layers after them see, so the statistics a BatchNorm layer
@@ -428,6 +430,12 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
     num_workers : int, default=0
         Worker processes that read and collate the items of a Dataset ``X`` (see
         :func:`sklearn_craft.images.iter_batches`); 0 reads them in this process.
+    layers : collection of str or None, default=None
+        Names of the BatchNorm layers to re-estimate; the others keep their statistics. None
+        re-estimates all. When the layers left out run before every layer of ``layers``, or
+        their inputs did not change since they were last estimated, the result is that of
+        re-estimating all (the sequential selection of
+        :class:`~sklearn_craft.pruner.CraftPruner` re-estimates only the layers after a cut).
 
     Returns
     -------
@@ -449,6 +457,13 @@ def recalibrate_batchnorm(model, X, *, batch_size=64, device="cpu", preprocess=N
         for name, module in model.named_modules()
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
     }
+    if layers is not None:
+        if isinstance(layers, str):
+            raise TypeError(f"layers must be a collection of BatchNorm layer names, got the string {layers!r}")
+        unknown = sorted(set(layers) - set(norms))
+        if unknown:
+            raise ValueError(f"layers must name BatchNorm layers of the model that track running statistics, got {unknown}")
+        norms = {name: module for name, module in norms.items() if name in set(layers)}
     if not norms:
         return model
     dataset = as_image_dataset(X)

@@ -21,7 +21,7 @@ from torch import fx, nn
 from ._channel_graph import _ChannelGraph, _scale_target, _traceable
 from .inspection import _check_model, _runs_on, find_responses
 
-__all__ = ["attach_head", "coupled_groups", "merge_keep", "prune_channels", "truncate"]
+__all__ = ["attach_head", "channel_readers", "coupled_groups", "merge_keep", "prune_channels", "truncate"]
 
 
 def _check_example_input(example_input):
@@ -185,6 +185,53 @@ def coupled_groups(model, example_input, *, return_followers=False):
         graph = _ChannelGraph(model, x)
         groups = graph.groups()
     return (groups, graph.followers) if return_followers else groups
+
+
+def channel_readers(model, example_input):
+    """The convolutions that read the output channels of each convolution.
+
+    A convolution reads the output channels of another when its input channels are those
+    channels: directly, or through BatchNorm, activations, pooling, residual additions (then it
+    reads every convolution of the stream) and depthwise convolutions, which are looked through
+    (they follow their input, see :func:`coupled_groups`) rather than listed. Read from one
+    forward pass on ``example_input`` (Torch-Pruning's ``DependencyGraph``), like the coupling.
+    The pruner's ``criterion="reconstruction"`` selects a layer's filters by how well they
+    predict the responses of its readers.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network. It is not modified: training flags and ``requires_grad`` are restored.
+    example_input : torch.Tensor
+        A batch the model accepts.
+
+    Returns
+    -------
+    readers : dict of str to list of str
+        Every ``nn.Conv2d`` that runs on ``example_input``, in forward order -> the convolutions
+        that read it, in forward order (empty for the last ones, or when a Linear layer reads it).
+        Coupled convolutions have the same readers; a convolution coupled with the one it reads
+        (the last convolution of a residual block reads the stream it adds to) is not listed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_craft.models import mobilenet_v1
+    >>> from sklearn_craft.surgery import channel_readers
+    >>> readers = channel_readers(mobilenet_v1(width_mult=0.25), torch.zeros(1, 3, 32, 32))
+    >>> readers["features.0.0"], readers["features.1.0"]
+    (['features.1.3'], ['features.1.3'])
+    """
+    _check_model(model)
+    _check_example_input(example_input)
+    _runs_on(model, example_input, "example_input")
+    with _traceable(model, example_input) as x:
+        graph = _ChannelGraph(model, x)
+        readers = {}
+        for group in graph.groups():
+            reading = [name for name in graph.readers(group[0]) if name not in group]
+            readers.update({name: list(reading) for name in group})
+    return {name: readers[name] for name in graph.order}
 
 
 def merge_keep(keep, groups, n_channels, *, followers=()):

@@ -51,11 +51,15 @@ def test_etl_table_has_one_row_per_method_and_changes_against_the_baseline(share
                                       "--gammas", "0.1", "--alphas", "5", "--epochs", "1")
     frame = pd.read_csv(results.with_suffix(".csv"))
     numeric = ["score", "parameters", "flops", "latency_ms", "time_s"]
-    assert list(frame["method"]) == ["baseline", "craft g=0.1", "l1 g=0.1", "random g=0.1"]
+    rules = ["craft g=0.1", "l1 g=0.1", "random g=0.1", "l1@flops g=0.1", "random@flops g=0.1"]
+    assert list(frame["method"]) == ["baseline", *rules]
     assert _finite(frame, numeric + [f"{c}_chg_pct" for c in numeric])
     assert (frame.loc[0, [f"{c}_chg_pct" for c in numeric]] == 0).all()
     # The three rules keep the same per-layer counts before the coupled merge, and all prune.
     assert (frame.loc[1:, "flops"] < frame.loc[0, "flops"]).all()
+    # The @flops rows match craft's FLOPs (within the tolerance, a share of the original network's).
+    flops = frame.set_index("method")["flops"]
+    assert (abs(flops[rules[3:]] - flops[rules[0]]) <= 0.01 * flops["baseline"]).all()
     assert frame["score"].between(0, 1).all() and frame["score_before_ft"].between(0, 1).all()
     assert "| gender | craft g=0.1 |" in text
 

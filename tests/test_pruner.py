@@ -19,6 +19,7 @@ import sklearn_craft.pruner
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.profiling import count_flops, count_parameters
 from sklearn_craft.pruner import CraftClassifier, CraftPruner, CraftRegressor
+from sklearn_craft.rules import FilterRule
 from sklearn_craft.surgery import coupled_groups, truncate
 
 from conftest import (
@@ -141,18 +142,19 @@ def test_keep_matches_the_network_selection_and_report(data):
     assert set(pruner.timings_.index) == {"pooling", "selection", "satellites", "surgery", "report"}
 
 
-class _FirstFilters(CraftPruner):
-    """Keeps the first filters of every layer, as many as LASSO selected."""
+class _FirstFilters(FilterRule):
+    """Ranks the filters of every layer by their index: keeps the first ones."""
 
-    def _choose_filters(self, selected):
-        return {layer: np.arange(len(indices)) for layer, indices in selected.items()}
+    def score_filters(self, conv, responses, Y, *, sample_weight=None, random_state=None):
+        assert responses.shape == (len(Y), conv.out_channels)
+        return -np.arange(conv.out_channels)
 
 
-def test_choose_filters_override_replaces_the_lasso_choice_everywhere(data):
+def test_a_custom_filter_rule_replaces_the_lasso_choice_everywhere(data):
     X, scores = data
     y = scores[:, 0]
     lasso = CraftPruner(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
-    first = _FirstFilters(conv_chain(), gamma=0.05, random_state=0).fit(X, y)
+    first = CraftPruner(conv_chain(), gamma=0.05, random_state=0, filter_rule=_FirstFilters()).fit(X, y)
     body = first.pruned_model_
     assert any(not np.array_equal(lasso.selected_[layer], np.arange(len(lasso.selected_[layer]))) for layer in lasso.layers_)
     for layer in first.layers_:
@@ -164,6 +166,8 @@ def test_choose_filters_override_replaces_the_lasso_choice_everywhere(data):
             assert first.satellites_[layer][0].n_features_in_ == count
     first_conv = conv_chain().get_submodule("0").weight[np.arange(len(first.keep_["0"]))]
     torch.testing.assert_close(body.get_submodule("0").weight, first_conv)
+    # The counts are LASSO's at gamma: its curves are those of the default rule.
+    pd.testing.assert_frame_equal(first.knees_, lasso.knees_)
 
 
 def test_gamma_zero_keeps_every_filter_and_larger_gamma_keeps_fewer(data):
