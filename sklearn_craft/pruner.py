@@ -274,7 +274,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         Needs ``selection="one-shot"``, ``criterion="task"`` and ``filter_rule="lasso"``.
     selection : {"one-shot", "sequential"}, default="one-shot"
         Select every layer on the original network, or stage by stage on the network cut so far
-        (see above).
+        (see above). A sequential stage is one group of coupled convolutions and keeps the union
+        of its members' selections, a depthwise convolution's included (on MobileFaceNet / CelebA
+        gender this lifted the satellite before fine-tuning from 0.760 to 0.913, see the
+        Reproducing page).
     criterion : {"task", "reconstruction", "both"}, default="task"
         The target of every layer's LASSO: the task; the pooled responses of the convolutions
         reading the layer in the network the head cuts (:func:`sklearn_craft.surgery.channel_readers`),
@@ -768,7 +771,17 @@ class CraftPruner(TransformerMixin, BaseEstimator):
 
             clock.start("surgery")
             if scale is not None or any(len(selected[layer]) < convs[layer].out_channels for layer in stage):
-                current, kept = prune_channels(current, selected, data.example, scale=scale, return_kept=True)
+                # A stage is one coupled group: every member's selection votes for the channels the
+                # group shares, a depthwise convolution's too (alone, surgery would let it follow its
+                # input). Channels kept only by another member's vote are not scaled.
+                union = np.unique(np.concatenate([selected[layer] for layer in stage]))
+                if scale is not None:
+                    scale = {
+                        layer: [dict(zip(selected[layer], scale[layer])).get(index, 1.0) for index in union]
+                        for layer in stage
+                    }
+                keep = dict.fromkeys(stage, union)
+                current, kept = prune_channels(current, keep, data.example, scale=scale, return_kept=True)
                 selection.kept.update(kept)
                 first = min(position[layer] for layer in stage)
                 fresh, cut = (min(fresh, first) if cut else -1), True

@@ -88,6 +88,11 @@ def test_sequential_on_coupled_architectures_cuts_group_by_group(name):
     assert pruner.stages_["layers"].tolist() == [[layer for layer in group if layer in layers] for group in groups]
     for group in groups:
         assert len({tuple(pruner.keep_[layer]) for layer in group}) == 1
+        # Every member votes, a depthwise convolution too: the group keeps the union of their choices.
+        members = [layer for layer in group if layer in pruner.keep_]
+        if members:
+            union = np.unique(np.concatenate([pruner.selected_[layer] for layer in members]))
+            np.testing.assert_array_equal(pruner.keep_[members[0]], union)
     body = pruner.pruned_model_
     assert all(body.get_submodule(layer).out_channels == len(kept) for layer, kept in pruner.keep_.items())
     assert pruner.report_.loc["flops", "reduction_pct"] > 0
