@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
+# Each test runs a whole benchmark script in a subprocess (10-70 s): not in the fast subset.
+pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -123,7 +125,6 @@ def _committed(name):
     return path.read_bytes() if path.exists() else None
 
 
-@pytest.mark.slow
 def test_pooler_quick_run_measures_both_models_and_every_p5_run(tmp_path):
     committed = _committed("pooler")
     _, text = _run("pooler", tmp_path)
@@ -137,7 +138,6 @@ def test_pooler_quick_run_measures_both_models_and_every_p5_run(tmp_path):
     assert _committed("pooler") == committed
 
 
-@pytest.mark.slow
 def test_selection_quick_run_times_every_target_and_both_searches(tmp_path):
     committed = _committed("selection")
     _, text = _run("selection", tmp_path)
@@ -151,7 +151,6 @@ def test_selection_quick_run_times_every_target_and_both_searches(tmp_path):
     assert _committed("selection") == committed
 
 
-@pytest.mark.slow
 def test_pruner_quick_run_prunes_every_configuration_and_times_both_fits(tmp_path):
     committed = _committed("pruner")
     _, text = _run("pruner", tmp_path)
@@ -165,7 +164,6 @@ def test_pruner_quick_run_prunes_every_configuration_and_times_both_fits(tmp_pat
     assert _committed("pruner") == committed
 
 
-@pytest.mark.slow
 def test_pruner_runtimes_report_a_ratio_per_runtime(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
@@ -195,7 +193,6 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
     assert "support_ (the filters kept at every knee) identical" in text and "largest |RMSE difference| 0.00e+00" in text
 
 
-@pytest.mark.slow
 @pytest.mark.realdata
 def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_data, tmp_path):
     saved = tmp_path / "student.pt"
@@ -233,7 +230,6 @@ def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_da
     mobilenet_v1(num_classes=state["classifier.weight"].shape[0], width_mult=0.5).load_state_dict(state)
 
 
-@pytest.mark.slow
 @pytest.mark.realdata
 def test_attributes_trains_scratch_and_distilled_rows_and_writes_the_cost_table(shared_data, tmp_path):
     from sklearn_craft.models import mobilenet_v1

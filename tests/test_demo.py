@@ -7,6 +7,7 @@ from sklearn_craft.__main__ import build_parser, main
 from sklearn_craft.demo import run_demo
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_report_and_figures(tmp_path):
     table = run_demo(tmp_path, quick=True, progress=False, verbose=False)
     assert list(table["gamma"]) == [0.0, 0.05]

@@ -27,6 +27,7 @@ NETWORKS = {
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_craft_pruner_on_real_network(shared_data, tmp_path, name):
     weights, loader, folder, task, kwargs, gamma = NETWORKS[name]

@@ -72,6 +72,7 @@ def test_sequential_on_a_chain_selects_each_layer_on_the_cut_network(data):
     np.testing.assert_allclose(pruner.transform(X), _pooled(current, "6", X), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_sequential_on_coupled_architectures_cuts_group_by_group(name):
     architecture = ARCHITECTURES[name]
