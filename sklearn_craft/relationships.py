@@ -210,11 +210,16 @@ def _last_conv(model, X, **pooler_params):
     return _pooler(model, "conv", **pooler_params).fit(X).layers_[-1]
 
 
-def _pool_source(model, X, layer, pooler_params):
-    """Pooled responses (float64) of one network source at ``layer`` (its last convolution when None)."""
+def _source_pooler(model, X, layer, pooler_params):
+    """The fitted pooler of one network source at ``layer`` (its last convolution when None)."""
     if layer is None:
         layer = _last_conv(model, X, **pooler_params)
-    return _pooler(model, [layer], **pooler_params).fit_transform(X).astype(np.float64)
+    return _pooler(model, [layer], **pooler_params).fit(X)
+
+
+def _pool_source(pooler, X):
+    """Pooled responses (float64) of one fitted source pooler."""
+    return pooler.transform(X).astype(np.float64)
 
 
 def task_relationship_matrix(
@@ -352,12 +357,13 @@ def task_relationship_matrix(
         progress=progress,
         num_workers=num_workers,
     )
-    pooled = Parallel(n_jobs=n_jobs)(
-        delayed(_pool_source)(
-            sources[name], X, layer.get(name) if isinstance(layer, Mapping) else layer, pooler_params
-        )
+    # Fitting traces the networks with torch.fx, which patches torch functions for the whole
+    # process: done here, one after the other, so that no thread traces while another runs a network.
+    poolers = [
+        _source_pooler(sources[name], X, layer.get(name) if isinstance(layer, Mapping) else layer, pooler_params)
         for name in networks
-    )
+    ]
+    pooled = Parallel(n_jobs=n_jobs)(delayed(_pool_source)(pooler, X) for pooler in poolers)
     features.update(zip(networks, pooled))
     features = {name: features[name] for name in sources}
 
