@@ -74,17 +74,20 @@ def settings(args, full, quick):
     return config
 
 
-def pruning_run(description, tasks, full, quick, argv=None):
+def pruning_run(description, tasks, full, quick, argv=None, extra=None):
     """Parse the arguments of a MobileFaceNet pruning benchmark; return them and the run's settings.
 
     ``full`` and ``quick`` map ``n``, ``epochs``, ``gammas`` and ``alphas`` to their defaults; a
-    command-line value overrides the default of the chosen size.
+    command-line value overrides the default of the chosen size. ``extra(parser)`` adds a
+    script's own options.
     """
     p = parser(description)
     p.add_argument("--tasks", nargs="+", choices=list(tasks), default=list(tasks))
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (0: no fine-tuning)")
     p.add_argument("--gammas", type=float, nargs="+", default=None)
     p.add_argument("--alphas", type=int, default=None, help="LASSO path length per layer")
+    if extra is not None:
+        extra(p)
     args = p.parse_args(argv)
     config = settings(args, full, quick)
     torch.set_num_threads(args.threads)

@@ -8,12 +8,18 @@ baseline  full fine-tuning of MobileFaceNet (CASIA-WebFace weights) with a new h
           network is the original one cut after its last convolution's response, then global average
           pooling and a Linear head (initialised as the ridge satellite), and all of it is trained.
 craft     ``CraftPruner(gamma=g)`` with the same fine-tuning budget, g in ``--gammas``.
+sequential
+          ``CraftPruner(gamma=g, selection="sequential")``: the cascade-aware mode, coupled groups
+          selected one after the other on the network already cut (skipped with
+          ``--selections one-shot``).
 l1        ``filter_rule="l1_norm"``: the same per-layer filter counts as craft at that gamma (LASSO's),
           chosen by the L1 norm of each filter's weights (Li et al. 2017), same fine-tuning.
 random    ``filter_rule="random"``: the same counts chosen at random (seeded), same fine-tuning.
 l1@flops, random@flops
           the same rules with one keep ratio over all layers, found so that the network's FLOPs
           match craft's at that gamma (``flops_target`` = craft's FLOPs share in ``report_``).
+l1@seq, random@seq
+          the same, at the FLOPs of the sequential row of that gamma.
 
 The rules are CraftPruner parameters, so satellites, surgery, head, fine-tuning and profiling are
 the library's, identical for all rules. Residual additions couple channels (``surgery.merge_keep``
@@ -30,7 +36,7 @@ they do not depend on gamma or on the rule) + satellites + surgery + fine-tuning
 
 Full size (no --quick): 600 images per task, at most 4 epochs (early stopping), gammas 0.1, 0.01, 0.001 -- sized for
 about an hour on 2 idle cores (the estimate comes from quick runs, see the results page).
-Run: python benchmarks/bench_etl_table.py [--quick] [--n N] [--epochs E] [--tasks gender yaw]
+Run: python benchmarks/bench_etl_table.py [--quick] [--n N] [--epochs E] [--tasks gender yaw] [--selections one-shot]
 Writes benchmarks/results/etl_table.md and etl_table.csv (read by bench_task_relationships.py).
 """
 
@@ -53,6 +59,8 @@ QUICK = dict(n=120, epochs=1, gammas=(0.01,), alphas=20)
 RULES = {"craft": "lasso", "l1": "l1_norm", "random": "random"}
 #: Row name -> filter_rule, at the FLOPs of the craft row of the same gamma.
 MATCHED = {"l1@flops": "l1_norm", "random@flops": "random"}
+#: Row name -> filter_rule, at the FLOPs of the sequential row of the same gamma.
+MATCHED_SEQUENTIAL = {"l1@seq": "l1_norm", "random@seq": "random"}
 
 
 def latencies(models, shape, rounds=5):
@@ -89,17 +97,26 @@ def run_task(task, args, config, net, input_preset, memory):
     for gamma in config["gammas"]:
         for rule, filter_rule in RULES.items():
             fit(f"{rule} g={gamma:g}", gamma=gamma, filter_rule=filter_rule)
-        report = runs[f"craft g={gamma:g}"].report_
-        share = float(report.loc["flops", "pruned"] / report.loc["flops", "original"])
-        for rule, filter_rule in MATCHED.items():
-            fit(f"{rule} g={gamma:g}", gamma=gamma, filter_rule=filter_rule, flops_target=share)
+        matched = {"craft": MATCHED}
+        if "sequential" in args.selections:
+            fit(f"sequential g={gamma:g}", gamma=gamma, selection="sequential")
+            matched["sequential"] = MATCHED_SEQUENTIAL
+        for reference, rules in matched.items():
+            report = runs[f"{reference} g={gamma:g}"].report_
+            share = float(report.loc["flops", "pruned"] / report.loc["flops", "original"])
+            for rule, filter_rule in rules.items():
+                fit(f"{rule} g={gamma:g}", gamma=gamma, filter_rule=filter_rule, flops_target=share)
     # The task's first fit, the baseline, paid the (then cached) pooling and LASSO paths.
     first = runs["baseline"].timings_
     times = {"baseline": float(first["surgery"] + first.get("finetune", 0.0))}
     for name, pruner in list(runs.items())[1:]:
         t = pruner.timings_
-        # The @flops rows fit no LASSO: their selection time is the FLOPs bisection.
-        select = float(t["selection"]) if "@flops" in name else float(first["selection"])
+        if name.startswith("sequential"):
+            # Its own pooling (one pass per stage, on the network cut so far) and LASSO paths.
+            times[name] = float(sum(t.values()))
+            continue
+        # The matched-FLOPs rows fit no LASSO: their selection time is the FLOPs bisection.
+        select = float(t["selection"]) if "@" in name else float(first["selection"])
         times[name] = float(first["pooling"]) + select + float(t["satellites"] + t["surgery"] + t.get("finetune", 0.0))
     shape = (3, *input_preset.size)
     latency = latencies({name: p.pruned_model_ for name, p in runs.items()}, shape)
@@ -154,13 +171,15 @@ def write_results(result, config, results, quick):
         "rounds. time_s: baseline = head fit + fine-tuning; pruned = pooling + selection + satellites + "
         "surgery + fine-tuning (the @flops rows: their FLOPs bisection instead of the selection). l1/random keep "
         "the same per-layer counts as craft at that gamma (before the coupled-channel merge); l1@flops/random@flops "
-        "keep one ratio of every layer's filters, found by bisection so that the FLOPs match craft's at that gamma."
+        "keep one ratio of every layer's filters, found by bisection so that the FLOPs match craft's at that gamma; "
+        "sequential: selection=\"sequential\" (time_s: all of its fit); l1@seq/random@seq: the same at the "
+        "sequential row's FLOPs."
     )
     _bench.write_section(results, "ETL Table 1 (MobileFaceNet)", intro, [_bench.table(shown)], quick)
 
 
 def main(argv=None):
-    args, config = _bench.pruning_run(__doc__, _bench.TASKS, FULL, QUICK, argv)
+    args, config = _bench.pruning_run(__doc__, _bench.TASKS, FULL, QUICK, argv, extra=_selections_option)
     results = args.results or _bench.RESULTS / "etl_table.md"
     input_preset = preset("mobilefacenet")
     net = mobilefacenet(weights=args.data_root / _bench.WEIGHTS["mobilefacenet"])
@@ -173,6 +192,11 @@ def main(argv=None):
             # Written after every task, so that a long run that stops keeps the finished tasks.
             write_results(pd.concat(frames, ignore_index=True), config, results, args.quick)
     return pd.concat(frames, ignore_index=True)
+
+
+def _selections_option(parser):
+    parser.add_argument("--selections", nargs="+", choices=["one-shot", "sequential"], default=["one-shot", "sequential"],
+                        help="CRAFT selection modes (one-shot always runs: the l1/random rows take its counts)")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-FULL = {"sizes": [1000, 5000], "modes": ["select", "pruner"], "batch_size": 64, "grid_n": 300}
-QUICK = {"sizes": [24, 48], "modes": ["select", "pruner"], "batch_size": 16, "grid_n": 60}
+FULL = {"sizes": [1000, 10000, 50000], "pruner_sizes": [1000, 10000], "modes": ["select", "pruner"], "batch_size": 64,
+        "grid_n": 300}
+QUICK = {"sizes": [24, 48], "pruner_sizes": [24, 48], "modes": ["select", "pruner"], "batch_size": 16, "grid_n": 60}
 SHAPE = (3, 112, 96)
 
 
@@ -85,10 +86,10 @@ def child(mode, n, batch_size):
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, seconds, kept)
 
 
-def s1(sizes, modes, batch_size, threads):
+def s1(sizes, pruner_sizes, modes, batch_size, threads):
     rows = []
     for mode in modes:
-        for n in sizes:
+        for n in pruner_sizes if mode == "pruner" else sizes:
             command = [sys.executable, __file__, "--child", mode, str(n), "--batch-size", str(batch_size),
                        "--threads", str(threads)]
             peak, seconds, kept = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-3:]
@@ -136,7 +137,8 @@ def s2(n, threads):
 
 def main(argv=None):
     parser = _bench.parser(__doc__, real_data=False)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="numbers of images of S1")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="numbers of images of S1 (select)")
+    parser.add_argument("--pruner-sizes", type=int, nargs="+", default=None, help="numbers of images of S1 (pruner)")
     parser.add_argument("--modes", nargs="+", choices=["select", "pruner"], default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--grid-n", type=int, default=None, help="images of the S2 grid search")
@@ -148,7 +150,7 @@ def main(argv=None):
         child(args.child[0], int(args.child[1]), config["batch_size"])
         return
     results = args.results or _bench.RESULTS / "scale.md"
-    frame = s1(config["sizes"], config["modes"], config["batch_size"], args.threads)
+    frame = s1(config["sizes"], config["pruner_sizes"], config["modes"], config["batch_size"], args.threads)
     one_s, cluster_s, same = s2(config["grid_n"], args.threads)
     lines = [
         "### S1: peak memory and wall time against n (streaming)",

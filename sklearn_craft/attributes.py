@@ -10,18 +10,19 @@ paper's Table II.
 """
 
 import copy
+from numbers import Integral
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import StrOptions
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .finetune import _CONSTRAINTS as _FINETUNE_CONSTRAINTS
-from .finetune import FINETUNE_DEFAULTS, check_finetune_params, finetune
+from .finetune import FINETUNE_DEFAULTS, _network_outputs, check_finetune_params, finetune
 from .images import as_image_dataset, input_channels, iter_batches
 from .inspection import _check_device, _evaluating
 
@@ -182,6 +183,9 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         Applied to every batch of images (float tensors in [0, 1]) before the network sees it,
         in ``fit`` and in prediction, e.g. a normalisation. ``model_`` itself expects
         preprocessed input.
+    num_workers : int, default=0
+        Worker processes that read a Dataset's images, in ``fit`` and in prediction (see
+        :func:`sklearn_craft.images.iter_batches`); 0 reads them in this process.
     random_state : int, RandomState instance or None, default=None
         Seeds the new head (``head="replace"``), the validation split, the shuffling and
         dropout: two fits with the same integer give the same weights. The global torch seed is
@@ -228,6 +232,7 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         **_FINETUNE_CONSTRAINTS,
         "device": [str, torch.device],
         "preprocess": [callable, None],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
         "random_state": ["random_state"],
         "progress": ["boolean"],
     }
@@ -246,6 +251,7 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         early_stopping=FINETUNE_DEFAULTS["early_stopping"],
         device="cpu",
         preprocess=None,
+        num_workers=0,
         random_state=None,
         progress=False,
     ):
@@ -260,6 +266,7 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         self.early_stopping = early_stopping
         self.device = device
         self.preprocess = preprocess
+        self.num_workers = num_workers
         self.random_state = random_state
         self.progress = progress
 
@@ -305,6 +312,7 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
             random_state=int(train_seed),
             progress=self.progress,
             sample_weight=sample_weight,
+            num_workers=self.num_workers,
             **settings,
         )
 
@@ -375,12 +383,10 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         dataset = as_image_dataset(X, n_channels=input_channels(self.model_))
-        with _evaluating(self.model_), torch.inference_mode():
-            outputs = [
-                self.model_(batch).reshape(len(batch), -1).cpu()
-                for batch in iter_batches(dataset, self.batch_size, device=self.device, preprocess=self.preprocess)
-            ]
-        return torch.cat(outputs).numpy()
+        return _network_outputs(
+            self.model_, dataset, self.batch_size, device=self.device, preprocess=self.preprocess,
+            num_workers=self.num_workers,
+        )
 
     def predict_proba(self, X):
         """Probability of every attribute (the sigmoid of the logits).

@@ -490,6 +490,17 @@ def recalibrate_batchnorm(
     return model
 
 
+def _network_outputs(model, dataset, batch_size, *, device, preprocess=None, num_workers=0):
+    """Outputs of ``model`` (in eval mode) on every image of ``dataset``, as an N×d float array."""
+    dtype = _input_dtype(model)
+    with _evaluating(model), torch.inference_mode():
+        outputs = [
+            model(batch.to(dtype)).reshape(len(batch), -1).float().cpu()
+            for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess, num_workers=num_workers)
+        ]
+    return torch.cat(outputs).numpy()
+
+
 def _run_epoch(
     model, criterion, dataset, target, indices, batch_size, device, preprocess, num_workers, opt=None, weights=None
 ):

@@ -189,7 +189,7 @@ def plot_layer_task_matrix(
     return ax
 
 
-def plot_gamma_tradeoff(table, score="score", cost="flops", ax=None, *, score_label=None):
+def plot_gamma_tradeoff(table, score="score", cost="flops", ax=None, *, score_label=None, label=None):
     """Score against cost of networks pruned at several ``gamma`` (the ETL paper's Figure 6).
 
     Parameters
@@ -205,6 +205,10 @@ def plot_gamma_tradeoff(table, score="score", cost="flops", ax=None, *, score_la
         Axes to draw on; a new figure when None.
     score_label : str, default=None
         Label of the y axis (``score`` when None).
+    label : str, default=None
+        Legend entry of this table's line (no legend when None): call the function once per
+        method on the same ``ax`` to compare methods, each table with its own unpruned row so that
+        the costs share their 100 %.
 
     Returns
     -------
@@ -228,11 +232,14 @@ def plot_gamma_tradeoff(table, score="score", cost="flops", ax=None, *, score_la
     ax = _get_axes(ax)
     ordered = table.sort_values(cost)
     relative = 100.0 * ordered[cost] / ordered[cost].max()
-    ax.plot(relative, ordered[score], marker="o")
+    line, = ax.plot(relative, ordered[score], marker="o", label=label)
     for position, (gamma, x, y) in enumerate(zip(ordered.index, relative, ordered[score])):
         # Labels of neighbours in cost alternate above and below their points, so close ones stay legible.
         offset = (4, 4) if position % 2 == 0 else (4, -12)
-        ax.annotate("baseline" if gamma == 0 else f"γ={gamma:g}", (x, y), textcoords="offset points", xytext=offset)
+        ax.annotate("baseline" if gamma == 0 else f"γ={gamma:g}", (x, y), textcoords="offset points", xytext=offset,
+                    color=line.get_color())
+    if label is not None:
+        ax.legend()
     ax.set_xlabel(f"{cost} (% of the largest)")
     ax.set_ylabel(score_label or score)
     ax.grid(True, alpha=0.3)

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, input_channels, iter_batches
-from .finetune import check_finetune_params, finetune, recalibrate_batchnorm
+from .finetune import _network_outputs, check_finetune_params, finetune, recalibrate_batchnorm
 from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _on_device, _select_convs
 from .pooling import ActivationPooler
 from .profiling import compare_models, count_flops
@@ -1091,18 +1091,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         """Outputs of ``model`` (``pruned_model_``) on ``X``, as an (n_samples, n_outputs_) float array."""
         model = self.pruned_model_ if model is None else model
         dataset = as_image_dataset(X, n_channels=input_channels(model))
-        with torch.inference_mode():
-            outputs = [
-                model(batch).reshape(len(batch), -1).cpu()
-                for batch in iter_batches(
-                    dataset,
-                    self.batch_size,
-                    device=self.device,
-                    preprocess=self.preprocess,
-                    num_workers=self.num_workers,
-                )
-            ]
-        return torch.cat(outputs).numpy()
+        return _network_outputs(
+            model, dataset, self.batch_size, device=self.device, preprocess=self.preprocess, num_workers=self.num_workers
+        )
 
     def decision_function(self, X):
         """Raw outputs of the pruned network (logits or scores; predictions for regression).

@@ -223,6 +223,15 @@ def test_preprocess_is_applied_in_fit_and_predict(planted):
     np.testing.assert_allclose(shifted.decision_function(X), plain.decision_function(2 * X - 1), rtol=1e-4, atol=1e-5)
 
 
+def test_worker_processes_read_a_dataset_with_the_same_result(planted):
+    X, y = planted
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(X[:64]))
+    in_process = _fit(X=dataset, y=y[:64], epochs=2)
+    workers = _fit(X=dataset, y=y[:64], epochs=2, num_workers=2)
+    np.testing.assert_array_equal(workers.decision_function(dataset), in_process.decision_function(dataset))
+    np.testing.assert_array_equal(workers.decision_function(dataset), workers.decision_function(X[:64]))
+
+
 def test_pickle_round_trip_predicts_the_same(planted):
     X, y = planted
     clf = _fit(X=X[:64], y=y[:64], epochs=1)
@@ -255,6 +264,7 @@ def test_clone_is_independent_and_works_in_pipeline_and_grid_search(planted):
         ({"early_stopping": 2}, "ok", ValueError, "early_stopping.*validation_fraction"),
         ({"head": "adapt"}, "ok", ValueError, "'head' parameter"),
         ({"epochs": 0}, "ok", ValueError, "'epochs' parameter"),
+        ({"num_workers": -1}, "ok", ValueError, "'num_workers' parameter"),
     ],
 )
 def test_bad_parameters_and_labels_are_refused(planted, params, y, error, match):

@@ -53,15 +53,17 @@ def test_etl_table_has_one_row_per_method_and_changes_against_the_baseline(share
                                       "--gammas", "0.1", "--alphas", "5", "--epochs", "1")
     frame = pd.read_csv(results.with_suffix(".csv"))
     numeric = ["score", "parameters", "flops", "latency_ms", "time_s"]
-    rules = ["craft g=0.1", "l1 g=0.1", "random g=0.1", "l1@flops g=0.1", "random@flops g=0.1"]
-    assert list(frame["method"]) == ["baseline", *rules]
+    rules = ["craft", "l1", "random", "sequential", "l1@flops", "random@flops", "l1@seq", "random@seq"]
+    assert list(frame["method"]) == ["baseline", *(f"{rule} g=0.1" for rule in rules)]
     assert _finite(frame, numeric + [f"{c}_chg_pct" for c in numeric])
     assert (frame.loc[0, [f"{c}_chg_pct" for c in numeric]] == 0).all()
-    # The three rules keep the same per-layer counts before the coupled merge, and all prune.
+    # Every rule prunes.
     assert (frame.loc[1:, "flops"] < frame.loc[0, "flops"]).all()
-    # The @flops rows match craft's FLOPs (within the tolerance, a share of the original network's).
+    # The matched rows match their CRAFT row's FLOPs (within the tolerance, a share of the original network's).
     flops = frame.set_index("method")["flops"]
-    assert (abs(flops[rules[3:]] - flops[rules[0]]) <= 0.01 * flops["baseline"]).all()
+    for reference, matched in (("craft", ["l1@flops", "random@flops"]), ("sequential", ["l1@seq", "random@seq"])):
+        gap = abs(flops[[f"{rule} g=0.1" for rule in matched]] - flops[f"{reference} g=0.1"])
+        assert (gap <= 0.01 * flops["baseline"]).all()
     assert frame["score"].between(0, 1).all() and frame["score_before_ft"].between(0, 1).all()
     assert "| gender | craft g=0.1 |" in text
 
@@ -71,9 +73,12 @@ def test_gamma_tradeoff_gives_a_row_per_gamma_and_a_figure(shared_data, tmp_path
     results, _ = _run_on_real_data("gamma_tradeoff", shared_data, tmp_path, "--tasks", "yaw", "--n", "48",
                                    "--gammas", "0", "0.1", "--alphas", "5")
     frame = pd.read_csv(results.with_suffix(".csv"))
-    assert frame["gamma"].tolist() == [0.0, 0.1] and set(frame["task"]) == {"yaw"}
-    assert _finite(frame, ["score_before_ft", "score", "flops", "size_bytes", "flops_pct", "size_pct"])
-    assert frame.loc[0, "flops_pct"] == 100 and frame.loc[1, "flops"] < frame.loc[0, "flops"]
+    assert frame["method"].tolist() == ["unpruned", "one-shot", "sequential", "l1_norm"]
+    assert frame["gamma"].tolist() == [0.0, 0.1, 0.1, 0.1] and set(frame["task"]) == {"yaw"}
+    assert _finite(frame, ["score_before_ft", "score", "flops", "size_bytes", "flops_pct", "size_pct", "fit_s"])
+    assert frame.loc[0, "flops_pct"] == 100 and (frame.loc[1:, "flops"] < frame.loc[0, "flops"]).all()
+    # L1-norm filters at the sequential network's FLOPs (the tolerance is a share of the unpruned FLOPs).
+    assert abs(frame.loc[3, "flops_pct"] - frame.loc[2, "flops_pct"]) <= 1.0
     assert (tmp_path / "gamma_tradeoff_yaw.png").stat().st_size > 0
 
 
@@ -255,9 +260,9 @@ def test_attributes_trains_scratch_and_distilled_rows_and_writes_the_cost_table(
 
 def test_scale_quick_run_measures_every_mode_and_size_and_the_cluster(tmp_path):
     committed = _committed("scale")
-    _, text = _run("scale", tmp_path, "--sizes", "16", "32", "--grid-n", "45")
+    _, text = _run("scale", tmp_path, "--sizes", "16", "32", "--pruner-sizes", "16", "--grid-n", "45")
     rows = _table(text, "| mode | n |")
-    assert [(row[0], int(row[1])) for row in rows] == [("select", 16), ("select", 32), ("pruner", 16), ("pruner", 32)]
+    assert [(row[0], int(row[1])) for row in rows] == [("select", 16), ("select", 32), ("pruner", 16)]
     assert all(0 < float(row[2]) < 4 for row in rows)  # peak RSS in GB, the 4 GB budget
     assert "identical scores: True" in text
     assert _committed("scale") == committed

@@ -167,6 +167,20 @@ def test_plot_gamma_tradeoff_other_columns_label_and_ax():
         plot_gamma_tradeoff(table, score="mae")
 
 
+def test_plot_gamma_tradeoff_methods_on_one_axes_have_a_legend_and_their_colours():
+    one_shot = pd.DataFrame({"score": [0.9, 0.7], "flops": [100.0, 40.0]}, index=[0.0, 0.01])
+    sequential = pd.DataFrame({"score": [0.9, 0.8], "flops": [100.0, 50.0]}, index=[0.0, 0.01])
+    ax = plot_gamma_tradeoff(one_shot, label="one-shot")
+    plot_gamma_tradeoff(sequential, ax=ax, label="sequential")
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["one-shot", "sequential"]
+    first, second = ax.lines
+    np.testing.assert_allclose(second.get_xydata(), [[50.0, 0.8], [100.0, 0.9]])
+    # Each method's gamma labels take the colour of its line.
+    assert [text.get_color() for text in ax.texts] == [first.get_color()] * 2 + [second.get_color()] * 2
+    assert first.get_color() != second.get_color()
+    assert plot_gamma_tradeoff(one_shot).get_legend() is None
+
+
 # ---------------------------------------------------------------------- characteristic curves
 
 
