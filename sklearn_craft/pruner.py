@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, input_channels, iter_batches
+from .compensation import compensate_readers
 from .finetune import _network_outputs, check_finetune_params, finetune, recalibrate_batchnorm
 from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _on_device, _select_convs
 from .pooling import ActivationPooler
@@ -416,6 +417,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         "criterion": [StrOptions({"task", "reconstruction", "both"})],
         "filter_rule": [StrOptions({"lasso", *RULES}), FilterRule],
         "flops_target": [Interval(Real, 0, 1, closed="right"), None],
+        "compensate": ["boolean"],
     }
 
     def __init__(
@@ -441,6 +443,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         criterion="task",
         filter_rule="lasso",
         flops_target=None,
+        compensate=False,
     ):
         self.model = model
         self.gamma = gamma
@@ -463,6 +466,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.criterion = criterion
         self.filter_rule = filter_rule
         self.flops_target = flops_target
+        self.compensate = compensate
 
     def _check_options(self):
         """Validate what ``_parameter_constraints`` cannot express; return the fine-tuning settings."""
@@ -484,6 +488,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                 "scale_filters=True needs filter_rule='lasso' and criterion='task', got "
                 f"filter_rule={self.filter_rule!r} and criterion={self.criterion!r}"
             )
+        if self.scale_filters and self.compensate:
+            # The readers are refit for the channels as they are; scaling them afterwards undoes the fit.
+            raise ValueError("compensate=True cannot be combined with scale_filters=True: choose one")
         if self.flops_target is not None:
             if self.filter_rule == "lasso":
                 raise ValueError(
@@ -781,6 +788,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                         for layer in stage
                     }
                 keep = dict.fromkeys(stage, union)
+                if self.compensate:
+                    current = self._compensated(current, data.dataset, data.example, keep)
                 current, kept = prune_channels(current, keep, data.example, scale=scale, return_kept=True)
                 selection.kept.update(kept)
                 first = min(position[layer] for layer in stage)
@@ -1033,6 +1042,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         remaining = {layer: indices for layer, indices in selected.items() if layer in convs}
         if scale is not None:
             scale = {layer: scale[layer] for layer in remaining}
+        if self.compensate:
+            merged = prune_channels(network, remaining, example, return_kept=True)[1]
+            network = self._compensated(network, dataset, example, merged)
         pruned, kept = prune_channels(network, remaining, example, scale=scale, return_kept=True)
         pruned = pruned.to(self.device)
         changed = scale is not None or any(len(kept[name]) < convs[name] for name in kept)
@@ -1047,6 +1059,19 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                 num_workers=self.num_workers,
             )
         return pruned, {layer: kept[layer] for layer in remaining}
+
+    def _compensated(self, network, dataset, example, kept):
+        """A copy of ``network`` whose readers carry the channels ``kept`` removes (``compensate``)."""
+        return compensate_readers(
+            network,
+            dataset,
+            kept,
+            example,
+            batch_size=self.batch_size,
+            device=self.device,
+            preprocess=self.preprocess,
+            num_workers=self.num_workers,
+        )
 
     def _with_satellite_head(self, body, satellite):
         """The cut network followed by global average pooling and the satellite as a Linear layer."""
