@@ -284,10 +284,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         reading the layer in the network the head cuts (:func:`sklearn_craft.surgery.channel_readers`),
         taken in the original network and standardized; or both, each block weighing as much.
         A layer nothing reads (the head layer) is selected on the task.
-    filter_rule : {"lasso", "l1_norm", "random"} or FilterRule, default="lasso"
+    filter_rule : {"lasso", "l1_norm", "random", "lasso_rank"} or FilterRule, default="lasso"
         Which filters a layer keeps: LASSO's at the knee, or, as many per layer, the best ranked
         by the L1 norm of their weights (:class:`~sklearn_craft.rules.L1NormRule`), at random
-        (:class:`~sklearn_craft.rules.RandomRule`, seeded by ``random_state``) or by any
+        (:class:`~sklearn_craft.rules.RandomRule`, seeded by ``random_state``), by their entry
+        in the layer's LASSO path on the task (:class:`~sklearn_craft.rules.LassoRankRule`:
+        CRAFT's criterion with the counts of ``flops_target``) or by any
         :class:`~sklearn_craft.rules.FilterRule`, which receives the convolution and its pooled
         responses in the network the choice is made on.
     flops_target : float in (0, 1] or None, default=None

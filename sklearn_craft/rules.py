@@ -12,7 +12,9 @@ A new rule subclasses :class:`FilterRule` and implements :meth:`FilterRule.score
 
 import numpy as np
 
-__all__ = ["FilterRule", "L1NormRule", "RandomRule", "check_filter_rule", "top_filters"]
+from ._lasso_path import _cross_sums, _solve_paths, _sum_problems
+
+__all__ = ["FilterRule", "L1NormRule", "LassoRankRule", "RandomRule", "check_filter_rule", "top_filters"]
 
 
 class FilterRule:
@@ -113,8 +115,60 @@ class RandomRule(FilterRule):
         return random_state.permutation(conv.out_channels).astype(np.float64)
 
 
+class LassoRankRule(FilterRule):
+    """Rank filters by how early they enter their layer's LASSO path on the task.
+
+    CRAFT's criterion without its counts: the same path as the selection (standardized pooled
+    responses, ``alphas`` values from α_max down to ``eps``·α_max, every sample), and a filter
+    ranks higher the larger the first α at which its coefficient is non-zero; filters entering at
+    the same α are ranked by the size of their coefficient at the smallest α (standardized
+    scale). With ``flops_target`` the counts come from the FLOPs budget (one ratio for all
+    layers) and the choice of filters from the task.
+
+    Parameters
+    ----------
+    alphas : int, default=100
+        Length of the path.
+    eps : float, default=1e-4
+        Smallest α of the path as a fraction of α_max.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torch import nn
+    >>> from sklearn_craft.rules import LassoRankRule, top_filters
+    >>> rng = np.random.default_rng(0)
+    >>> responses = rng.normal(size=(200, 4))
+    >>> Y = (3 * responses[:, 2] + responses[:, 0]).reshape(-1, 1)
+    >>> scores = LassoRankRule().score_filters(nn.Conv2d(1, 4, 1), responses, Y)
+    >>> top_filters(scores, 1).tolist(), top_filters(scores, 2).tolist()
+    ([2], [0, 2])
+    """
+
+    def __init__(self, alphas=100, eps=1e-4):
+        self.alphas = alphas
+        self.eps = eps
+
+    def score_filters(self, conv, responses, Y, *, sample_weight=None, random_state=None):
+        responses = np.asarray(responses, dtype=np.float64)
+        Y = np.asarray(Y, dtype=np.float64).reshape(len(responses), -1)
+        sums = _cross_sums(responses, Y, np.zeros((len(Y), 0), dtype=bool), sample_weight)
+        grid, parts, _ = _sum_problems(sums, self.alphas, self.eps, True)
+        coefs = _solve_paths(parts[:1], [grid])[0]  # (n_targets, n_filters, n_alphas), original scale
+        active = np.any(coefs != 0, axis=0)
+        entered = np.where(active.any(axis=1), active.argmax(axis=1), active.shape[1])
+        mean = np.average(responses, axis=0, weights=sample_weight)
+        spread = np.sqrt(np.average((responses - mean) ** 2, axis=0, weights=sample_weight))
+        size = np.linalg.norm(coefs[:, :, -1], axis=0) * spread
+        # Entry first; the coefficient's size, scaled into [0, 1), only breaks ties.
+        return (active.shape[1] - entered) + 0.999 * size / max(size.max(), np.finfo(float).tiny)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(alphas={self.alphas!r}, eps={self.eps!r})"
+
+
 #: The rules named by a string in ``CraftPruner(filter_rule=...)``, besides "lasso".
-RULES = {"l1_norm": L1NormRule, "random": RandomRule}
+RULES = {"l1_norm": L1NormRule, "random": RandomRule, "lasso_rank": LassoRankRule}
 
 
 def check_filter_rule(filter_rule):

@@ -12,7 +12,7 @@ from sklearn_craft.finetune import recalibrate_batchnorm
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.profiling import count_flops
 from sklearn_craft.pruner import CraftPruner
-from sklearn_craft.rules import FilterRule, L1NormRule, RandomRule, check_filter_rule, top_filters
+from sklearn_craft.rules import FilterRule, L1NormRule, LassoRankRule, RandomRule, check_filter_rule, top_filters
 from sklearn_craft.selection import LassoFilterSelector
 from sklearn_craft.surgery import channel_readers, coupled_groups, prune_channels, truncate
 
@@ -220,6 +220,43 @@ def test_flops_target_with_a_satellite_head_counts_the_head(data):
     # Within the tolerance, or the closest share one ratio reaches, which the warning gives.
     missed = [str(w.message) for w in caught if "closest network" in str(w.message)]
     assert abs(share - 0.5) <= sklearn_craft.pruner._FLOPS_TOLERANCE or f"{share:.4f}" in missed[0]
+
+
+def test_lasso_rank_rule_orders_filters_by_their_entry_in_the_path():
+    rng = np.random.default_rng(3)
+    responses = rng.normal(size=(300, 6)) * [1.0, 5.0, 0.2, 1.0, 3.0, 1.0]
+    Y = responses[:, [4]] / 3 * 2.0 + responses[:, [2]] / 0.2 * 1.0 - responses[:, [0]] * 0.5 + 0.05 * rng.normal(size=(300, 1))
+    rule = LassoRankRule(alphas=50)
+    scores = rule.score_filters(torch.nn.Conv2d(1, 6, 1), responses, Y)
+    # Standardized, filter 4 (weight 2) enters first, then 2 (1), then 0 (0.5); the scale of a response does not matter.
+    assert top_filters(scores, 3).tolist() == [0, 2, 4]
+    assert np.argsort(-scores)[:3].tolist() == [4, 2, 0]
+    # The first to enter has the largest correlation with the target.
+    correlation = np.abs(((responses - responses.mean(0)) / responses.std(0)).T @ (Y - Y.mean()))[:, 0]
+    assert np.argmax(scores) == np.argmax(correlation)
+    # Integer sample weights are repeated samples; several targets are one group path.
+    weights = rng.integers(1, 3, size=300)
+    weighted = rule.score_filters(None, responses, Y, sample_weight=weights.astype(float))
+    repeated = rule.score_filters(None, np.repeat(responses, weights, axis=0), np.repeat(Y, weights, axis=0))
+    np.testing.assert_array_equal(np.floor(weighted), np.floor(repeated))  # the same entry in the path
+    np.testing.assert_allclose(weighted, repeated, rtol=1e-3)  # coefficients to the solver's tolerance
+    assert np.isfinite(rule.score_filters(None, responses, np.hstack([Y, -Y, responses[:, [1]]]))).all()
+    assert repr(rule) == "LassoRankRule(alphas=50, eps=0.0001)" and check_filter_rule("lasso_rank").alphas == 100
+
+
+def test_lasso_rank_at_matched_flops_keeps_the_counts_of_any_ranking_rule(data):
+    X, y = data
+    options = dict(flops_target=0.6, head="original", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the closest share one ratio reaches
+        ranked = CraftPruner(conv_chain(n_outputs=1), filter_rule="lasso_rank", **options).fit(X, y)
+        l1 = CraftPruner(conv_chain(n_outputs=1), filter_rule="l1_norm", **options).fit(X, y)
+    assert ranked.keep_ratio_ == l1.keep_ratio_
+    features = _pooled(conv_chain(n_outputs=1), "6", X)
+    for layer in ranked.layers_:
+        assert len(ranked.selected_[layer]) == len(l1.selected_[layer])
+    scores = LassoRankRule().score_filters(None, features, y[:, None])
+    np.testing.assert_array_equal(ranked.selected_["6"], top_filters(scores, len(ranked.selected_["6"])))
 
 
 class _Broken(FilterRule):
