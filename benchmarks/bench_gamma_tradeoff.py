@@ -11,7 +11,8 @@ score on the test quarter, FLOPs (``profiling.count_flops``) and size in bytes
 ``sequential`` the cascade-aware mode (``selection="sequential"``, one coupled group at a time on
 the network already cut), ``l1_norm`` the baseline ``filter_rule="l1_norm"`` with one keep ratio
 over all layers at the FLOPs of the sequential network of each gamma (of the one-shot one without
-sequential; ``flops_target``). One figure per task, a line per method, with
+sequential; ``flops_target``). ``--compensate`` gives every method the least-squares compensation
+of the readers of removed channels (``compensate=True``). One figure per task, a line per method, with
 ``sklearn_craft.plotting.plot_gamma_tradeoff``: docs/_static/gamma_tradeoff_<task>.png.
 
 Full size (no --quick): 600 images per task, 8 gammas from 0.001 to 0.1 plus 0, at most 4
@@ -72,6 +73,7 @@ def main(argv=None):
                     random_state=_bench.SEED,
                     memory=f"{scratch}/{task}",
                     progress=False,
+                    compensate=args.compensate,
                     **METHODS[method],
                     **params,
                 )
@@ -132,6 +134,7 @@ def main(argv=None):
         f"after pruning, LASSO paths of {config['alphas']} alphas. score_before_ft: the pruned network with its "
         "satellite head, before fine-tuning. flops_pct / size_pct: % of the gamma-0 network; fit_s: wall seconds "
         "of the fit (pooling and LASSO paths cached by the task's first fit)."
+        + (" Every method with compensate=True (least-squares refit of the readers)." if args.compensate else "")
     )
     _bench.write_section(results, "Gamma trade-off (ETL Figure 6)", intro, blocks, args.quick)
     return result
@@ -139,6 +142,8 @@ def main(argv=None):
 
 def _methods_option(parser):
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--compensate", action="store_true",
+                        help="least-squares compensation of the readers for every method (CraftPruner(compensate=True))")
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def test_etl_table_has_one_row_per_method_and_changes_against_the_baseline(share
 
 @pytest.mark.realdata
 def test_gamma_tradeoff_gives_a_row_per_gamma_and_a_figure(shared_data, tmp_path):
-    results, _ = _run_on_real_data("gamma_tradeoff", shared_data, tmp_path, "--tasks", "yaw", "--n", "48",
-                                   "--gammas", "0", "0.1", "--alphas", "5")
+    results, text = _run_on_real_data("gamma_tradeoff", shared_data, tmp_path, "--tasks", "yaw", "--n", "48",
+                                      "--gammas", "0", "0.1", "--alphas", "5", "--compensate")
     frame = pd.read_csv(results.with_suffix(".csv"))
     assert frame["method"].tolist() == ["unpruned", "one-shot", "sequential", "l1_norm"]
     assert frame["gamma"].tolist() == [0.0, 0.1, 0.1, 0.1] and set(frame["task"]) == {"yaw"}
@@ -79,6 +79,7 @@ def test_gamma_tradeoff_gives_a_row_per_gamma_and_a_figure(shared_data, tmp_path
     assert frame.loc[0, "flops_pct"] == 100 and (frame.loc[1:, "flops"] < frame.loc[0, "flops"]).all()
     # L1-norm filters at the sequential network's FLOPs (the tolerance is a share of the unpruned FLOPs).
     assert abs(frame.loc[3, "flops_pct"] - frame.loc[2, "flops_pct"]) <= 1.0
+    assert "Every method with compensate=True" in text
     assert (tmp_path / "gamma_tradeoff_yaw.png").stat().st_size > 0
 
 
