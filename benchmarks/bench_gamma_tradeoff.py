@@ -63,7 +63,7 @@ def main(argv=None):
             kind = _bench.TASKS[task][2]
             rows = []
 
-            def fit(method, gamma, **params):
+            def fit(method, gamma, name=None, **params):
                 pruner = CraftPruner(
                     net,
                     gamma=gamma,
@@ -82,7 +82,7 @@ def main(argv=None):
                 rows.append(
                     dict(
                         task=task,
-                        method=method,
+                        method=name or method,
                         gamma=gamma,
                         metric=_bench.metric_name(kind),
                         score_before_ft=_bench.task_score(kind, y_test, pruner.predict_before_finetune(X_test)),
@@ -93,15 +93,14 @@ def main(argv=None):
                         fit_s=time.perf_counter() - start,
                     )
                 )
-                print(f"{task} {method} gamma={gamma:g}: {rows[-1]['metric']} {rows[-1]['score']:.3f}, "
+                print(f"{task} {name or method} gamma={gamma:g}: {rows[-1]['metric']} {rows[-1]['score']:.3f}, "
                       f"FLOPs {rows[-1]['flops'] / rows[0]['flops']:.3f} of the unpruned network, "
                       f"{rows[-1]['fit_s']:.0f} s", flush=True)
                 return rows[-1]
 
             gammas = sorted(config["gammas"])
             # gamma 0 keeps every filter whatever the method: one unpruned row, the start of every line.
-            unpruned = fit(craft_methods[0], 0.0) | {"method": "unpruned"} if 0.0 in gammas else None
-            rows[:] = [unpruned] if unpruned else []
+            unpruned = fit(craft_methods[0], 0.0, name="unpruned") if 0.0 in gammas else None
             for gamma in (g for g in gammas if g > 0):
                 matched = None
                 for method in craft_methods:

@@ -18,15 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .images import as_image_dataset, iter_batches
-from .inspection import _check_device, _evaluating, _input_dtype
+from .finetune import _record_inputs
+from .images import as_image_dataset
+from .inspection import _check_device
 from .surgery import channel_readers
 
 __all__ = ["compensate_readers"]
-
-
-class _AllRecorded(Exception):
-    """Raised by the last reader's hook: the rest of the forward pass is not needed."""
 
 
 class _Moments:
@@ -38,7 +35,8 @@ class _Moments:
         self.products = torch.zeros(n_channels, n_channels, dtype=torch.float64)
 
     def add(self, x):
-        pixels = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double().cpu()
+        # To the CPU first: MPS has no float64.
+        pixels = x.detach().transpose(0, 1).reshape(x.shape[1], -1).cpu().double()
         self.count += pixels.shape[1]
         self.sum += pixels.sum(dim=1)
         self.products += pixels @ pixels.T
@@ -71,31 +69,12 @@ def _reader_inputs(model, kept, example_input):
 
 def _moments(model, names, dataset, batch_size, device, preprocess, num_workers):
     """Moments of the inputs of the convolutions ``names`` of ``model`` (eval mode) over ``dataset``."""
-    moments = {name: _Moments(model.get_submodule(name).in_channels) for name in names}
-    dtype = _input_dtype(model)
-    seen = set()
-
-    def record(name):
-        def hook(module, inputs):
-            moments[name].add(inputs[0])
-            seen.add(name)
-            if len(seen) == len(moments):
-                raise _AllRecorded
-
-        return hook
-
-    with _evaluating(model), torch.inference_mode():
-        for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess, num_workers=num_workers):
-            seen.clear()
-            handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
-            try:
-                model(batch.to(dtype))
-            except _AllRecorded:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-    return moments
+    modules = [model.get_submodule(name) for name in names]
+    moments = [_Moments(module.in_channels) for module in modules]
+    _record_inputs(
+        model, modules, dataset, batch_size, device, preprocess, num_workers, lambda index, x: moments[index].add(x)
+    )
+    return dict(zip(names, moments))
 
 
 def _compensate(conv, kept, mean, covariance, ridge):

@@ -339,7 +339,7 @@ def _check_converging(parameters, losses, epoch, lr):
 
 
 class _InputRecorded(Exception):
-    """Raised by the hook of the BatchNorm being re-estimated: the layers after it need not run."""
+    """Raised once every watched module has seen its input: the rest of the forward pass is not needed."""
 
 
 class _ChannelMoments:
@@ -368,26 +368,44 @@ class _ChannelMoments:
         self.count = total
 
 
-def _input_moments(model, norm, dataset, batch_size, device, preprocess, num_workers):
-    """Moments of the input of ``norm`` over all images, the network running in eval mode up to it."""
-    moments = _ChannelMoments()
-    dtype = _input_dtype(model)
+def _record_inputs(model, modules, dataset, batch_size, device, preprocess, num_workers, record):
+    """Call ``record(index, input)`` with the input of every module of ``modules`` on every batch.
 
-    def record(module, inputs):
-        moments.add(inputs[0])
-        raise _InputRecorded
+    The network runs in eval mode, without gradients, and each pass stops once all the modules
+    have run (a module called several times in a pass records its first call).
+    """
+    dtype = _input_dtype(model)
+    seen = set()
+
+    def hook(index):
+        def watch(module, inputs):
+            if index not in seen:
+                record(index, inputs[0])
+                seen.add(index)
+            if len(seen) == len(modules):
+                raise _InputRecorded
+
+        return watch
 
     with torch.no_grad():
         # ``preprocess`` runs as the next batch is drawn, outside the model's lock.
         for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess, num_workers=num_workers):
+            seen.clear()
             with _evaluating(model):
-                handle = norm.register_forward_pre_hook(record)
+                handles = [module.register_forward_pre_hook(hook(index)) for index, module in enumerate(modules)]
                 try:
                     model(batch.to(dtype))
                 except _InputRecorded:
                     pass
                 finally:
-                    handle.remove()
+                    for handle in handles:
+                        handle.remove()
+
+
+def _input_moments(model, norm, dataset, batch_size, device, preprocess, num_workers):
+    """Moments of the input of ``norm`` over all images, the network running in eval mode up to it."""
+    moments = _ChannelMoments()
+    _record_inputs(model, [norm], dataset, batch_size, device, preprocess, num_workers, lambda _, x: moments.add(x))
     return moments
 
 
