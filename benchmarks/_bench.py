@@ -178,6 +178,11 @@ def machine():
     )
 
 
+def now():
+    """The current UTC time as the results write it."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def command():
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -185,7 +190,6 @@ def command():
 def write_section(path, title, intro, blocks, quick):
     """Write one results section: title, machine, command, date, then ``blocks`` of markdown."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     size = "**--quick run** (small subset, not the full-size benchmark)" if quick else "full-size run"
     lines = [
         f"## {title}",
@@ -194,7 +198,7 @@ def write_section(path, title, intro, blocks, quick):
         "",
         f"- Machine: {machine()}",
         f"- Command: `{command()}`",
-        f"- Date: {now}; {size}",
+        f"- Date: {now()}; {size}",
         "",
         *blocks,
     ]

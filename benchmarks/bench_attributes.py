@@ -29,8 +29,12 @@ with patience 3, 1,140 to test), at most 10 epochs of Adam at lr 1e-3 in batches
 that each training finishes in at most 60 minutes on 2 shared CPU cores: an epoch of alpha = 1, the slowest,
 took 165 s on a lightly loaded machine and 305 s with 3 other jobs running; the times of the full run are in the
 results. --quick: 160 images, alpha 0.25, 1 epoch.
+--merge keeps the rows of the results already written (attributes.csv, attributes_per_attribute.csv) for the
+networks this run does not train, so that the alphas can be trained in separate runs; the kept rows must have
+been trained on the same split with the same image size and epoch budget (checked: an error otherwise), and
+each row's ``run`` column (CSV) and the list under the table say when and by which command it was trained.
 Run: python benchmarks/bench_attributes.py [--quick] [--n N] [--epochs E] [--alphas 1 0.5 0.25]
-     [--init-from students/student_a1.pt students/student_a0.5.pt] [--cache DIR]
+     [--init-from students/student_a1.pt students/student_a0.5.pt] [--cache DIR] [--merge]
 Writes benchmarks/results/attributes.md, attributes.csv, attributes_per_attribute.csv, mobilenet_costs.csv and
 docs/_static/attributes_accuracy.png.
 """
@@ -71,6 +75,8 @@ def arguments(argv=None):
     p.add_argument("--size", type=int, default=64, help="input side in pixels; resolution_mult = size / 224")
     p.add_argument("--init-from", type=Path, nargs="+", default=[], metavar="PATH",
                    help="student state dicts (torch.save(student.state_dict())) for the distilled rows")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the existing results for the networks this run does not train")
     args = p.parse_args(argv)
     if not 1 <= args.size <= BASE_RESOLUTION:
         p.error(f"--size must be between 1 and {BASE_RESOLUTION} (resolution_mult = size / {BASE_RESOLUTION}), got {args.size}")
@@ -104,8 +110,8 @@ def students(paths, alphas, resolution_mult):
     return found
 
 
-def train(name, init, model, head, data, input_preset, config):
-    """Fit one MultiAttributeClassifier; return its result row and its test report."""
+def train(name, init, model, head, data, input_preset, config, setting):
+    """Fit one MultiAttributeClassifier; return its result row (with ``setting`` and the run) and its test report."""
     X_train, X_test, y_train, y_test = data
     clf = MultiAttributeClassifier(
         model,
@@ -129,6 +135,8 @@ def train(name, init, model, head, data, input_preset, config):
         epochs_run=int(clf.history_["epoch"].max()),
         best_epoch=int(clf.history_.loc[clf.history_["val_loss"].idxmin(), "epoch"]),
         train_s=seconds,
+        **setting,
+        run=f"{_bench.now()}: {_bench.command()}",
     )
     print(f"{name}: mean accuracy {row['mean_accuracy']:.4f}, {row['epochs_run']} epochs in {seconds:.0f} s", flush=True)
     return row, report
@@ -140,6 +148,32 @@ def majority(data):
     prediction = np.tile(y_train.mean(axis=0).to_numpy() >= 0.5, (len(y_test), 1))
     report = attribute_report(y_test, prediction)
     return dict(model=MAJORITY, init="-", mean_accuracy=report.loc["mean", "accuracy"]), report
+
+
+def earlier_rows(results, trained, setting):
+    """Rows and per-attribute accuracies of ``results`` (the CSVs) for the networks not in ``trained``.
+
+    Raises ValueError when a kept row was trained with another ``setting`` (split sizes, image size,
+    epoch budget) than this run's.
+    """
+    summary_path = results.with_suffix(".csv")
+    per_attribute_path = results.with_name(results.stem + "_per_attribute.csv")
+    if not summary_path.exists():
+        return [], {}
+    summary = pd.read_csv(summary_path)
+    accuracy = pd.read_csv(per_attribute_path, index_col="attribute")
+    kept = summary[(summary["model"] != MAJORITY) & ~summary["model"].isin(trained)]
+    if kept.empty:
+        return [], {}
+    missing = [column for column in [*setting, "run"] if column not in kept.columns]
+    if missing:
+        raise ValueError(f"--merge: {summary_path} has no column {missing}; it was written before --merge existed")
+    for _, row in kept.iterrows():
+        theirs = {column: int(row[column]) for column in setting}
+        if theirs != setting:
+            raise ValueError(f"--merge: {row['model']} in {summary_path} was trained with {theirs}, this run with {setting}")
+    reports = {name: accuracy[[name]].rename(columns={name: "accuracy"}) for name in kept["model"]}
+    return kept.to_dict("records"), reports
 
 
 def cost_table():
@@ -184,8 +218,13 @@ def write_results(rows, reports, costs, data, config, args, results):
         f"{args.size}; train_s: wall seconds of fit on the shared machine. Figure: {figure.name}."
     )
     costs_shown = costs.set_index(["width_mult", "resolution_mult"])
+    runs = summary["run"].dropna()
     blocks = [
-        _bench.table(summary, floatfmt=".4g"),
+        _bench.table(summary.drop(columns="run"), floatfmt=".4g"),
+        "",
+        "Trained by (date: command):",
+        "",
+        *(f"- {name}: `{run}`" for name, run in runs.items()),
         "",
         "### Accuracy per attribute (test images)",
         "",
@@ -212,8 +251,12 @@ def main(argv=None):
     data = _bench.split(images, labels.drop(columns="identity"), "multilabel-indicator")
     n_attributes = data[2].shape[1]
 
+    setting = dict(n_train=len(data[0]), n_test=len(data[1]), size=args.size, max_epochs=config["epochs"])
+    trained = [f"a={alpha:g} {init}" for alpha in config["alphas"] for init in ("scratch", "distilled")]
+    kept_rows, kept_reports = earlier_rows(results, trained, setting) if args.merge else ([], {})
+
     row, report = majority(data)
-    rows, reports = [row], {MAJORITY: report}
+    rows, reports = [row, *kept_rows], {MAJORITY: report, **kept_reports}
     for alpha in config["alphas"]:
         torch.manual_seed(_bench.SEED)
         scratch = mobilenet_v1(num_classes=n_attributes, width_mult=alpha, resolution_mult=resolution_mult)
@@ -222,7 +265,7 @@ def main(argv=None):
             path, student = initial[alpha]
             runs.append((f"a={alpha:g} distilled", path.name, student, "replace"))
         for name, init, model, head in runs:
-            row, reports[name] = train(name, init, model, head, data, input_preset, config)
+            row, reports[name] = train(name, init, model, head, data, input_preset, config, setting)
             rows.append(row)
             # Written after every network, so that a long run that stops keeps the finished ones.
             write_results(rows, reports, costs, data, config, args, results)

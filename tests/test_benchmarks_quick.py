@@ -21,17 +21,22 @@ pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _run(script, tmp_path, *options):
-    results = tmp_path / f"{script}.md"
+def _launch(script, tmp_path, *options):
+    """The completed quick run of a script, writing its results to ``tmp_path / f"{script}.md"``."""
     command = [
-        sys.executable, str(BENCHMARKS / f"bench_{script}.py"), "--quick", "--results", str(results),
+        sys.executable, str(BENCHMARKS / f"bench_{script}.py"), "--quick", "--results", str(tmp_path / f"{script}.md"),
         "--threads", "1", *options,
     ]
     # One BLAS thread too: on a busy machine a second one only adds contention. The scripts import
     # sklearn_craft from this checkout, not from wherever the environment installed it.
     path = os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
+
+
+def _run(script, tmp_path, *options):
+    results = tmp_path / f"{script}.md"
+    completed = _launch(script, tmp_path, *options)
     assert completed.returncode == 0, completed.stderr[-3000:]
     text = results.read_text()
     assert "--quick" in text and "Machine:" in text and "Command:" in text
@@ -257,6 +262,22 @@ def test_attributes_trains_scratch_and_distilled_rows_and_writes_the_cost_table(
     assert len(costs) == 16 and costs.loc[0, "mult_adds_M"] == pytest.approx(568.74)
     assert (tmp_path / "attributes_accuracy.png").stat().st_size > 0
     assert "| a=0.25 distilled | student.pt |" in text
+
+    # --merge: another alpha trained in a second run, the rows of the first kept as they were.
+    results, text = _run_on_real_data("attributes", shared_data, tmp_path, "--n", "64", "--alphas", "0.5", "--epochs", "1",
+                                      "--merge")
+    merged = pd.read_csv(results.with_suffix(".csv"))
+    assert merged["model"].tolist() == ["majority (train)", "a=0.25 scratch", "a=0.25 distilled", "a=0.5 scratch"]
+    pd.testing.assert_frame_equal(merged.iloc[:3], frame)
+    merged_per_attribute = pd.read_csv(results.with_name("attributes_per_attribute.csv"), index_col="attribute")
+    pd.testing.assert_frame_equal(merged_per_attribute[per_attribute.columns], per_attribute)
+    assert merged["run"].iloc[1].endswith("--init-from " + str(student)) and "--merge" in merged["run"].iloc[3]
+    assert "- a=0.25 scratch: `" in text and "- a=0.5 scratch: `" in text
+    # Rows trained with another budget are not mixed in: refused before any training.
+    refused = _launch("attributes", tmp_path, "--data-root", str(shared_data), "--figures", str(tmp_path), "--n", "64",
+                      "--alphas", "0.5", "--epochs", "2", "--merge")
+    assert refused.returncode != 0 and "a=0.25 scratch" in refused.stderr and "'max_epochs': 1" in refused.stderr
+    assert pd.read_csv(results.with_suffix(".csv"))["model"].tolist() == merged["model"].tolist()
 
 
 def test_scale_quick_run_measures_every_mode_and_size_and_the_cluster(tmp_path):
