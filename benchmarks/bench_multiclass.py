@@ -9,9 +9,15 @@ P2c  LassoFilterSelector(random_state=0).fit on the pooled responses of MobileFa
      (speed-up, n_selected at every knee, the support, the curves); --after takes a saved run
      instead of fitting.
 
+--multitask-tol sets the multi-task duality-gap tolerance of this run (the library's
+``_lasso_path.MULTITASK_TOL``, 1e-6) and --reference compares the knees of this run and of --before
+with a saved run, typically one at --multitask-tol 1e-8 (the exact knees): the knee is the fewest
+filters within gamma of the curve's range, so it moves with the solver's accuracy.
+
 --quick: a synthetic case (120 samples, 6 groups of 16 features, 7 classes), one fit: a smoke run
 of the whole script, not a measurement.
 Run: python benchmarks/bench_multiclass.py --case /tmp/mc_case.npz [--save after.npz] [--before before.npz]
+     [--reference exact.npz] [--multitask-tol 1e-8]
 Writes benchmarks/results/multiclass.md (or --results PATH).
 """
 
@@ -28,6 +34,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import _bench
 import sklearn_craft
+import sklearn_craft._lasso_path
 from sklearn_craft.models import mobilefacenet, preset
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.selection import LassoFilterSelector
@@ -85,6 +92,7 @@ def run_record(run, selector, command):
         curve_n_selected=curves["n_selected"].to_numpy(), curve_rmse=curves["rmse"].to_numpy(),
         knee_group=np.asarray(knees["group"], dtype=str), knee_n_selected=knees["n_selected"].to_numpy(),
         knee_rmse=knees["rmse"].to_numpy(), support=selector.support_,
+        multitask_tol=sklearn_craft._lasso_path.MULTITASK_TOL,
     )
 
 
@@ -93,7 +101,8 @@ def library_version():
     root = Path(sklearn_craft.__file__).resolve().parents[1]
     completed = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     commit = completed.stdout.strip() if completed.returncode == 0 else "unknown commit"
-    return f"{root} ({commit})"
+    changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "sklearn_craft"]).returncode == 1
+    return f"{root} ({commit}{' + uncommitted changes' if changed else ''})"
 
 
 def load_record(path):
@@ -101,8 +110,14 @@ def load_record(path):
         return {name: stored[name] for name in stored.files}
 
 
-def section_blocks(X, y, after, before, case):
-    """Markdown of P2c: the run ``after`` and, when given, ``before`` (run records) against it."""
+def tolerance(record):
+    """The multi-task duality-gap tolerance of a run (records of older versions do not say)."""
+    return f"{float(record['multitask_tol']):g}" if "multitask_tol" in record else "1e-4 (versions before MULTITASK_TOL)"
+
+
+def section_blocks(X, y, after, before, case, reference=None):
+    """Markdown of P2c: the run ``after`` and, when given, ``before`` (run records) against it, and
+    the knees of both against a ``reference`` run."""
     groups = after["knee_group"]
     blocks = [
         f"`LassoFilterSelector(random_state=0).fit` (gamma 0.01, 100 alphas, one validation split, n_jobs=None) on "
@@ -110,16 +125,26 @@ def section_blocks(X, y, after, before, case):
         "(the multi-task path). Median fit times; load average when the run ended, on "
         f"{os.cpu_count()} cpus (CPU seconds of the process are steadier than wall seconds on a shared machine).",
         "",
-        "| library | fits | wall s | CPU s | load average |",
-        "|---|---|---|---|---|",
+        "| library | multi-task tol | fits | wall s | CPU s | load average |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, record in (("before", before), ("after", after)):
+    for name, record in (("reference", reference), ("before", before), ("after", after)):
         if record is not None:
             blocks.append(
-                f"| {name}: {record['version']} | {int(record['repeats'])} | {float(record['wall']):.1f} | "
-                f"{float(record['cpu']):.1f} | {float(record['load']):.1f} |"
+                f"| {name}: {record['version']} | {tolerance(record)} | {int(record['repeats'])} | "
+                f"{float(record['wall']):.1f} | {float(record['cpu']):.1f} | {float(record['load']):.1f} |"
             )
     blocks.append("")
+    if reference is not None:
+        compared = [(name, record) for name, record in (("before", before), ("after", after)) if record is not None]
+        for name, record in compared:
+            differing = [str(g) for g, a, b in zip(groups, reference["knee_n_selected"], record["knee_n_selected"]) if a != b]
+            blocks.append(
+                f"- Knees of {name} against the reference (tol {tolerance(reference)}): n_selected equal in "
+                f"{len(groups) - len(differing)} of {len(groups)} layers" + (f" (differ: {', '.join(differing)})" if differing else "")
+                + "."
+            )
+        blocks.append("")
     if before is not None:
         differing = [str(g) for g, a, b in zip(groups, before["knee_n_selected"], after["knee_n_selected"]) if a != b]
         same_support = np.array_equal(before["knee_group"], groups) and np.array_equal(before["support"], after["support"])
@@ -147,10 +172,15 @@ def main(argv=None):
     parser.add_argument("--save", type=Path, default=None, help="write this run's record (.npz)")
     parser.add_argument("--before", type=Path, default=None, help="a --save file of another version to compare with")
     parser.add_argument("--after", type=Path, default=None, help="a --save file to report instead of fitting")
+    parser.add_argument("--reference", type=Path, default=None, help="a --save file whose knees both runs are compared with")
+    parser.add_argument("--multitask-tol", type=float, default=None,
+                        help="multi-task duality-gap tolerance of this run (default: the library's, 1e-6)")
     args = parser.parse_args(argv)
     config = _bench.settings(args, FULL, QUICK)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", ConvergenceWarning)
+    if args.multitask_tol is not None:
+        sklearn_craft._lasso_path.MULTITASK_TOL = args.multitask_tol
     if args.quick:
         (X, y), case = synthetic_case(), "a synthetic case"
     else:
@@ -161,10 +191,11 @@ def main(argv=None):
     if args.save is not None:
         np.savez(args.save, **after)
     before = None if args.before is None else load_record(args.before)
+    reference = None if args.reference is None else load_record(args.reference)
     results = args.results or _bench.RESULTS / "multiclass.md"
     intro = "P2c: the multi-class path of LassoFilterSelector on real data, before and after a change."
     _bench.write_section(results, "LassoFilterSelector, multi-class path (P2c)", intro,
-                         section_blocks(X, y, after, before, case), args.quick)
+                         section_blocks(X, y, after, before, case, reference), args.quick)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,13 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
     _, text = _run("multiclass", tmp_path, "--after", str(record), "--before", str(record))
     assert "**1.00x** in wall time" in text and "n_selected equal in 6 of 6 layers;" in text
     assert "support_ (the filters kept at every knee) identical" in text and "largest |RMSE difference| 0.00e+00" in text
+    # A run at another tolerance, saved as the reference both are compared with.
+    exact = tmp_path / "exact.npz"
+    _run("multiclass", tmp_path, "--multitask-tol", "1e-9", "--save", str(exact))
+    _, text = _run("multiclass", tmp_path, "--after", str(record), "--before", str(record), "--reference", str(exact))
+    assert "| reference: " in text and " | 1e-09 | " in text and " | 1e-06 | " in text
+    assert "- Knees of before against the reference (tol 1e-09): n_selected equal in " in text
+    assert "- Knees of after against the reference (tol 1e-09): n_selected equal in " in text
 
 
 @pytest.mark.realdata

@@ -1,4 +1,5 @@
 import doctest
+import itertools
 import re
 import warnings
 from collections import OrderedDict
@@ -281,6 +282,60 @@ def test_multitask_path_equals_sklearn_multitask_lasso():
         np.testing.assert_allclose(coefs[:, :, i], expected, rtol=0, atol=1e-6)
     _, path, _ = lasso_path(X - x_mean, Y - y_mean, alphas=grid, tol=1e-12, max_iter=100_000)
     np.testing.assert_allclose(coefs, path, rtol=0, atol=1e-6)
+
+
+def _dense_collinear_problem(seed=3, n=60, p=90, n_targets=5):
+    """More filters than samples, nearly collinear (rank ~8 plus noise): a dense, ill-conditioned path."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 8)) @ rng.normal(size=(8, p)) + 0.2 * rng.normal(size=(n, p))
+    Y = X[:, :6] @ rng.normal(size=(6, n_targets)) + rng.normal(size=(n, n_targets))
+    x_mean = X.mean(axis=0)
+    Z = np.hstack([X - x_mean, Y - Y.mean(axis=0)])
+    stats = sklearn_craft._lasso_path._moments(Z.T @ Z, n, x_mean, p, False)
+    return X, Y, stats, sklearn_craft._lasso_path._alpha_grid(stats, 30, 1e-4)
+
+
+def test_multitask_path_closes_a_tight_gap_on_a_dense_collinear_problem(monkeypatch):
+    X, Y, stats, grid = _dense_collinear_problem()
+    tolerance = 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        coefs = sklearn_craft._lasso_path._solve_path(stats, grid, tol=tolerance)
+    total = np.sum((Y - Y.mean(axis=0)) ** 2)
+    for i, alpha in enumerate(grid):
+        assert _multitask_gap(X, Y, coefs[:, :, i], alpha) <= tolerance * total
+    assert np.count_nonzero(np.any(coefs[:, :, -1] != 0, axis=0)) > len(X) // 2  # the dense end
+    # The proximal gradient alone does not get there in scikit-learn's 1 000 iterations.
+    monkeypatch.setattr(sklearn_craft._lasso_path, "_newton_step", lambda *args: None)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        sklearn_craft._lasso_path._solve_path(stats, grid, tol=tolerance)
+
+
+def test_newton_steps_converge_quadratically_from_a_point_with_the_right_support(monkeypatch):
+    X, Y, stats, grid = _dense_collinear_problem(seed=4)
+    i, p = 20, X.shape[1]
+    gram, xy = stats["C"][:p, :p], stats["C"][:p, p:]
+    penalty = grid[i] * len(X)
+    newton_step = sklearn_craft._lasso_path._newton_step
+    # A proximal-gradient point that has found the support but not closed the gap.
+    monkeypatch.setattr(sklearn_craft._lasso_path, "_newton_step", lambda *args: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        rough = sklearn_craft._lasso_path._solve_path(stats, grid, tol=1e-6)[:, :, i].T
+
+    def objective(W):
+        return 0.5 * np.vdot(W, gram @ W) - np.vdot(W, xy) + penalty * np.sum(np.linalg.norm(W, axis=1))
+
+    points = [rough]
+    for _ in range(3):
+        points.append(newton_step(gram, xy, points[-1], penalty))
+    gaps = [_multitask_gap(X, Y, W.T, grid[i]) for W in points]
+    # Each step descends (to the objective's rounding once at the solution).
+    assert all(objective(b) <= objective(a) + 1e-12 * abs(objective(a)) for a, b in itertools.pairwise(points))
+    assert objective(points[1]) < objective(rough)
+    assert all(np.array_equal(W != 0, rough != 0) for W in points)  # on the support
+    assert gaps[1] < 1e-2 * gaps[0] and gaps[2] < 1e-2 * gaps[1]  # faster than linear
+    assert gaps[3] <= 1e-10 * np.sum((Y - Y.mean(axis=0)) ** 2)
 
 
 # --------------------------------------------------------------------------- the selector
