@@ -135,6 +135,9 @@ def section_blocks(X, y, after, before, case, reference=None):
                 f"{float(record['wall']):.1f} | {float(record['cpu']):.1f} | {float(record['load']):.1f} |"
             )
     blocks.append("")
+    blocks += [f"- {name.capitalize()}: `{record['command']}`." for name, record in
+               (("reference", reference), ("before", before), ("after", after)) if record is not None]
+    blocks.append("")
     if reference is not None:
         compared = [(name, record) for name, record in (("before", before), ("after", after)) if record is not None]
         for name, record in compared:
@@ -151,7 +154,6 @@ def section_blocks(X, y, after, before, case, reference=None):
         same_curves = np.array_equal(before["curve_n_selected"], after["curve_n_selected"])
         rmse_diff = float(np.max(np.abs(before["curve_rmse"] - after["curve_rmse"])))
         blocks += [
-            f"- Before: `{before['command']}`.",
             f"- Speed-up: **{float(before['wall']) / float(after['wall']):.2f}x** in wall time, "
             f"**{float(before['cpu']) / float(after['cpu']):.2f}x** in CPU time.",
             f"- Knees: n_selected equal in {len(groups) - len(differing)} of {len(groups)} layers"
