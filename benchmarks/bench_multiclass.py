@@ -115,6 +115,14 @@ def tolerance(record):
     return f"{float(record['multitask_tol']):g}" if "multitask_tol" in record else "1e-4 (versions before MULTITASK_TOL)"
 
 
+def knee_agreement(groups, first, second):
+    """'n_selected equal in K of N layers (differ: ...)' for the knees of two run records."""
+    differing = [str(g) for g, a, b in zip(groups, first["knee_n_selected"], second["knee_n_selected"]) if a != b]
+    return f"n_selected equal in {len(groups) - len(differing)} of {len(groups)} layers" + (
+        f" (differ: {', '.join(differing)})" if differing else ""
+    )
+
+
 def section_blocks(X, y, after, before, case, reference=None):
     """Markdown of P2c: the run ``after`` and, when given, ``before`` (run records) against it, and
     the knees of both against a ``reference`` run."""
@@ -128,36 +136,31 @@ def section_blocks(X, y, after, before, case, reference=None):
         "| library | multi-task tol | fits | wall s | CPU s | load average |",
         "|---|---|---|---|---|---|",
     ]
-    for name, record in (("reference", reference), ("before", before), ("after", after)):
-        if record is not None:
-            blocks.append(
-                f"| {name}: {record['version']} | {tolerance(record)} | {int(record['repeats'])} | "
-                f"{float(record['wall']):.1f} | {float(record['cpu']):.1f} | {float(record['load']):.1f} |"
-            )
+    runs = [(name, record) for name, record in (("reference", reference), ("before", before), ("after", after))
+            if record is not None]
+    for name, record in runs:
+        blocks.append(
+            f"| {name}: {record['version']} | {tolerance(record)} | {int(record['repeats'])} | "
+            f"{float(record['wall']):.1f} | {float(record['cpu']):.1f} | {float(record['load']):.1f} |"
+        )
     blocks.append("")
-    blocks += [f"- {name.capitalize()}: `{record['command']}`." for name, record in
-               (("reference", reference), ("before", before), ("after", after)) if record is not None]
+    blocks += [f"- {name.capitalize()}: `{record['command']}`." for name, record in runs]
     blocks.append("")
     if reference is not None:
-        compared = [(name, record) for name, record in (("before", before), ("after", after)) if record is not None]
-        for name, record in compared:
-            differing = [str(g) for g, a, b in zip(groups, reference["knee_n_selected"], record["knee_n_selected"]) if a != b]
+        for name, record in runs[1:]:
             blocks.append(
-                f"- Knees of {name} against the reference (tol {tolerance(reference)}): n_selected equal in "
-                f"{len(groups) - len(differing)} of {len(groups)} layers" + (f" (differ: {', '.join(differing)})" if differing else "")
-                + "."
+                f"- Knees of {name} against the reference (tol {tolerance(reference)}): "
+                f"{knee_agreement(groups, reference, record)}."
             )
         blocks.append("")
     if before is not None:
-        differing = [str(g) for g, a, b in zip(groups, before["knee_n_selected"], after["knee_n_selected"]) if a != b]
         same_support = np.array_equal(before["knee_group"], groups) and np.array_equal(before["support"], after["support"])
         same_curves = np.array_equal(before["curve_n_selected"], after["curve_n_selected"])
         rmse_diff = float(np.max(np.abs(before["curve_rmse"] - after["curve_rmse"])))
         blocks += [
             f"- Speed-up: **{float(before['wall']) / float(after['wall']):.2f}x** in wall time, "
             f"**{float(before['cpu']) / float(after['cpu']):.2f}x** in CPU time.",
-            f"- Knees: n_selected equal in {len(groups) - len(differing)} of {len(groups)} layers"
-            + (f" (differ: {', '.join(differing)})" if differing else "")
+            f"- Knees: {knee_agreement(groups, before, after)}"
             + f"; support_ (the filters kept at every knee) {'identical' if same_support else 'DIFFERENT'}; "
             f"curves: n_selected at every alpha {'identical' if same_curves else 'DIFFERENT'}, "
             f"largest |RMSE difference| {rmse_diff:.2e}.",

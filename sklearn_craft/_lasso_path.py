@@ -326,14 +326,15 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
         active = np.any(W != 0, axis=2)
         settled = np.all(active == support, axis=1) & active.any(axis=1) & (since_newton >= 10) & (gaps > tol * yy)
         support = active
+        since_newton[settled] = 0
+        moved = np.zeros(len(live), dtype=bool)
         for k in np.flatnonzero(settled):
             polished = _newton_step(grams[k], xy[k], W[k], penalties[k])
-            since_newton[k] = 0
             if polished is not None:
                 W[k] = V[k] = polished
-                momentum[k] = 1.0
-        if settled.any():
-            gaps[settled] = _multitask_gaps(W[settled], grams[settled], xy[settled], yy[settled], penalties[settled])
+                momentum[k], moved[k] = 1.0, True
+        if moved.any():
+            gaps[moved] = _multitask_gaps(W[moved], grams[moved], xy[moved], yy[moved], penalties[moved])
     return coefs
 
 
@@ -353,8 +354,8 @@ def _newton_step(gram, xy, W, penalty):
     WA, gram_a, xy_a = W[A], gram[np.ix_(A, A)], xy[A]
     norms = np.sqrt(np.einsum("ij,ij->i", WA, WA))
     U, curvature = WA / norms[:, None], penalty / norms
-    gram_w = gram_a @ WA
-    gradient = gram_w - xy_a + penalty * U
+    smooth_gradient = gram_a @ WA - xy_a
+    gradient = smooth_gradient + penalty * U
     try:
         inverse = _spd_inverse_upper(gram_a + np.diag(curvature))
         x = _upper_product(inverse, gradient)
@@ -362,17 +363,16 @@ def _newton_step(gram, xy, W, penalty):
         # triangle, all that the factorisation reads, is right).
         schur = np.diag(1 / curvature) - inverse * (U @ U.T)
         z = scipy.linalg.cho_solve(scipy.linalg.cho_factor(schur), np.einsum("ij,ij->i", U, x))
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
+    except (np.linalg.LinAlgError, ValueError):
         return None
     direction = -(x + _upper_product(inverse, z[:, None] * U))
     # The smooth part along the direction is a quadratic in the step: backtracking costs no product.
-    gram_d = gram_a @ direction
-    linear, quadratic = np.vdot(direction, gram_w - xy_a), np.vdot(direction, gram_d)
-    slope, step = np.vdot(gradient, direction), 1.0
+    linear, quadratic = np.vdot(direction, smooth_gradient), np.vdot(direction, gram_a @ direction)
+    slope, step, penalty_now = np.vdot(gradient, direction), 1.0, penalty * np.sum(norms)
     while slope < 0 and step > 1e-6:
         candidate = WA + step * direction
         change = step * linear + 0.5 * step**2 * quadratic
-        change += penalty * (np.sum(np.sqrt(np.einsum("ij,ij->i", candidate, candidate))) - np.sum(norms))
+        change += penalty * np.sum(np.sqrt(np.einsum("ij,ij->i", candidate, candidate))) - penalty_now
         if change <= 1e-4 * step * slope:
             polished = np.zeros_like(W)
             polished[A] = candidate
