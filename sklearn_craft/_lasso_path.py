@@ -347,11 +347,14 @@ def _newton_step(gram, xy, W, penalty):
     Woodbury identity solves the Newton system with two factorisations of the support's size
     instead of one of (support × targets). Near the solution of a dense, ill-conditioned problem,
     where the proximal gradient needs thousands of iterations to close the duality gap, one to
-    three such steps close it. Backtracking (Armijo) on the objective keeps every step a descent;
-    None when no step decreases it (the proximal gradient then goes on).
+    three such steps close it. Groups that the full step carries through zero leave the support
+    (set to zero) when that decreases the objective more than the full step. Otherwise
+    backtracking (Armijo) on the objective keeps every step a descent; None when no step
+    decreases it (the proximal gradient then goes on).
     """
     A = np.flatnonzero(np.any(W != 0, axis=1))
-    WA, gram_a, xy_a = W[A], gram[np.ix_(A, A)], xy[A]
+    # take() copies the submatrix in a third of the time of gram[np.ix_(A, A)].
+    WA, gram_a, xy_a = W[A], gram.take(A, axis=0).take(A, axis=1), xy[A]
     norms = np.sqrt(np.einsum("ij,ij->i", WA, WA))
     U, curvature = WA / norms[:, None], penalty / norms
     smooth_gradient = gram_a @ WA - xy_a
@@ -373,6 +376,19 @@ def _newton_step(gram, xy, W, penalty):
         candidate = WA + step * direction
         change = step * linear + 0.5 * step**2 * quadratic
         change += penalty * np.sum(np.sqrt(np.einsum("ij,ij->i", candidate, candidate))) - penalty_now
+        if step == 1.0:
+            # A full step that carries groups through zero says that they leave the support.
+            # Backtracking only creeps towards that, a factorisation per step (about one step in
+            # five on MobileFaceNet's 512-filter layers, 7-class target); the full step with those
+            # groups at zero is taken instead when it decreases the objective more.
+            crossing = np.einsum("ij,ij->i", U, candidate) <= 0
+            if crossing.any():
+                dropped = np.where(crossing[:, None], 0.0, candidate)
+                delta = dropped - WA
+                drop_change = np.vdot(delta, smooth_gradient) + 0.5 * np.vdot(delta, gram_a @ delta)
+                drop_change += penalty * np.sum(np.sqrt(np.einsum("ij,ij->i", dropped, dropped))) - penalty_now
+                if drop_change < min(change, 0):
+                    candidate, change = dropped, -np.inf
         if change <= 1e-4 * step * slope:
             polished = np.zeros_like(W)
             polished[A] = candidate
