@@ -295,3 +295,12 @@ def test_scale_quick_run_measures_every_mode_and_size_and_the_cluster(tmp_path):
     assert all(0 < float(row[2]) < 4 for row in rows)  # peak RSS in GB, the 4 GB budget
     assert "identical scores: True" in text
     assert _committed("scale") == committed
+
+
+def test_scale_large_run_fits_one_streaming_pruner_on_mobilenet(tmp_path):
+    committed = _committed("scale_large")
+    _, text = _run("scale", tmp_path, "--large", "40")
+    [row] = _table(text, "| mode | n |")
+    assert row[:2] == ["pruner", "40"] and 0 < float(row[2]) < 4 and int(row[5]) > 0
+    assert "10,944 filters" in text and "3x32x32" in text
+    assert _committed("scale_large") == committed
