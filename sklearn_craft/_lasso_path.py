@@ -355,7 +355,7 @@ def _newton_step(gram, xy, W, penalty):
     A = np.flatnonzero(np.any(W != 0, axis=1))
     # take() copies the submatrix in a third of the time of gram[np.ix_(A, A)].
     WA, gram_a, xy_a = W[A], gram.take(A, axis=0).take(A, axis=1), xy[A]
-    norms = np.sqrt(np.einsum("ij,ij->i", WA, WA))
+    norms = _row_norms(WA)
     U, curvature = WA / norms[:, None], penalty / norms
     smooth_gradient = gram_a @ WA - xy_a
     gradient = smooth_gradient + penalty * U
@@ -375,7 +375,7 @@ def _newton_step(gram, xy, W, penalty):
     while slope < 0 and step > 1e-6:
         candidate = WA + step * direction
         change = step * linear + 0.5 * step**2 * quadratic
-        change += penalty * np.sum(np.sqrt(np.einsum("ij,ij->i", candidate, candidate))) - penalty_now
+        change += penalty * np.sum(_row_norms(candidate)) - penalty_now
         if step == 1.0:
             # A full step that carries groups through zero says that they leave the support.
             # Backtracking only creeps towards that, a factorisation per step (about one step in
@@ -386,7 +386,7 @@ def _newton_step(gram, xy, W, penalty):
                 dropped = np.where(crossing[:, None], 0.0, candidate)
                 delta = dropped - WA
                 drop_change = np.vdot(delta, smooth_gradient) + 0.5 * np.vdot(delta, gram_a @ delta)
-                drop_change += penalty * np.sum(np.sqrt(np.einsum("ij,ij->i", dropped, dropped))) - penalty_now
+                drop_change += penalty * np.sum(_row_norms(dropped)) - penalty_now
                 if drop_change < min(change, 0):
                     candidate, change = dropped, -np.inf
         if change <= 1e-4 * step * slope:
@@ -395,6 +395,11 @@ def _newton_step(gram, xy, W, penalty):
             return polished
         step /= 2
     return None
+
+
+def _row_norms(W):
+    """Euclidean norm of every row of ``W`` (every feature's coefficients over the targets)."""
+    return np.sqrt(np.einsum("ij,ij->i", W, W))
 
 
 def _spd_inverse_upper(matrix):

@@ -341,9 +341,9 @@ def test_newton_steps_converge_quadratically_from_a_point_with_the_right_support
 def test_newton_step_drops_a_group_that_its_full_step_carries_through_zero():
     # Orthonormal features: the solution is a group soft-threshold of X^T Y, so feature 1
     # (||X_1^T Y|| = 0.5 < penalty) is zero. From a point with a small feature 1 along X_1^T Y,
-    # the Newton step on the support {0, 1} carries feature 1 through zero and raises the
-    # objective: backtracking would shrink the step; the step with feature 1 at zero is exact
-    # (feature 0 starts on the ray of its solution, where the problem is quadratic).
+    # the full Newton step on the support {0, 1} carries feature 1 through zero, to -(0.3, 0.4);
+    # that step with feature 1 at zero lowers the objective more, and is exact (feature 0 starts
+    # on the ray of its solution, where the problem is quadratic).
     gram, xy, penalty = np.eye(2), np.array([[3.0, 4.0], [0.3, 0.4]]), 1.0
     solution = np.array([[3.0, 4.0], [0.0, 0.0]]) * (1 - penalty / 5.0)
     start = np.array([[1.5, 2.0], [0.03, 0.04]])
