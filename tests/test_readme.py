@@ -22,6 +22,6 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(pip install torch==2\.13\.0 .*?)\n```", readme)
     assert 'pip install torch==2.13.0 && pip install -e . && python -m sklearn_craft demo' in commands
-    test_command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    test_command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -n auto'
     assert test_command in commands
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
