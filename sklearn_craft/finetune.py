@@ -409,6 +409,123 @@ def _input_moments(model, norm, dataset, batch_size, device, preprocess, num_wor
     return moments
 
 
+#: Most bytes of activations :func:`recalibrate_batchnorm` keeps to resume its passes inside an
+#: ``nn.Sequential`` (beyond it, every pass starts from the images).
+_RESUME_BYTES = 1 << 30
+
+
+def _resume_points(model, example, norms):
+    """BatchNorm name -> (name of an ``nn.Sequential``, index of its child holding the layer).
+
+    The Sequential is the outermost one of plain type (its own ``forward`` chains its children)
+    that runs once per pass, every leaf under it running once too: running its children from a
+    stored input of one of them then computes exactly what the whole network computes there.
+    Layers under no such Sequential are left out.
+    """
+    sequentials = {name: module for name, module in model.named_modules() if type(module) is nn.Sequential}
+    calls = dict.fromkeys(sequentials, 0)
+
+    def count(name):
+        def hook(module, args):
+            calls[name] += 1
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(count(name)) for name, module in sequentials.items()]
+    try:
+        leaf_calls = pd.Series(_call_sequence(model, example), dtype=object).value_counts()
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Outermost first: a name is never longer than those of the modules under it.
+    eligible = [
+        name
+        for name in sorted(sequentials, key=len)
+        if calls[name] == 1 and (leaf_calls[[leaf for leaf in leaf_calls.index if _under(leaf, name)]] == 1).all()
+    ]
+    points = {}
+    for norm in norms:
+        owner = next((name for name in eligible if _under(norm, name) and norm != name), None)
+        if owner is not None:
+            child = norm[len(owner) + 1 :].split(".")[0] if owner else norm.split(".")[0]
+            points[norm] = (owner, list(sequentials[owner]._modules).index(child))
+    return points
+
+
+def _under(name, ancestor):
+    """Whether module ``name`` is ``ancestor`` or inside it (``""`` is the whole model)."""
+    return not ancestor or name == ancestor or name.startswith(ancestor + ".")
+
+
+class _OverBudget(Exception):
+    """Raised once the stored inputs take more than :data:`_RESUME_BYTES`."""
+
+
+def _check_budget(tensors):
+    if sum(tensor.element_size() * tensor.nelement() for tensor in tensors) > _RESUME_BYTES:
+        raise _OverBudget
+
+
+class _ResumedInputs:
+    """The input of one child of an ``nn.Sequential`` on every batch, moved along its children.
+
+    ``move_to(sequential, index)`` makes :attr:`inputs` those of child ``index``: by running the
+    children in between on the stored inputs when they belong to the same Sequential and come
+    before it, or else by one pass from the images stopping at that child. False (and nothing
+    stored) as soon as they take more than :data:`_RESUME_BYTES`.
+    """
+
+    def __init__(self, model, dataset, batch_size, device, preprocess, num_workers):
+        self.model, self.pass_args = model, (dataset, batch_size, device, preprocess, num_workers)
+        self.sequential, self.index, self.inputs = None, None, None
+
+    def move_to(self, sequential, index):
+        children = list(self.model.get_submodule(sequential))
+        try:
+            if self.sequential == sequential and self.index is not None and self.index <= index:
+                with torch.no_grad():
+                    for child in children[self.index : index]:
+                        # One batch at a time: what is stored never takes much more than the budget.
+                        for k, x in enumerate(self.inputs):
+                            self.inputs[k] = child(x)
+                        _check_budget(self.inputs)
+            else:
+                self.inputs = []
+
+                def store(_, x):
+                    self.inputs.append(x)
+                    _check_budget(self.inputs)
+
+                _record_inputs(self.model, [children[index]], *self.pass_args, store)
+        except _OverBudget:
+            self.sequential, self.index, self.inputs = None, None, None
+            return False
+        self.sequential, self.index = sequential, index
+        return True
+
+    def moments(self, norm):
+        """Moments of the input of ``norm`` (under the current child) over all the stored inputs."""
+        child = list(self.model.get_submodule(self.sequential))[self.index]
+        moments = _ChannelMoments()
+
+        def record(module, inputs):
+            moments.add(inputs[0])
+            raise _InputRecorded
+
+        handle = norm.register_forward_pre_hook(record)
+        try:
+            with torch.no_grad():
+                for x in self.inputs:
+                    try:
+                        # A copy: an in-place operation at the start of the child must not change what is stored.
+                        child(x.clone())
+                    except _InputRecorded:
+                        pass
+        finally:
+            handle.remove()
+        return moments
+
+
 def recalibrate_batchnorm(
     model, X, *, batch_size=64, device="cpu", preprocess=None, progress=False, num_workers=0, layers=None
 ):
@@ -425,9 +542,14 @@ def recalibrate_batchnorm(
     variance, of its input over every image and position), each layer normalising what later
     layers see with the statistics of all of ``X``. Layers are estimated one after the other in
     the order they run, each over a pass of the images through the layers before it (in float64,
-    merged batch by batch), so the cost grows with the number of BatchNorm layers. A layer
-    called several times in a forward pass is estimated on its first call; one that does not
-    run on ``X`` keeps its statistics, and so does one that does not track running statistics.
+    merged batch by batch). Inside an ``nn.Sequential`` that runs once per pass (MobileFaceNet's
+    and MobileNet's blocks, VGG's features, ResNet's stages), the pass resumes from the stored
+    input of the child holding the layer, moved child by child, instead of starting from the
+    images: the same statistics, bit for bit, while those inputs of all of ``X`` take at most
+    1 GiB (beyond, passes start from the images; measured on MobileFaceNet, 50 images: 5.9 s
+    against 50.8 s). A layer called several times in a forward pass is estimated on its first
+    call; one that does not run on ``X`` keeps its statistics, and so does one that does not
+    track running statistics.
 
     Parameters
     ----------
@@ -489,19 +611,25 @@ def recalibrate_batchnorm(
     example = next(iter_batches(dataset, 1, device=_check_device(device), preprocess=preprocess, indices=[0]))
     example = example.to(dtype)
     order = [name for name in dict.fromkeys(_call_sequence(model, example)) if name in norms]
+    points = _resume_points(model, example, order)
     unbiased = {}
-    for name in tqdm(order, desc="BatchNorm statistics", disable=not progress):
-        norm = norms[name]
-        moments = _input_moments(model, norm, dataset, batch_size, device, preprocess, num_workers)
-        if moments.count == 0:
-            continue
-        with torch.no_grad():
-            norm.running_mean.copy_(moments.mean)
-            # While later layers are estimated, this one normalises as it would a batch of all of
-            # X, with the biased variance; it stores the unbiased one, as BatchNorm does.
-            norm.running_var.copy_(moments.m2 / moments.count)
-            norm.num_batches_tracked.fill_(math.ceil(len(dataset) / batch_size))
-        unbiased[name] = moments.m2 / max(moments.count - 1, 1)
+    with _evaluating(model):
+        resumed = _ResumedInputs(model, dataset, batch_size, device, preprocess, num_workers)
+        for name in tqdm(order, desc="BatchNorm statistics", disable=not progress):
+            norm = norms[name]
+            if name in points and resumed.move_to(*points[name]):
+                moments = resumed.moments(norm)
+            else:
+                moments = _input_moments(model, norm, dataset, batch_size, device, preprocess, num_workers)
+            if moments.count == 0:
+                continue
+            with torch.no_grad():
+                norm.running_mean.copy_(moments.mean)
+                # While later layers are estimated, this one normalises as it would a batch of all of
+                # X, with the biased variance; it stores the unbiased one, as BatchNorm does.
+                norm.running_var.copy_(moments.m2 / moments.count)
+                norm.num_batches_tracked.fill_(math.ceil(len(dataset) / batch_size))
+            unbiased[name] = moments.m2 / max(moments.count - 1, 1)
     with torch.no_grad():
         for name, variance in unbiased.items():
             norms[name].running_var.copy_(variance)

@@ -3,9 +3,10 @@ import pytest
 import torch
 from torch import nn
 
+import sklearn_craft.finetune
 from sklearn_craft.finetune import FINETUNE_DEFAULTS, check_finetune_params, finetune, recalibrate_batchnorm
 
-from conftest import trainable_net
+from conftest import ARCHITECTURES, randomize, trainable_net
 
 
 def _data(n=60, seed=0):
@@ -194,3 +195,73 @@ def test_recalibrate_batchnorm_leaves_a_network_without_batchnorm_alone():
     before = _weights(model)
     assert recalibrate_batchnorm(model, _data()[0]) is model
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+
+
+class _AddsBetweenChildren(nn.Module):
+    """Runs the children of ``body`` itself, adding 1 after each: ``body``'s own forward never runs."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        for module in self.body:
+            x = module(x) + 1
+        return x
+
+
+class _AddOneInPlace(nn.Module):
+    def forward(self, x):
+        return x.add_(1)
+
+
+class _Residual(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+def _conv_bn(channels):
+    return [nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)]
+
+
+def _resume_cases():
+    """Networks whose BatchNorm layers sit in plain Sequentials, and ones where resuming would be wrong."""
+    torch.manual_seed(0)
+    in_place_first = nn.Sequential(
+        nn.Sequential(_AddOneInPlace(), *_conv_bn(3), nn.ReLU(inplace=True), *_conv_bn(3)),
+        nn.Sequential(nn.ReLU(inplace=True), *_conv_bn(3)),
+    )
+    residual = nn.Sequential(*_conv_bn(3), _Residual(*_conv_bn(3), nn.ReLU(), *_conv_bn(3)), *_conv_bn(3))
+    manual = _AddsBetweenChildren(nn.Sequential(*_conv_bn(3), *_conv_bn(3)))
+    cases = {"in_place_first": in_place_first, "residual": residual, "manual": manual}
+    for name in ("vgg16_bn", "resnet18", "mobilenet_v2"):
+        cases[name] = ARCHITECTURES[name].build()
+    return cases
+
+
+@pytest.mark.parametrize("name", ["in_place_first", "residual", "manual", "vgg16_bn", "resnet18", "mobilenet_v2"])
+def test_recalibrate_batchnorm_resumed_inside_sequentials_equals_passes_from_the_images(name, monkeypatch):
+    model = randomize(_resume_cases()[name])
+    shape = ARCHITECTURES[name].input_shape if name in ARCHITECTURES else (3, 6, 6)
+    X = 1.0 + torch.randn(20, *shape, generator=torch.Generator().manual_seed(1))
+    resumed = recalibrate_batchnorm(randomize(_resume_cases()[name]), X, batch_size=8)
+    # Room for the inputs of two batches of 8 images: storing gives up midway, and passes from the images take over.
+    monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 2 * 8 * 4 * int(np.prod(shape)))
+    over_budget = recalibrate_batchnorm(randomize(_resume_cases()[name]), X, batch_size=8)
+    # No room for stored activations: every layer is estimated on a pass from the images.
+    monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 0)
+    from_images = recalibrate_batchnorm(model, X, batch_size=8)
+    expected = from_images.state_dict()
+    for network in (resumed, over_budget):
+        assert all(torch.equal(value, expected[key]) for key, value in network.state_dict().items())
+
+
+def test_recalibrate_batchnorm_runs_the_layers_before_a_sequential_once_per_batch():
+    torch.manual_seed(0)
+    net = nn.Sequential(*_conv_bn(2), nn.ReLU(), *_conv_bn(2), nn.ReLU(), *_conv_bn(2)).eval()
+    calls = []
+    net[0].register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    recalibrate_batchnorm(net, torch.randn(20, 2, 5, 5), batch_size=8)
+    # The two passes of the layer order and of the resume points, then once per batch of 8, 8, 4
+    # (a pass from the images per BatchNorm layer would run it three times per batch).
+    assert calls == [1, 1, 8, 8, 4]
