@@ -236,13 +236,24 @@ def _resume_cases():
     cases = {"in_place_first": in_place_first, "residual": residual, "manual": manual}
     for name in ("vgg16_bn", "resnet18", "mobilenet_v2"):
         cases[name] = ARCHITECTURES[name].build()
+        # As the pruner's working networks are: a graph whose nodes call the layers.
+        cases[f"{name}_graph"] = torch.fx.symbolic_trace(ARCHITECTURES[name].build())
+    twice = nn.Sequential(*_conv_bn(3), nn.ReLU())
+    cases["bn_called_twice_graph"] = torch.fx.symbolic_trace(nn.Sequential(twice, *_conv_bn(3), twice))
     return cases
 
 
-@pytest.mark.parametrize("name", ["in_place_first", "residual", "manual", "vgg16_bn", "resnet18", "mobilenet_v2"])
-def test_recalibrate_batchnorm_resumed_inside_sequentials_equals_passes_from_the_images(name, monkeypatch):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "in_place_first", "residual", "manual", "vgg16_bn", "resnet18", "mobilenet_v2",
+        "vgg16_bn_graph", "resnet18_graph", "mobilenet_v2_graph", "bn_called_twice_graph",
+    ],
+)
+def test_recalibrate_batchnorm_resumed_passes_equal_passes_from_the_images(name, monkeypatch):
     model = randomize(_resume_cases()[name])
-    shape = ARCHITECTURES[name].input_shape if name in ARCHITECTURES else (3, 6, 6)
+    architecture = name.removesuffix("_graph")
+    shape = ARCHITECTURES[architecture].input_shape if architecture in ARCHITECTURES else (3, 6, 6)
     X = 1.0 + torch.randn(20, *shape, generator=torch.Generator().manual_seed(1))
     resumed = recalibrate_batchnorm(randomize(_resume_cases()[name]), X, batch_size=8)
     # Room for the inputs of two batches of 8 images: storing gives up midway, and passes from the images take over.
@@ -256,12 +267,14 @@ def test_recalibrate_batchnorm_resumed_inside_sequentials_equals_passes_from_the
         assert all(torch.equal(value, expected[key]) for key, value in network.state_dict().items())
 
 
-def test_recalibrate_batchnorm_runs_the_layers_before_a_sequential_once_per_batch():
+@pytest.mark.parametrize("graph", [False, True])
+def test_recalibrate_batchnorm_runs_the_first_layer_once_per_batch(graph):
     torch.manual_seed(0)
     net = nn.Sequential(*_conv_bn(2), nn.ReLU(), *_conv_bn(2), nn.ReLU(), *_conv_bn(2)).eval()
+    net = torch.fx.symbolic_trace(net) if graph else net
     calls = []
-    net[0].register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    net.get_submodule("0").register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     recalibrate_batchnorm(net, torch.randn(20, 2, 5, 5), batch_size=8)
-    # The two passes of the layer order and of the resume points, then once per batch of 8, 8, 4
-    # (a pass from the images per BatchNorm layer would run it three times per batch).
-    assert calls == [1, 1, 8, 8, 4]
+    # One example for the order of the layers (and one for the Sequential's resume points), then
+    # once per batch of 8, 8, 4 (a pass from the images per BatchNorm layer: three times per batch).
+    assert calls == [1, 8, 8, 4] if graph else [1, 1, 8, 8, 4]
