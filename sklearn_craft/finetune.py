@@ -470,7 +470,7 @@ def _check_budget(values):
 class _ResumedInputs:
     """The input of one child of an ``nn.Sequential`` on every batch, moved along its children.
 
-    ``move_to(sequential, index)`` makes :attr:`inputs` those of child ``index``: by running the
+    ``move_to((sequential, index))`` makes :attr:`inputs` those of child ``index``: by running the
     children in between on the stored inputs when they belong to the same Sequential and come
     before it, or else by one pass from the images stopping at that child. False (and nothing
     stored) as soon as they take more than :data:`_RESUME_BYTES`.
@@ -480,7 +480,8 @@ class _ResumedInputs:
         self.model, self.pass_args = model, (dataset, batch_size, device, preprocess, num_workers)
         self.sequential, self.index, self.inputs = None, None, None
 
-    def move_to(self, sequential, index):
+    def move_to(self, point):
+        sequential, index = point
         children = list(self.model.get_submodule(sequential))
         try:
             if self.sequential == sequential and self.index is not None and self.index <= index:
@@ -577,8 +578,9 @@ class _GraphValues:
         # Parameters and buffers read by get_attr nodes are the model's own, not stored values.
         _check_budget([value for env in self.envs for node, value in env.items() if node.op != "get_attr"])
 
-    def moments(self, node):
-        """Moments of the input of ``node`` (the current position) over all batches."""
+    def moments(self, norm):
+        """Moments of the input of ``norm``, the layer of the node at the current position, over all batches."""
+        node = self.nodes[self.position]
         moments = _ChannelMoments()
         for env in self.envs:
             moments.add(env[node.args[0]])
@@ -687,12 +689,14 @@ def recalibrate_batchnorm(
         args = (model, dataset, batch_size, device, preprocess, num_workers)
         resumed = _GraphValues(*args) if graph else _ResumedInputs(*args)
         for name in tqdm(order, desc="BatchNorm statistics", disable=not progress):
-            norm = norms[name]
-            if graph and name in points and resumed.move_to(points[name]):
-                moments = resumed.moments(resumed.nodes[points[name]])
-            elif not graph and name in points and resumed.move_to(*points[name]):
-                moments = resumed.moments(norm)
-            else:
+            norm, moments = norms[name], None
+            if resumed is not None and name in points:
+                if resumed.move_to(points[name]):
+                    moments = resumed.moments(norm)
+                else:
+                    # Over the budget: the remaining passes start from the images.
+                    resumed = None
+            if moments is None:
                 moments = _input_moments(model, norm, dataset, batch_size, device, preprocess, num_workers)
             if moments.count == 0:
                 continue
