@@ -452,6 +452,20 @@ def _resume_points(model, example, norms):
     return points
 
 
+def _graph_points(model, norms):
+    """BatchNorm name -> position of the node of a ``torch.fx.GraphModule`` that calls it.
+
+    Layers the graph calls more than once are left out, and all of them when the graph has
+    another number of inputs than one.
+    """
+    nodes = list(model.graph.nodes)
+    if [node.op for node in nodes].count("placeholder") != 1:
+        return {}
+    targets = pd.Series([node.target if node.op == "call_module" else None for node in nodes], dtype=object)
+    counts = targets.value_counts()
+    return {name: int(np.flatnonzero(targets == name)[0]) for name in norms if counts.get(name) == 1}
+
+
 def _under(name, ancestor):
     """Whether module ``name`` is ``ancestor`` or inside it (``""`` is the whole model)."""
     return not ancestor or name == ancestor or name.startswith(ancestor + ".")
@@ -675,15 +689,8 @@ def recalibrate_batchnorm(
     example = next(iter_batches(dataset, 1, device=_check_device(device), preprocess=preprocess, indices=[0]))
     example = example.to(dtype)
     order = [name for name in dict.fromkeys(_call_sequence(model, example)) if name in norms]
-    graph = isinstance(model, torch.fx.GraphModule) and [node.op for node in model.graph.nodes].count("placeholder") == 1
-    if graph:
-        # The graph's node of each layer it calls once.
-        nodes = list(model.graph.nodes)
-        targets = pd.Series([node.target if node.op == "call_module" else None for node in nodes], dtype=object)
-        counts = targets.value_counts()
-        points = {name: int(np.flatnonzero(targets == name)[0]) for name in order if counts.get(name) == 1}
-    else:
-        points = _resume_points(model, example, order)
+    graph = isinstance(model, torch.fx.GraphModule)
+    points = _graph_points(model, order) if graph else _resume_points(model, example, order)
     unbiased = {}
     with _evaluating(model):
         args = (model, dataset, batch_size, device, preprocess, num_workers)

@@ -224,23 +224,27 @@ def _conv_bn(channels):
     return [nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)]
 
 
-def _resume_cases():
-    """Networks whose BatchNorm layers sit in plain Sequentials, and ones where resuming would be wrong."""
+def _resume_case(name):
+    """A network whose BatchNorm layers sit in plain Sequentials or a graph, or one where resuming would be wrong."""
     torch.manual_seed(0)
-    in_place_first = nn.Sequential(
-        nn.Sequential(_AddOneInPlace(), *_conv_bn(3), nn.ReLU(inplace=True), *_conv_bn(3)),
-        nn.Sequential(nn.ReLU(inplace=True), *_conv_bn(3)),
-    )
-    residual = nn.Sequential(*_conv_bn(3), _Residual(*_conv_bn(3), nn.ReLU(), *_conv_bn(3)), *_conv_bn(3))
-    manual = _AddsBetweenChildren(nn.Sequential(*_conv_bn(3), *_conv_bn(3)))
-    cases = {"in_place_first": in_place_first, "residual": residual, "manual": manual}
-    for name in ("vgg16_bn", "resnet18", "mobilenet_v2"):
-        cases[name] = ARCHITECTURES[name].build()
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name].build()
+    if name.endswith("_graph") and name.removesuffix("_graph") in ARCHITECTURES:
         # As the pruner's working networks are: a graph whose nodes call the layers.
-        cases[f"{name}_graph"] = torch.fx.symbolic_trace(ARCHITECTURES[name].build())
-    twice = nn.Sequential(*_conv_bn(3), nn.ReLU())
-    cases["bn_called_twice_graph"] = torch.fx.symbolic_trace(nn.Sequential(twice, *_conv_bn(3), twice))
-    return cases
+        return torch.fx.symbolic_trace(ARCHITECTURES[name.removesuffix("_graph")].build())
+    if name == "in_place_first":
+        return nn.Sequential(
+            nn.Sequential(_AddOneInPlace(), *_conv_bn(3), nn.ReLU(inplace=True), *_conv_bn(3)),
+            nn.Sequential(nn.ReLU(inplace=True), *_conv_bn(3)),
+        )
+    if name == "residual":
+        return nn.Sequential(*_conv_bn(3), _Residual(*_conv_bn(3), nn.ReLU(), *_conv_bn(3)), *_conv_bn(3))
+    if name == "manual":
+        return _AddsBetweenChildren(nn.Sequential(*_conv_bn(3), *_conv_bn(3)))
+    if name == "bn_called_twice_graph":
+        twice = nn.Sequential(*_conv_bn(3), nn.ReLU())
+        return torch.fx.symbolic_trace(nn.Sequential(twice, *_conv_bn(3), twice))
+    raise ValueError(f"no resume case named {name!r}")
 
 
 @pytest.mark.parametrize(
@@ -251,14 +255,14 @@ def _resume_cases():
     ],
 )
 def test_recalibrate_batchnorm_resumed_passes_equal_passes_from_the_images(name, monkeypatch):
-    model = randomize(_resume_cases()[name])
+    model = randomize(_resume_case(name))
     architecture = name.removesuffix("_graph")
     shape = ARCHITECTURES[architecture].input_shape if architecture in ARCHITECTURES else (3, 6, 6)
     X = 1.0 + torch.randn(20, *shape, generator=torch.Generator().manual_seed(1))
-    resumed = recalibrate_batchnorm(randomize(_resume_cases()[name]), X, batch_size=8)
+    resumed = recalibrate_batchnorm(randomize(_resume_case(name)), X, batch_size=8)
     # Room for the inputs of two batches of 8 images: storing gives up midway, and passes from the images take over.
     monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 2 * 8 * 4 * int(np.prod(shape)))
-    over_budget = recalibrate_batchnorm(randomize(_resume_cases()[name]), X, batch_size=8)
+    over_budget = recalibrate_batchnorm(randomize(_resume_case(name)), X, batch_size=8)
     # No room for stored activations: every layer is estimated on a pass from the images.
     monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 0)
     from_images = recalibrate_batchnorm(model, X, batch_size=8)
