@@ -30,7 +30,7 @@ with gamma=0 on its last convolution: every filter kept, a ridge-initialised hea
 trained, ``_bench.FINETUNE_TEXT``), and the same network trained from scratch with that budget.
 Then the student CRAFT-pruned for UTKFace gender (``CraftPruner(gamma=--gamma)``, same budget).
 
-Full size (no --quick): about 10,300 pool and 7,800 target images; auto-encoder at most 100 epochs
+Full size (no --quick): about 10,300 pool and 7,800 target images; auto-encoder at most 400 epochs
 (early stopping, patience 10); distillation at most --distill-epochs=12 epochs (patience 2);
 fine-tuning at most --epochs=4 epochs; LASSO paths of --alphas=50 for the pruned student. Sized so that each training (fusion, distillation, the
 fine-tunings together) finishes within 60 minutes on 2 shared CPU cores at 64x64 (the source
@@ -96,14 +96,14 @@ EMBEDDING_VERSION = 1
 
 
 #: Settings of a full-size run and of --quick (each overridden by its command-line option).
-FULL = dict(n=None, cv=5, ae_epochs=100, distill_epochs=12, epochs=4, alphas=50)
+FULL = dict(n=None, cv=5, ae_epochs=400, distill_epochs=12, epochs=4, alphas=50)
 QUICK = dict(n=100, cv=3, ae_epochs=5, distill_epochs=1, epochs=1, alphas=10)
 
 
 def parse(argv):
     p = _bench.parser(__doc__)
     p.add_argument("--cv", type=int, default=None, help="folds of the Table 6 satellites (default 5, quick 3)")
-    p.add_argument("--ae-epochs", type=int, default=None, help="most auto-encoder epochs (default 100, quick 5)")
+    p.add_argument("--ae-epochs", type=int, default=None, help="most auto-encoder epochs (default 400, quick 5)")
     p.add_argument("--distill-epochs", type=int, default=None, help="most distillation epochs (default 12, quick 1)")
     p.add_argument("--epochs", type=int, default=None, help="most fine-tuning epochs (default 4, quick 1)")
     p.add_argument("--gamma", type=float, default=0.01, help="CRAFT gamma of the pruned student")
