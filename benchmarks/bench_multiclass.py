@@ -85,15 +85,18 @@ def timed_fits(X, y, repeats):
 def run_record(run, selector, command):
     """The timings, curves, knees and support of a run (what --save writes): numeric and str arrays only."""
     curves, knees = selector.curves_, selector.knees_
-    return dict(
+    record = dict(
         wall=run["wall"], cpu=run["cpu"], load=run["load"], repeats=run["repeats"], command=command,
         version=library_version(),
         curve_group=np.asarray(curves["group"], dtype=str), curve_alpha=curves["alpha"].to_numpy(),
         curve_n_selected=curves["n_selected"].to_numpy(), curve_rmse=curves["rmse"].to_numpy(),
         knee_group=np.asarray(knees["group"], dtype=str), knee_n_selected=knees["n_selected"].to_numpy(),
         knee_rmse=knees["rmse"].to_numpy(), support=selector.support_,
-        multitask_tol=sklearn_craft._lasso_path.MULTITASK_TOL,
     )
+    # Versions before MULTITASK_TOL (the "before" of the speed-up) have none to record.
+    if hasattr(sklearn_craft._lasso_path, "MULTITASK_TOL"):
+        record["multitask_tol"] = sklearn_craft._lasso_path.MULTITASK_TOL
+    return record
 
 
 def library_version():
