@@ -227,6 +227,9 @@ def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_da
     error = table6["metric"] != "accuracy %"
     assert (table6.loc[error, "BCT"] <= table6.loc[error, "BT"]).all()
     assert (table6.loc[~error, "BCT"] >= table6.loc[~error, "BT"]).all()
+    # The paired difference is over the folds BT is scored on: its mean is the difference of the means.
+    np.testing.assert_allclose(table6["AE-BT"], table6["AE"] - table6["BT"], atol=1e-9)
+    assert (table6["SE"] >= 0).all() and _finite(table6, ["SE"])
     nrmse = pd.read_csv(f"{stem}_nrmse.csv", index_col=0)
     assert list(nrmse.index) == ["mobilefacenet", "mini_xception", "mtcnn_onet", "average"]
     assert _finite(nrmse, ["PCA", "AE"]) and (nrmse > 0).all().all()
