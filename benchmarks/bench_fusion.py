@@ -213,10 +213,11 @@ def part_fusion(args, pool_h, target_h, target_sets):
         H, _ = side_by_side(h)
         common = dict(task_types=task_types, scoring=scoring, cv=args.cv, random_state=_bench.SEED)
         fused = {label: fusion.transform(H) for label, fusion in fusions.items()}
-        # The sources' rows come along to pair AE and BT fold by fold (every row sees the same folds).
-        matrix, details = task_relationship_matrix(fused | h, None, tasks, return_details=True, **common)
-        bt, _ = best_transfer(h, tasks, **common)
+        matrix, details = task_relationship_matrix(fused, None, tasks, return_details=True, **common)
+        # The same folds for every row (they depend on the tasks, cv and seed only): AE and BT pair fold by fold.
+        bt, _, bt_details = best_transfer(h, tasks, return_details=True, **common)
         bct, _ = best_concatenation(h, tasks, **common)
+        details = pd.concat([details, bt_details], ignore_index=True)
         for task in matrix.columns:
             metric = matrix.attrs["metric"][task]
             folds = details[(details["task"] == task) & (details["metric"] == metric)]

@@ -879,15 +879,19 @@ class FusionDistiller(TransformerMixin, BaseEstimator):
         return tags
 
 
-def _best_of(features, tasks, task_types, cv, scoring, n_jobs, random_state, progress):
-    """The satellite matrix of ``features`` on ``tasks`` and its best row per task."""
-    matrix = task_relationship_matrix(
+def _best_of(features, tasks, task_types, cv, scoring, n_jobs, random_state, progress, return_details):
+    """The satellite matrix of ``features`` on ``tasks``, its best row per task and, with
+    ``return_details``, the per-fold scores."""
+    if not isinstance(return_details, bool):
+        raise TypeError(f"return_details must be a bool, got {return_details!r}")
+    matrix, details = task_relationship_matrix(
         features,
         None,
         tasks,
         task_types=task_types,
         cv=cv,
         scoring=scoring,
+        return_details=True,
         n_jobs=n_jobs,
         random_state=random_state,
         progress=progress,
@@ -900,7 +904,8 @@ def _best_of(features, tasks, task_types, cv, scoring, n_jobs, random_state, pro
             "metric": [matrix.attrs["metric"][task] for task in winners.index],
         }
     )
-    return best.rename_axis("task"), matrix
+    best = best.rename_axis("task")
+    return (best, matrix, details) if return_details else (best, matrix)
 
 
 def _check_embeddings(embeddings):
@@ -910,7 +915,16 @@ def _check_embeddings(embeddings):
 
 
 def best_transfer(
-    embeddings, tasks, *, task_types=None, cv=5, scoring=None, n_jobs=None, random_state=None, progress=False
+    embeddings,
+    tasks,
+    *,
+    task_types=None,
+    cv=5,
+    scoring=None,
+    return_details=False,
+    n_jobs=None,
+    random_state=None,
+    progress=False,
 ):
     """Best Transfer (BT, Vielzeuf et al. Table 6): the single source that scores best on each task.
 
@@ -928,6 +942,9 @@ def best_transfer(
         :func:`~sklearn_craft.relationships.task_relationship_matrix`).
     task_types, cv, scoring, n_jobs, random_state, progress
         Passed to :func:`~sklearn_craft.relationships.task_relationship_matrix`.
+    return_details : bool, default=False
+        Also return every row's per-fold scores, to compare another embedding with the best one
+        fold by fold (the folds depend on ``tasks``, ``cv`` and ``random_state`` only).
 
     Returns
     -------
@@ -936,6 +953,9 @@ def best_transfer(
         and ``metric``.
     matrix : pandas.DataFrame of shape (n_sources, n_tasks)
         Every source's score.
+    details : pandas.DataFrame
+        Only when ``return_details=True``: columns source, task, fold, metric, value (see
+        :func:`~sklearn_craft.relationships.task_relationship_matrix`).
 
     Examples
     --------
@@ -951,7 +971,7 @@ def best_transfer(
     {'age': 'age_net', 'smiling': 'smile_net'}
     """
     features = _check_embeddings(embeddings)
-    return _best_of(features, tasks, task_types, cv, scoring, n_jobs, random_state, progress)
+    return _best_of(features, tasks, task_types, cv, scoring, n_jobs, random_state, progress, return_details)
 
 
 def best_concatenation(
@@ -962,6 +982,7 @@ def best_concatenation(
     task_types=None,
     cv=5,
     scoring=None,
+    return_details=False,
     n_jobs=None,
     random_state=None,
     progress=False,
@@ -984,6 +1005,9 @@ def best_concatenation(
         Largest number of sources in a combination; None allows all of them.
     task_types, cv, scoring, n_jobs, random_state, progress
         Passed to :func:`~sklearn_craft.relationships.task_relationship_matrix`.
+    return_details : bool, default=False
+        Also return every row's per-fold scores, to compare another embedding with the best one
+        fold by fold (the folds depend on ``tasks``, ``cv`` and ``random_state`` only).
 
     Returns
     -------
@@ -992,6 +1016,9 @@ def best_concatenation(
         ``score`` and ``metric``.
     matrix : pandas.DataFrame of shape (n_combinations, n_tasks)
         Every combination's score.
+    details : pandas.DataFrame
+        Only when ``return_details=True``: every combination's per-fold scores, columns source,
+        task, fold, metric, value.
 
     Examples
     --------
@@ -1014,4 +1041,4 @@ def best_concatenation(
     for size in range(1, min(max_sources, len(names)) + 1):
         for combination in itertools.combinations(names, size):
             combined["+".join(map(str, combination))] = np.hstack([np.asarray(features[name]) for name in combination])
-    return _best_of(combined, tasks, task_types, cv, scoring, n_jobs, random_state, progress)
+    return _best_of(combined, tasks, task_types, cv, scoring, n_jobs, random_state, progress, return_details)

@@ -27,6 +27,7 @@ from sklearn_craft.fusion import (
 from sklearn_craft.models import mini_xception, mobilefacenet, mtcnn_onet, preset
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.pruner import CraftPruner
+from sklearn_craft.relationships import task_relationship_matrix
 
 from conftest import (
     assert_expected_failures_are_current,
@@ -478,6 +479,31 @@ def test_best_transfer_and_best_concatenation_pick_the_informative_sources():
         best_concatenation(embeddings, tasks, max_sources=0)
     with pytest.raises(TypeError, match="embeddings must be a non-empty mapping"):
         best_transfer({}, tasks)
+
+
+def test_best_transfer_details_pair_any_embedding_with_the_best_source_fold_by_fold():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(240, 3)), rng.normal(size=(240, 3))
+    tasks = pd.DataFrame({"from_a": a[:, 0] + 0.3 * rng.normal(size=240), "from_b": b[:, 0] > 0})
+    embeddings = {"a": a, "b": b}
+    best, matrix, details = best_transfer(embeddings, tasks, cv=4, random_state=0, return_details=True)
+    pd.testing.assert_frame_equal(matrix, best_transfer(embeddings, tasks, cv=4, random_state=0)[1])
+    # The matrix is the mean of the per-fold scores of every source and task's main metric.
+    for task, metric in best["metric"].items():
+        folds = details[(details["task"] == task) & (details["metric"] == metric)]
+        means = folds.groupby("source")["value"].mean()
+        np.testing.assert_allclose(means[matrix.index], matrix[task])
+        assert sorted(folds["fold"].unique()) == [0, 1, 2, 3]
+    # Another embedding scored with the same cv and seed sees the same folds: a fold of the best
+    # source's own embedding gives the same score as its row of the details.
+    _, other_details = task_relationship_matrix({"copy_of_a": a}, None, tasks, cv=4, random_state=0, return_details=True)
+    mine = details[details["source"] == "a"].drop(columns="source").reset_index(drop=True)
+    theirs = other_details.drop(columns="source").reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine, theirs)
+    _, _, combined = best_concatenation(embeddings, tasks, cv=4, random_state=0, return_details=True)
+    assert set(combined["source"]) == {"a", "b", "a+b"}
+    with pytest.raises(TypeError, match="return_details must be a bool, got 'yes'"):
+        best_transfer(embeddings, tasks, return_details="yes")
 
 
 # --------------------------------------------------------------------------- real networks
