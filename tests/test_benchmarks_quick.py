@@ -90,6 +90,30 @@ def test_gamma_tradeoff_gives_a_row_per_gamma_and_a_figure(shared_data, tmp_path
 
 
 @pytest.mark.realdata
+def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, tmp_path):
+    options = ("--tasks", "yaw", "--n", "48", "--alphas", "5")
+    results, _ = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "unpruned", "one-shot", "l1@one-shot")
+    first = pd.read_csv(results.with_suffix(".csv"))
+    assert first["row"].tolist() == ["unpruned", "one-shot", "l1@one-shot"]
+    assert first["gamma"].tolist() == [0.0, 0.01, 0.01] and (first["n_train"] == 36).all() and (first["n_test"] == 12).all()
+    assert _finite(first, ["flops_share", "score_before_ft", "score", "fit_s"])
+    # L1-norm at one-shot's FLOPs (within flops_target's tolerance, a share of the full network) and head layer.
+    one_shot, l1 = first.iloc[1], first.iloc[2]
+    assert abs(l1["flops_share"] - one_shot["flops_share"]) <= 0.01 and l1["head_layer"] == one_shot["head_layer"]
+    assert (first.loc[1:, "flops_share"] < first.loc[0, "flops_share"]).all()
+    # A second invocation fits only what is not recorded, and a matched row reads its reference from the records.
+    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "random@one-shot")
+    second = pd.read_csv(results.with_suffix(".csv"))
+    pd.testing.assert_frame_equal(second.iloc[:3], first)
+    assert second["row"].tolist()[3:] == ["random@one-shot"]
+    assert abs(second.loc[3, "flops_share"] - one_shot["flops_share"]) <= 0.01
+    assert "| yaw | random@one-shot | 0.01 |" in text and "| yaw | unpruned | 0 |" in text
+    # A matched row without its reference is refused before any fit.
+    completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")
+    assert completed.returncode != 0 and "needs a recorded sequential row" in completed.stderr
+
+
+@pytest.mark.realdata
 def test_yaw_filters_ranks_filters_by_their_correlation_with_pan(shared_data, tmp_path):
     results, _ = _run_on_real_data("yaw_filters", shared_data, tmp_path, "--n", "120", "--top", "3")
     frame = pd.read_csv(results.with_suffix(".csv"))

@@ -1,0 +1,185 @@
+"""ETL Table 1 on all images: every rule with compensation, its head layer chosen, at matched FLOPs.
+
+The protocol of the Reproducing page's all-images tables (issue 13), for MobileFaceNet (CASIA-WebFace
+weights) on every image of a task:
+
+gender   CelebA ``Male``, all 4,559 images, seeded stratified 75/25 split.
+yaw      AFLW2000, the 1,969 images with every angle within 99 degrees, seeded 75/25 split.
+age      UTKFace, all 4,998 images, seeded 75/25 split.
+emotion  the 3,000 FER2013 training images for training, the 3,589 test (PrivateTest) images as the
+         test set.
+
+Rows (``--rows``), every one ``head="satellite"`` and fine-tuned with the task's budget:
+
+unpruned           ``gamma=0, head_layer="best"``: nothing is cut after the best layer.
+one-shot           ``gamma=g, head_layer="best", compensate=True``: the paper's rule.
+sequential         the same with ``selection="sequential"`` (the cascade-aware mode).
+l1@one-shot, random@one-shot, l1@sequential, random@sequential
+                   ``filter_rule="l1_norm"`` or ``"random"`` with ``compensate=True``, at the FLOPs and
+                   the head layer of the row they name (``flops_target`` needs a fixed head layer).
+
+Every fit appends its row to the records (``--records``, a CSV, default
+benchmarks/results/etl_full.csv) as soon as it ends, and a row already there (same task, row, gamma,
+training images and budget) is not fitted again: a run of many hours can be split over several
+invocations, and the matched rows read their reference's FLOPs and head layer from the records.
+The table (benchmarks/results/etl_full.md, or --results) is written from all the records of the
+run's settings.
+
+Fine-tuning budgets (Adam, lr 1e-3, batch 32, 20 % of the training images for early stopping with the
+given patience, the best weights kept): gender at most 6 epochs, patience 2; yaw 20 and 6; age and
+emotion 8 and 3 (``--epochs`` / ``--patience`` set one budget for every task). Full size: gamma 0.001,
+100 alphas. A fit takes 15 min to 2 h on 2 CPU cores (sequential fits the longest: one pooling pass
+over the training images per stage).
+--quick: 48 images per task (emotion: 48 training and 48 test images), 5 alphas, 1 epoch.
+Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH]
+"""
+
+import datetime
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import _bench
+from sklearn_craft.datasets import load_fer2013
+from sklearn_craft.models import mobilefacenet, preset
+from sklearn_craft.profiling import count_parameters
+from sklearn_craft.pruner import CraftPruner
+
+FULL = dict(n=None, epochs=None, gammas=(0.001,), alphas=100)
+QUICK = dict(n=48, epochs=1, gammas=(0.01,), alphas=5)
+#: Task -> (at most this many epochs, early-stopping patience).
+BUDGETS = {"gender": (6, 2), "yaw": (20, 6), "age": (8, 3), "emotion": (8, 3)}
+#: Matched row -> (filter_rule, the row whose FLOPs and head layer it takes).
+MATCHED = {
+    "l1@one-shot": ("l1_norm", "one-shot"),
+    "random@one-shot": ("random", "one-shot"),
+    "l1@sequential": ("l1_norm", "sequential"),
+    "random@sequential": ("random", "sequential"),
+}
+ROWS = ["unpruned", "one-shot", "sequential", *MATCHED]
+KEY = ["task", "row", "gamma", "n_train", "epochs", "patience"]
+
+
+def task_data(task, root, n, input_preset):
+    """X_train, X_test, y_train, y_test of one task: the seeded split of ``_bench``, except emotion,
+    whose test set is FER2013's own test split."""
+    if task != "emotion":
+        return _bench.task_data(task, root, n, input_preset)
+    kwargs = dict(n=n, preset=input_preset, random_state=_bench.SEED)
+    X_train, train = load_fer2013(root / "fer2013", split="train", **kwargs)
+    X_test, test = load_fer2013(root / "fer2013", split="test", **kwargs)
+    return X_train, X_test, train["emotion"].to_numpy().astype(str), test["emotion"].to_numpy().astype(str)
+
+
+def row_params(row, reference):
+    """CraftPruner parameters of a row; ``reference`` is the recorded row a matched one follows."""
+    if row == "unpruned":
+        return dict(gamma=0.0, head_layer="best")
+    if row in ("one-shot", "sequential"):
+        return dict(selection=row, head_layer="best", compensate=True)
+    rule, _ = MATCHED[row]
+    return dict(filter_rule=rule, flops_target=float(reference["flops_share"]), head_layer=reference["head_layer"],
+                compensate=True)
+
+
+def read_records(path):
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=KEY)
+
+
+def fit_row(task, row, gamma, data, budget, config, net, input_preset, reference):
+    """Fit one row and return its record."""
+    X_train, X_test, y_train, y_test = data
+    kind = _bench.TASKS[task][2]
+    finetune = dict(epochs=budget[0], lr=1e-3, batch_size=32, validation_fraction=0.2, early_stopping=budget[1])
+    params = {"gamma": gamma, **row_params(row, reference)}
+    pruner = CraftPruner(
+        net, head="satellite", preprocess=input_preset.preprocess, random_state=_bench.SEED, progress=False,
+        selector_params=dict(alphas=config["alphas"]), finetune_params=finetune, **params,
+    )
+    start = time.perf_counter()
+    pruner.fit(X_train, y_train)
+    seconds = time.perf_counter() - start
+    flops = pruner.report_.loc["flops"]
+    history = pruner.history_
+    return dict(
+        task=task, row=row, gamma=gamma, n_train=len(y_train), epochs=budget[0], patience=budget[1],
+        n_test=len(y_test), metric=_bench.metric_name(kind), head_layer=pruner.head_layer_,
+        flops_share=float(flops["pruned"] / flops["original"]),
+        parameters=count_parameters(pruner.pruned_model_), filters=sum(len(k) for k in pruner.keep_.values()),
+        score_before_ft=_bench.task_score(kind, y_test, pruner.predict_before_finetune(X_test)),
+        score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
+        best_epoch=int(history.loc[history["val_loss"].idxmin(), "epoch"]), epochs_run=int(history["epoch"].max()),
+        val_loss=" ".join(f"{v:.4g}" for v in history["val_loss"]),
+        fit_s=round(seconds, 1), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+def run(args, config, records_path):
+    input_preset = preset("mobilefacenet")
+    net = mobilefacenet(weights=args.data_root / _bench.WEIGHTS["mobilefacenet"])
+    # Matched rows after the rows they follow, whatever the order asked for.
+    rows = [row for row in ROWS if row in args.rows]
+    for task in args.tasks:
+        data = task_data(task, args.data_root, config["n"], input_preset)
+        budget = (config["epochs"], args.patience) if config["epochs"] is not None else BUDGETS[task]
+        if args.quick:
+            budget = (config["epochs"], 1)
+        for row in rows:
+            # The unpruned row cuts nothing at any gamma: it is fitted once, recorded at gamma 0.
+            for gamma in [0.0] if row == "unpruned" else config["gammas"]:
+                records = read_records(records_path)
+                key = dict(task=task, row=row, gamma=gamma, n_train=len(data[2]), epochs=budget[0], patience=budget[1])
+                done = records[(records[KEY] == pd.Series(key)).all(axis=1)]
+                if len(done):
+                    print(f"  {task} {row} gamma={gamma:g}: recorded, skipped", flush=True)
+                    continue
+                reference = None
+                if row in MATCHED:
+                    followed = records[(records[KEY] == pd.Series({**key, "row": MATCHED[row][1]})).all(axis=1)]
+                    if not len(followed):
+                        raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
+                    reference = followed.iloc[-1]
+                record = fit_row(task, row, gamma, data, budget, config, net, input_preset, reference)
+                print(f"  {task} {row} gamma={gamma:g}: {record['score_before_ft']:.4g} -> {record['score']:.4g} "
+                      f"at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s", flush=True)
+                pd.concat([records, pd.DataFrame([record])], ignore_index=True).to_csv(records_path, index=False)
+
+
+def write_table(args, config, records_path, results):
+    records = read_records(records_path)
+    shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
+    shown = shown.assign(flops_pct=100 * shown["flops_share"]).set_index(["task", "row", "gamma"])[
+        ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
+         "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date"]
+    ]
+    intro = (
+        "ETL Table 1 on all images (MobileFaceNet, CASIA-WebFace weights): every row has the satellite head at its "
+        "head layer and the task's fine-tuning budget; the pruned rows have least-squares compensation; "
+        "l1@X / random@X keep one ratio of every layer's filters, found so that the FLOPs match row X's, at X's "
+        "head layer. flops_pct: % of the full network's FLOPs. score: accuracy (gender, emotion) or MAE (yaw in "
+        "degrees, age in years) on the test set, before (satellite head, no training) and after fine-tuning; "
+        "best_epoch: the epoch kept (lowest validation loss, 0 = untrained) of epochs_run. One fit per row "
+        "(random_state=0); each row's date is when its fit ended (rows may come from several invocations, "
+        "all with the command below but for --tasks / --rows)."
+    )
+    _bench.write_section(results, "ETL Table 1 on all images (MobileFaceNet)", intro, [_bench.table(shown)], args.quick)
+
+
+def _options(parser):
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="rows to fit (recorded ones are skipped)")
+    parser.add_argument("--patience", type=int, default=3, help="early-stopping patience with --epochs")
+    parser.add_argument("--records", default=None, help="CSV of the fitted rows (default: beside --results)")
+
+
+def main(argv=None):
+    args, config = _bench.pruning_run(__doc__, _bench.TASKS, FULL, QUICK, argv, extra=_options)
+    results = args.results or _bench.RESULTS / "etl_full.md"
+    records_path = results.with_suffix(".csv") if args.records is None else Path(args.records)
+    run(args, config, records_path)
+    write_table(args, config, records_path, results)
+    return read_records(records_path)
+
+
+if __name__ == "__main__":
+    main()
