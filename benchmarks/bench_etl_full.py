@@ -143,7 +143,8 @@ def run(args, config, records_path):
                 record = fit_row(task, row, gamma, data, budget, config, net, input_preset, reference)
                 print(f"  {task} {row} gamma={gamma:g}: {record['score_before_ft']:.4g} -> {record['score']:.4g} "
                       f"at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s", flush=True)
-                pd.concat([records, pd.DataFrame([record])], ignore_index=True).to_csv(records_path, index=False)
+                new = pd.DataFrame([record])
+                (new if records.empty else pd.concat([records, new], ignore_index=True)).to_csv(records_path, index=False)
 
 
 def write_table(args, config, records_path, results):
