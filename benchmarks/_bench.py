@@ -94,16 +94,16 @@ def pruning_run(description, tasks, full, quick, argv=None, extra=None):
     return args, config
 
 
-def finetune_settings(epochs):
+def finetune_settings(epochs, patience=2):
     """The fine-tuning budget every method of a pruning benchmark gets (None: no fine-tuning).
 
     Adam at lr 1e-3 in batches of 32 for at most ``epochs`` epochs; 20 % of the training images
-    are held out for early stopping (patience 2), which keeps the weights with the lowest
-    validation loss, the untrained ones included.
+    are held out for early stopping (after ``patience`` epochs without a better validation loss),
+    which keeps the weights with the lowest validation loss, the untrained ones included.
     """
     if epochs <= 0:
         return None
-    return dict(epochs=epochs, lr=1e-3, batch_size=32, validation_fraction=0.2, early_stopping=2)
+    return dict(epochs=epochs, lr=1e-3, batch_size=32, validation_fraction=0.2, early_stopping=patience)
 
 
 FINETUNE_TEXT = (

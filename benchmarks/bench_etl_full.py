@@ -66,9 +66,8 @@ def task_data(task, root, n, input_preset):
     whose test set is FER2013's own test split."""
     if task != "emotion":
         return _bench.task_data(task, root, n, input_preset)
-    kwargs = dict(n=n, preset=input_preset, random_state=_bench.SEED)
-    X_train, train = load_fer2013(root / "fer2013", split="train", **kwargs)
-    X_test, test = load_fer2013(root / "fer2013", split="test", **kwargs)
+    X_train, train = _bench.load("fer2013", root, n, input_preset)
+    X_test, test = load_fer2013(root / "fer2013", split="test", n=n, preset=input_preset, random_state=_bench.SEED)
     return X_train, X_test, train["emotion"].to_numpy().astype(str), test["emotion"].to_numpy().astype(str)
 
 
@@ -87,11 +86,16 @@ def read_records(path):
     return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=KEY)
 
 
+def recorded(records, key):
+    """The records whose KEY columns equal ``key``."""
+    return records[(records[KEY] == pd.Series(key)).all(axis=1)]
+
+
 def fit_row(task, row, gamma, data, budget, config, net, input_preset, reference):
     """Fit one row and return its record."""
     X_train, X_test, y_train, y_test = data
     kind = _bench.TASKS[task][2]
-    finetune = dict(epochs=budget[0], lr=1e-3, batch_size=32, validation_fraction=0.2, early_stopping=budget[1])
+    finetune = _bench.finetune_settings(*budget)
     params = {"gamma": gamma, **row_params(row, reference)}
     pruner = CraftPruner(
         net, head="satellite", preprocess=input_preset.preprocess, random_state=_bench.SEED, progress=False,
@@ -130,13 +134,12 @@ def run(args, config, records_path):
             for gamma in [0.0] if row == "unpruned" else config["gammas"]:
                 records = read_records(records_path)
                 key = dict(task=task, row=row, gamma=gamma, n_train=len(data[2]), epochs=budget[0], patience=budget[1])
-                done = records[(records[KEY] == pd.Series(key)).all(axis=1)]
-                if len(done):
+                if len(recorded(records, key)):
                     print(f"  {task} {row} gamma={gamma:g}: recorded, skipped", flush=True)
                     continue
                 reference = None
                 if row in MATCHED:
-                    followed = records[(records[KEY] == pd.Series({**key, "row": MATCHED[row][1]})).all(axis=1)]
+                    followed = recorded(records, {**key, "row": MATCHED[row][1]})
                     if not len(followed):
                         raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
                     reference = followed.iloc[-1]
