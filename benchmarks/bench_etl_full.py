@@ -14,6 +14,9 @@ Rows (``--rows``), every one ``head="satellite"`` and fine-tuned with the task's
 unpruned           ``gamma=0, head_layer="best"``: nothing is cut after the best layer.
 one-shot           ``gamma=g, head_layer="best", compensate=True``: the paper's rule.
 sequential         the same with ``selection="sequential"`` (the cascade-aware mode).
+one-shot-l1        one-shot's per-layer counts (LASSO's knees), the filters of each layer ranked by
+                   the L1 norm of their weights (``filter_rule="l1_norm"``): CRAFT's allocation of
+                   the cut over the layers with magnitude's choice within each.
 l1@one-shot, random@one-shot, l1@sequential, random@sequential
                    ``filter_rule="l1_norm"`` or ``"random"`` with ``compensate=True``, at the FLOPs and
                    the head layer of the row they name (``flops_target`` needs a fixed head layer).
@@ -57,7 +60,7 @@ MATCHED = {
     "l1@sequential": ("l1_norm", "sequential"),
     "random@sequential": ("random", "sequential"),
 }
-ROWS = ["unpruned", "one-shot", "sequential", *MATCHED]
+ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", *MATCHED]
 KEY = ["task", "row", "gamma", "n_train", "epochs", "patience"]
 
 
@@ -77,6 +80,8 @@ def row_params(row, reference):
         return dict(gamma=0.0, head_layer="best")
     if row in ("one-shot", "sequential"):
         return dict(selection=row, head_layer="best", compensate=True)
+    if row == "one-shot-l1":
+        return dict(filter_rule="l1_norm", head_layer="best", compensate=True)
     rule, _ = MATCHED[row]
     return dict(filter_rule=rule, flops_target=float(reference["flops_share"]), head_layer=reference["head_layer"],
                 compensate=True)

@@ -102,11 +102,15 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     assert abs(l1["flops_share"] - one_shot["flops_share"]) <= 0.01 and l1["head_layer"] == one_shot["head_layer"]
     assert (first.loc[1:, "flops_share"] < first.loc[0, "flops_share"]).all()
     # A second invocation fits only what is not recorded, and a matched row reads its reference from the records.
-    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "random@one-shot")
+    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "random@one-shot",
+                                "one-shot-l1")
     second = pd.read_csv(results.with_suffix(".csv"))
     pd.testing.assert_frame_equal(second.iloc[:3], first)
-    assert second["row"].tolist()[3:] == ["random@one-shot"]
-    assert abs(second.loc[3, "flops_share"] - one_shot["flops_share"]) <= 0.01
+    assert second["row"].tolist()[3:] == ["one-shot-l1", "random@one-shot"]
+    assert abs(second.loc[4, "flops_share"] - one_shot["flops_share"]) <= 0.01
+    # L1-norm filters in LASSO's per-layer counts: a pruned network, scored before and after fine-tuning.
+    assert _finite(second.iloc[[3]], ["flops_share", "score_before_ft", "score"])
+    assert second.loc[3, "flops_share"] < first.loc[0, "flops_share"]
     assert "| yaw | random@one-shot | 0.01 |" in text and "| yaw | unpruned | 0 |" in text
     # A matched row without its reference is refused before any fit.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")
