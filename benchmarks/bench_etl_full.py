@@ -35,6 +35,7 @@ emotion 8 and 3 (``--epochs`` / ``--patience`` set one budget for every task). F
 over the training images per stage).
 --quick: 48 images per task (emotion: 48 training and 48 test images), 5 alphas, 1 epoch.
 Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH]
+     ``--rows`` with no row fits nothing and writes the table of the tasks' records.
 """
 
 import datetime
@@ -129,7 +130,7 @@ def run(args, config, records_path):
     net = mobilefacenet(weights=args.data_root / _bench.WEIGHTS["mobilefacenet"])
     # Matched rows after the rows they follow, whatever the order asked for.
     rows = [row for row in ROWS if row in args.rows]
-    for task in args.tasks:
+    for task in args.tasks if rows else []:
         data = task_data(task, args.data_root, config["n"], input_preset)
         budget = (config["epochs"], args.patience) if config["epochs"] is not None else BUDGETS[task]
         if args.quick:
@@ -176,7 +177,8 @@ def write_table(args, config, records_path, results):
 
 
 def _options(parser):
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="rows to fit (recorded ones are skipped)")
+    parser.add_argument("--rows", nargs="*", choices=ROWS, default=ROWS,
+                        help="rows to fit (recorded ones are skipped); none: only write the table of the records")
     parser.add_argument("--patience", type=int, default=3, help="early-stopping patience with --epochs")
     parser.add_argument("--records", default=None, help="CSV of the fitted rows (default: beside --results)")
 

@@ -112,6 +112,11 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     assert _finite(second.iloc[[3]], ["flops_share", "score_before_ft", "score"])
     assert second.loc[3, "flops_share"] < first.loc[0, "flops_share"]
     assert "| yaw | random@one-shot | 0.01 |" in text and "| yaw | unpruned | 0 |" in text
+    # No row: the table is written from the records alone.
+    (tmp_path / "etl_full.md").unlink()
+    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows")
+    pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), second)
+    assert "| yaw | random@one-shot | 0.01 |" in text and "| yaw | one-shot-l1 | 0.01 |" in text
     # A matched row without its reference is refused before any fit.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")
     assert completed.returncode != 0 and "needs a recorded sequential row" in completed.stderr
