@@ -17,7 +17,9 @@ sequential         the same with ``selection="sequential"`` (the cascade-aware m
 one-shot-l1        one-shot's per-layer counts (LASSO's knees), the filters of each layer ranked by
                    the L1 norm of their weights (``filter_rule="l1_norm"``): CRAFT's allocation of
                    the cut over the layers with magnitude's choice within each.
-l1@one-shot, random@one-shot, l1@sequential, random@sequential
+sequential-l1      the same with ``selection="sequential"``: every layer's count is LASSO's knee on
+                   the network already cut (by L1 norm) at the layers before it.
+l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1
                    ``filter_rule="l1_norm"`` or ``"random"`` with ``compensate=True``, at the FLOPs and
                    the head layer of the row they name (``flops_target`` needs a fixed head layer).
 
@@ -60,8 +62,9 @@ MATCHED = {
     "random@one-shot": ("random", "one-shot"),
     "l1@sequential": ("l1_norm", "sequential"),
     "random@sequential": ("random", "sequential"),
+    "l1@sequential-l1": ("l1_norm", "sequential-l1"),
 }
-ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", *MATCHED]
+ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
 KEY = ["task", "row", "gamma", "n_train", "epochs", "patience"]
 
 
@@ -81,8 +84,8 @@ def row_params(row, reference):
         return dict(gamma=0.0, head_layer="best")
     if row in ("one-shot", "sequential"):
         return dict(selection=row, head_layer="best", compensate=True)
-    if row == "one-shot-l1":
-        return dict(filter_rule="l1_norm", head_layer="best", compensate=True)
+    if row in ("one-shot-l1", "sequential-l1"):
+        return dict(selection=row.removesuffix("-l1"), filter_rule="l1_norm", head_layer="best", compensate=True)
     rule, _ = MATCHED[row]
     return dict(filter_rule=rule, flops_target=float(reference["flops_share"]), head_layer=reference["head_layer"],
                 compensate=True)

@@ -103,14 +103,17 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     assert (first.loc[1:, "flops_share"] < first.loc[0, "flops_share"]).all()
     # A second invocation fits only what is not recorded, and a matched row reads its reference from the records.
     _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "random@one-shot",
-                                "one-shot-l1")
+                                "one-shot-l1", "sequential-l1", "l1@sequential-l1")
     second = pd.read_csv(results.with_suffix(".csv"))
     pd.testing.assert_frame_equal(second.iloc[:3], first)
-    assert second["row"].tolist()[3:] == ["one-shot-l1", "random@one-shot"]
-    assert abs(second.loc[4, "flops_share"] - one_shot["flops_share"]) <= 0.01
-    # L1-norm filters in LASSO's per-layer counts: a pruned network, scored before and after fine-tuning.
-    assert _finite(second.iloc[[3]], ["flops_share", "score_before_ft", "score"])
-    assert second.loc[3, "flops_share"] < first.loc[0, "flops_share"]
+    assert second["row"].tolist()[3:] == ["one-shot-l1", "sequential-l1", "random@one-shot", "l1@sequential-l1"]
+    assert abs(second.loc[5, "flops_share"] - one_shot["flops_share"]) <= 0.01
+    # L1-norm filters in LASSO's per-layer counts: pruned networks, scored before and after fine-tuning.
+    assert _finite(second.iloc[[3, 4]], ["flops_share", "score_before_ft", "score"])
+    assert (second.loc[3:4, "flops_share"] < first.loc[0, "flops_share"]).all()
+    sequential_l1, matched = second.iloc[4], second.iloc[6]
+    assert abs(matched["flops_share"] - sequential_l1["flops_share"]) <= 0.01
+    assert matched["head_layer"] == sequential_l1["head_layer"]
     assert "| yaw | random@one-shot | 0.01 |" in text and "| yaw | unpruned | 0 |" in text
     # No row: the table is written from the records alone.
     (tmp_path / "etl_full.md").unlink()
