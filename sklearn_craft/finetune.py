@@ -240,15 +240,8 @@ def finetune(
         raise ValueError("model has no parameter with requires_grad=True, so there is nothing to fine-tune")
     device = _check_device(device)
 
-    seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n_samples, generator=generator)
-    n_val = int(np.ceil(validation_fraction * n_samples)) if validation_fraction > 0 else 0
-    if n_val >= n_samples:
-        raise ValueError(
-            f"validation_fraction={validation_fraction!r} leaves no training sample out of {n_samples}"
-        )
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    seed, generator, val_idx, train_idx = _validation_split(n_samples, validation_fraction, random_state)
+    n_val = len(val_idx)
     train_weights = val_weights = None
     if sample_weight is not None:
         weights = torch.tensor(_check_sample_weight(sample_weight, target.numpy(), ensure_non_negative=True))
@@ -325,6 +318,24 @@ def finetune(
         model.load_state_dict(best_state)
     model.eval()
     return pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss"])
+
+
+def _validation_split(n_samples, validation_fraction, random_state):
+    """The draw :func:`finetune` makes from ``random_state``: ``(seed, generator, val_idx, train_idx)``.
+
+    The last ``1 - validation_fraction`` of a seeded permutation trains, the first
+    ``ceil(validation_fraction * n_samples)`` validate; ``generator`` goes on to shuffle the
+    epochs. :class:`~sklearn_craft.pruner.CraftPruner` draws the same split before fine-tuning to
+    fit its satellite head on the training part only, so that the validation loss of the
+    untrained network is not that of a head fitted on the validation images.
+    """
+    seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_samples, generator=generator)
+    n_val = int(np.ceil(validation_fraction * n_samples)) if validation_fraction > 0 else 0
+    if n_val >= n_samples:
+        raise ValueError(f"validation_fraction={validation_fraction!r} leaves no training sample out of {n_samples}")
+    return seed, generator, order[:n_val], order[n_val:]
 
 
 def _check_converging(parameters, losses, epoch, lr):

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin, _fit_context
 from sklearn.metrics import accuracy_score, r2_score
-from sklearn.utils import check_random_state
+from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 from torch import nn
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .images import as_image_dataset, input_channels, iter_batches
 from .compensation import compensate_readers
-from .finetune import _network_outputs, check_finetune_params, finetune, recalibrate_batchnorm
+from .finetune import _network_outputs, _validation_split, check_finetune_params, finetune, recalibrate_batchnorm
 from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _on_device, _select_convs
 from .pooling import ActivationPooler
 from .profiling import compare_models, count_flops
@@ -331,7 +331,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     satellites_ : dict of str to sklearn.pipeline.Pipeline
         Layer -> fitted linear model on the pooled responses of ``selected_[layer]`` in the
         network the layer was selected on (the original one, or the network cut before its
-        stage); for ``head_layer_`` (satellite head) on ``transform(X)`` instead.
+        stage); for ``head_layer_`` (satellite head) on ``transform(X)`` instead, less the
+        images fine-tuning validates on when ``finetune_params`` has a ``validation_fraction``
+        (so that early stopping's untrained loss is a held-out one; with ``streaming=True`` on
+        every image).
     satellite_scores_ : pandas.Series
         Layer -> score (R² or accuracy) on held-out samples of a satellite fitted on the others.
     selector_ : LassoFilterSelector or None
@@ -621,8 +624,13 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                     head_pooler, X, Y, target_type, classes, selection.selectors[head_layer], sample_weight
                 )
             else:
-                pooled = head_pooler.transform(X)
-                satellites[head_layer] = fit_satellite(make_satellite(target_type), pooled, y, sample_weight)
+                rows = self._head_rows(len(dataset), finetune_params, seeds[2])
+                satellites[head_layer] = fit_satellite(
+                    make_satellite(target_type),
+                    head_pooler.transform(X)[rows],
+                    _safe_indexing(y, rows),
+                    None if sample_weight is None else sample_weight[rows],
+                )
             pruned = self._with_satellite_head(pruned, satellites[head_layer])
         pruned.eval()
         width = self._output_width(pruned, example)
@@ -1074,6 +1082,19 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             preprocess=self.preprocess,
             num_workers=self.num_workers,
         )
+
+    @staticmethod
+    def _head_rows(n_samples, finetune_params, seed):
+        """The images the satellite head is fitted on: all, but those fine-tuning will validate on.
+
+        Early stopping compares every epoch with the untrained network on the validation images;
+        a head fitted on them would make that first loss a training loss, optimistic enough to
+        stop fine-tuning before it starts.
+        """
+        fraction = 0.0 if finetune_params is None else finetune_params["validation_fraction"]
+        if fraction == 0:
+            return np.arange(n_samples)
+        return np.sort(_validation_split(n_samples, fraction, seed)[3].numpy())
 
     def _with_satellite_head(self, body, satellite):
         """The cut network followed by global average pooling and the satellite as a Linear layer."""

@@ -19,7 +19,9 @@ import sklearn_craft.pruner
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.profiling import count_flops, count_parameters
 from sklearn_craft.pruner import CraftClassifier, CraftPruner, CraftRegressor
+from sklearn_craft.finetune import _validation_split
 from sklearn_craft.rules import FilterRule
+from sklearn_craft.satellites import fit_satellite, make_satellite
 from sklearn_craft.surgery import coupled_groups, truncate
 
 from conftest import (
@@ -270,6 +272,26 @@ def test_finetune_is_deterministic_and_changes_the_weights(data):
     assert list(runs[0].history_["epoch"]) == [0, 1, 2]  # 0: validation loss before training
     assert "finetune" in runs[0].timings_
     assert not any(module.training for module in runs[0].pruned_model_.modules())
+
+
+def test_satellite_head_leaves_out_the_images_finetuning_validates_on(data):
+    X, scores = data
+    y = _targets("continuous", scores)
+    finetune_params = {"epochs": 1, "lr": 1e-3, "batch_size": 32, "validation_fraction": 0.25}
+    pruner = CraftPruner(conv_chain(), gamma=0.1, finetune_params=finetune_params, random_state=3).fit(X, y)
+    plain = CraftPruner(conv_chain(), gamma=0.1, random_state=3).fit(X, y)
+    head, features = pruner.head_layer_, plain.transform(X)  # the pruned network before fine-tuning
+    seed = np.random.RandomState(3).randint(np.iinfo(np.int32).max, size=4)[2]  # the pruner's fine-tuning seed
+    _, _, val_idx, train_idx = _validation_split(len(X), 0.25, seed)
+    val, train = np.sort(val_idx.numpy()), np.sort(train_idx.numpy())
+    assert len(val) == 40 and pruner.keep_ == plain.keep_
+
+    expected = fit_satellite(make_satellite("continuous"), features[train], y[train])
+    np.testing.assert_allclose(pruner.satellites_[head].predict(features), expected.predict(features), atol=1e-10)
+    assert not np.allclose(plain.satellites_[head].predict(features), expected.predict(features))
+    # So the untrained network's validation loss is the head's error on images it was not fitted on.
+    held_out = np.mean((pruner.predict_before_finetune(X[val]) - y[val]) ** 2)
+    assert pruner.history_.loc[0, "val_loss"] == pytest.approx(held_out, rel=1e-4)
 
 
 def test_a_dataloader_or_dataset_workers_give_the_fit_of_an_array(data):
