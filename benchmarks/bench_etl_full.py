@@ -24,7 +24,7 @@ l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1
                    the head layer of the row they name (``flops_target`` needs a fixed head layer).
 
 Every fit appends its row to the records (``--records``, a CSV, default
-benchmarks/results/etl_full.csv) as soon as it ends, and a row already there (same task, row, gamma,
+benchmarks/results/etl_full.csv) as soon as it ends, and a row already there (same task, row, gamma, seed,
 training images and budget) is not fitted again: a run of many hours can be split over several
 invocations, and the matched rows read their reference's FLOPs and head layer from the records.
 The table (benchmarks/results/etl_full.md, or --results) is written from all the records of the
@@ -36,7 +36,9 @@ emotion 8 and 3 (``--epochs`` / ``--patience`` set one budget for every task). F
 100 alphas. A fit takes 15 min to 2 h on 2 CPU cores (sequential fits the longest: one pooling pass
 over the training images per stage).
 --quick: 48 images per task (emotion: 48 training and 48 test images), 5 alphas, 1 epoch.
-Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH]
+--seed S refits rows with the pruner's ``random_state=S`` (default 0) on the same train/test split: a
+repeated fit, recorded beside the others, whose matched rows follow the row of the same seed.
+Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH] [--seed S]
      ``--rows`` with no row fits nothing and writes the table of the tasks' records.
 """
 
@@ -65,7 +67,7 @@ MATCHED = {
     "l1@sequential-l1": ("l1_norm", "sequential-l1"),
 }
 ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
-KEY = ["task", "row", "gamma", "n_train", "epochs", "patience"]
+KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience"]
 
 
 def task_data(task, root, n, input_preset):
@@ -92,7 +94,13 @@ def row_params(row, reference):
 
 
 def read_records(path):
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=KEY)
+    """The records at ``path``; those written before ``--seed`` existed were fitted with the default seed."""
+    if not path.exists():
+        return pd.DataFrame(columns=KEY)
+    records = pd.read_csv(path)
+    if "random_state" not in records:
+        records.insert(3, "random_state", _bench.SEED)
+    return records
 
 
 def recorded(records, key):
@@ -100,14 +108,14 @@ def recorded(records, key):
     return records[(records[KEY] == pd.Series(key)).all(axis=1)]
 
 
-def fit_row(task, row, gamma, data, budget, config, net, input_preset, reference):
-    """Fit one row and return its record."""
+def fit_row(task, row, gamma, seed, data, budget, config, net, input_preset, reference):
+    """Fit one row with ``random_state=seed`` and return its record."""
     X_train, X_test, y_train, y_test = data
     kind = _bench.TASKS[task][2]
     finetune = _bench.finetune_settings(*budget)
     params = {"gamma": gamma, **row_params(row, reference)}
     pruner = CraftPruner(
-        net, head="satellite", preprocess=input_preset.preprocess, random_state=_bench.SEED, progress=False,
+        net, head="satellite", preprocess=input_preset.preprocess, random_state=seed, progress=False,
         selector_params=dict(alphas=config["alphas"]), finetune_params=finetune, **params,
     )
     start = time.perf_counter()
@@ -116,7 +124,7 @@ def fit_row(task, row, gamma, data, budget, config, net, input_preset, reference
     flops = pruner.report_.loc["flops"]
     history = pruner.history_
     return dict(
-        task=task, row=row, gamma=gamma, n_train=len(y_train), epochs=budget[0], patience=budget[1],
+        task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0], patience=budget[1],
         n_test=len(y_test), metric=_bench.metric_name(kind), head_layer=pruner.head_layer_,
         flops_share=float(flops["pruned"] / flops["original"]),
         parameters=count_parameters(pruner.pruned_model_), filters=sum(len(k) for k in pruner.keep_.values()),
@@ -142,7 +150,8 @@ def run(args, config, records_path):
             # The unpruned row cuts nothing at any gamma: it is fitted once, recorded at gamma 0.
             for gamma in [0.0] if row == "unpruned" else config["gammas"]:
                 records = read_records(records_path)
-                key = dict(task=task, row=row, gamma=gamma, n_train=len(data[2]), epochs=budget[0], patience=budget[1])
+                key = dict(task=task, row=row, gamma=gamma, random_state=args.seed, n_train=len(data[2]),
+                           epochs=budget[0], patience=budget[1])
                 if len(recorded(records, key)):
                     print(f"  {task} {row} gamma={gamma:g}: recorded, skipped", flush=True)
                     continue
@@ -152,7 +161,7 @@ def run(args, config, records_path):
                     if not len(followed):
                         raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
                     reference = followed.iloc[-1]
-                record = fit_row(task, row, gamma, data, budget, config, net, input_preset, reference)
+                record = fit_row(task, row, gamma, args.seed, data, budget, config, net, input_preset, reference)
                 print(f"  {task} {row} gamma={gamma:g}: {record['score_before_ft']:.4g} -> {record['score']:.4g} "
                       f"at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s", flush=True)
                 new = pd.DataFrame([record])
@@ -162,7 +171,7 @@ def run(args, config, records_path):
 def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
-    shown = shown.assign(flops_pct=100 * shown["flops_share"]).set_index(["task", "row", "gamma"])[
+    shown = shown.assign(flops_pct=100 * shown["flops_share"]).set_index(["task", "row", "gamma", "random_state"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
          "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date"]
     ]
@@ -172,11 +181,16 @@ def write_table(args, config, records_path, results):
         "l1@X / random@X keep one ratio of every layer's filters, found so that the FLOPs match row X's, at X's "
         "head layer. flops_pct: % of the full network's FLOPs. score: accuracy (gender, emotion) or MAE (yaw in "
         "degrees, age in years) on the test set, before (satellite head, no training) and after fine-tuning; "
-        "best_epoch: the epoch kept (lowest validation loss, 0 = untrained) of epochs_run. One fit per row "
-        "(random_state=0); each row's date is when its fit ended (rows may come from several invocations, "
+        "best_epoch: the epoch kept (lowest validation loss, 0 = untrained) of epochs_run. random_state: the "
+        "pruner's seed (its validation splits and fine-tuning order; the train/test split is the same for every "
+        "seed), one fit per row and seed; each row's date is when its fit ended (rows may come from several invocations, "
         "all with the command below but for --tasks / --rows)."
     )
-    _bench.write_section(results, "ETL Table 1 on all images (MobileFaceNet)", intro, [_bench.table(shown)], args.quick)
+    title = "ETL Table 1 on all images (MobileFaceNet)"
+    if records_path.name != "etl_full.csv":
+        # Several record files end up in RESULTS.md: each section names its own.
+        title += f", records {records_path.name}"
+    _bench.write_section(results, title, intro, [_bench.table(shown)], args.quick)
 
 
 def _options(parser):
@@ -184,6 +198,8 @@ def _options(parser):
                         help="rows to fit (recorded ones are skipped); none: only write the table of the records")
     parser.add_argument("--patience", type=int, default=3, help="early-stopping patience with --epochs")
     parser.add_argument("--records", default=None, help="CSV of the fitted rows (default: beside --results)")
+    parser.add_argument("--seed", type=int, default=_bench.SEED,
+                        help="the pruner's random_state (a repeated fit); the train/test split does not change")
 
 
 def main(argv=None):

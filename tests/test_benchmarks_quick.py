@@ -115,11 +115,22 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     assert abs(matched["flops_share"] - sequential_l1["flops_share"]) <= 0.01
     assert matched["head_layer"] == sequential_l1["head_layer"]
     assert "| yaw | random@one-shot | 0.01 |" in text and "| yaw | unpruned | 0 |" in text
-    # No row: the table is written from the records alone.
+    # No row: the table is written from the records alone; records from before --seed have the default seed.
+    assert (second["random_state"] == 0).all()
     (tmp_path / "etl_full.md").unlink()
+    second.drop(columns="random_state").to_csv(results.with_suffix(".csv"), index=False)
     _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows")
-    pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), second)
-    assert "| yaw | random@one-shot | 0.01 |" in text and "| yaw | one-shot-l1 | 0.01 |" in text
+    assert "| yaw | random@one-shot | 0.01 | 0 |" in text and "| yaw | one-shot-l1 | 0.01 | 0 |" in text
+    assert "## ETL Table 1 on all images (MobileFaceNet)\n" in text
+    # Another seed is a repeated fit beside the recorded ones; its matched row follows the row of its seed.
+    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "l1@one-shot",
+                                "--seed", "1")
+    third = pd.read_csv(results.with_suffix(".csv"))
+    pd.testing.assert_frame_equal(third.iloc[: len(second)], second)
+    repeat = third.iloc[len(second):]
+    assert repeat["row"].tolist() == ["one-shot", "l1@one-shot"] and (repeat["random_state"] == 1).all()
+    assert abs(repeat.iloc[1]["flops_share"] - repeat.iloc[0]["flops_share"]) <= 0.01
+    assert "| yaw | one-shot | 0.01 | 1 |" in text and "| yaw | one-shot | 0.01 | 0 |" in text
     # A matched row without its reference is refused before any fit.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")
     assert completed.returncode != 0 and "needs a recorded sequential row" in completed.stderr
