@@ -235,9 +235,8 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
     support quickly but closes the gap slowly where the path is dense and the filters nearly
     collinear (the gap needs the residual far more accurately than the objective does: on
     MobileFaceNet's 512-filter layers it took 1 000 to 3 600 iterations per α). So once a
-    problem's support is the same at two gap checks, at least 10 iterations after its last
-    Newton step, a damped Newton step on that support (:func:`_newton_step`) follows, which
-    closes the gap in one to three steps. On dense paths of correlated
+    problem's support is the same at two consecutive gap checks, a damped Newton step on that
+    support (:func:`_newton_step`) follows, which closes the gap in one to three steps. On dense paths of correlated
     filters, block coordinate descent (scikit-learn's compiled one, run on a square root of
     ``C``) took 5-10 times longer in our measurements, and stopped at its iteration limit where
     filters were nearly collinear. ``max_iter`` is scikit-learn's default for its LASSO solvers;
@@ -324,7 +323,7 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
         since_newton += 5
         gaps = _multitask_gaps(W, grams, xy, yy, penalties)
         active = np.any(W != 0, axis=2)
-        settled = np.all(active == support, axis=1) & active.any(axis=1) & (since_newton >= 10) & (gaps > tol * yy)
+        settled = np.all(active == support, axis=1) & active.any(axis=1) & (since_newton >= 5) & (gaps > tol * yy)
         support = active
         since_newton[settled] = 0
         moved = np.zeros(len(live), dtype=bool)
@@ -362,10 +361,12 @@ def _newton_step(gram, xy, W, penalty):
     try:
         inverse = _spd_inverse_upper(gram_a + np.diag(curvature))
         x = _upper_product(inverse, gradient)
-        # The Schur complement of a positive definite Hessian is positive definite (its upper
-        # triangle, all that the factorisation reads, is right).
-        schur = np.diag(1 / curvature) - inverse * (U @ U.T)
-        z = scipy.linalg.cho_solve(scipy.linalg.cho_factor(schur), np.einsum("ij,ij->i", U, x))
+        # The Schur complement of a positive definite Hessian is positive definite; only its upper
+        # triangle, all that the factorisation reads, is formed (syrk).
+        schur = scipy.linalg.blas.dsyrk(-1.0, U)
+        schur *= inverse
+        schur.flat[:: len(A) + 1] += 1 / curvature
+        z = _spd_solve_upper(schur, np.einsum("ij,ij->i", U, x))
     except (np.linalg.LinAlgError, ValueError):
         return None
     direction = -(x + _upper_product(inverse, z[:, None] * U))
@@ -405,9 +406,22 @@ def _row_norms(W):
 def _spd_inverse_upper(matrix):
     """Upper triangle of the inverse of a symmetric positive definite matrix, from its Cholesky
     factor (LAPACK potrf, potri); the strict lower triangle is left as it comes."""
-    factor, info = scipy.linalg.lapack.dpotrf(matrix, lower=False, clean=False)
-    if info == 0:
-        factor, info = scipy.linalg.lapack.dpotri(factor, lower=False)
+    inverse, info = scipy.linalg.lapack.dpotri(_cholesky_upper(matrix), lower=False)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"singular (LAPACK info {info})")
+    return inverse
+
+
+def _spd_solve_upper(matrix, b):
+    """Solution of ``matrix @ x = b`` for a symmetric positive definite matrix given by its upper
+    triangle, which is overwritten (LAPACK potrf, potrs)."""
+    return scipy.linalg.lapack.dpotrs(_cholesky_upper(matrix, overwrite=True), b, lower=False)[0]
+
+
+def _cholesky_upper(matrix, overwrite=False):
+    """Upper Cholesky factor of a symmetric positive definite matrix given by its upper triangle
+    (LAPACK potrf, without scipy.linalg's copy and finiteness check)."""
+    factor, info = scipy.linalg.lapack.dpotrf(matrix, lower=False, clean=False, overwrite_a=overwrite)
     if info != 0:
         raise np.linalg.LinAlgError(f"not positive definite (LAPACK info {info})")
     return factor
