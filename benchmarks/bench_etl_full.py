@@ -182,8 +182,8 @@ def write_table(args, config, records_path, results):
         "head layer. flops_pct: % of the full network's FLOPs. score: accuracy (gender, emotion) or MAE (yaw in "
         "degrees, age in years) on the test set, before (satellite head, no training) and after fine-tuning; "
         "best_epoch: the epoch kept (lowest validation loss, 0 = untrained) of epochs_run. random_state: the "
-        "pruner's seed (its validation splits and fine-tuning order; the train/test split is the same for every "
-        "seed), one fit per row and seed; each row's date is when its fit ended (rows may come from several invocations, "
+        "pruner's seed (the LASSO validation split, the satellites' held-out split, the random rule's draw and "
+        "fine-tuning; the train/test split is the same for every seed), one fit per row and seed; each row's date is when its fit ended (rows may come from several invocations, "
         "all with the command below but for --tasks / --rows)."
     )
     title = "ETL Table 1 on all images (MobileFaceNet)"
