@@ -99,7 +99,7 @@ def read_records(path):
         return pd.DataFrame(columns=KEY)
     records = pd.read_csv(path)
     if "random_state" not in records:
-        records.insert(3, "random_state", _bench.SEED)
+        records.insert(KEY.index("random_state"), "random_state", _bench.SEED)
     return records
 
 
@@ -124,7 +124,8 @@ def fit_row(task, row, gamma, seed, data, budget, config, net, input_preset, ref
     flops = pruner.report_.loc["flops"]
     history = pruner.history_
     return dict(
-        task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0], patience=budget[1],
+        task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0],
+        patience=budget[1],
         n_test=len(y_test), metric=_bench.metric_name(kind), head_layer=pruner.head_layer_,
         flops_share=float(flops["pruned"] / flops["original"]),
         parameters=count_parameters(pruner.pruned_model_), filters=sum(len(k) for k in pruner.keep_.values()),
@@ -183,8 +184,9 @@ def write_table(args, config, records_path, results):
         "degrees, age in years) on the test set, before (satellite head, no training) and after fine-tuning; "
         "best_epoch: the epoch kept (lowest validation loss, 0 = untrained) of epochs_run. random_state: the "
         "pruner's seed (the LASSO validation split, the satellites' held-out split, the random rule's draw and "
-        "fine-tuning; the train/test split is the same for every seed), one fit per row and seed; each row's date is when its fit ended (rows may come from several invocations, "
-        "all with the command below but for --tasks / --rows)."
+        "fine-tuning; the train/test split is the same for every seed), one fit per row and seed; each row's "
+        "date is when its fit ended (rows may come from several invocations, all with the command below but for "
+        "--tasks / --rows)."
     )
     title = "ETL Table 1 on all images (MobileFaceNet)"
     if records_path.name != "etl_full.csv":

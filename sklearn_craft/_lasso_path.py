@@ -236,10 +236,10 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
     collinear (the gap needs the residual far more accurately than the objective does: on
     MobileFaceNet's 512-filter layers it took 1 000 to 3 600 iterations per α). So once a
     problem's support is the same at two consecutive gap checks, a damped Newton step on that
-    support (:func:`_newton_step`) follows, which closes the gap in one to three steps. On dense paths of correlated
-    filters, block coordinate descent (scikit-learn's compiled one, run on a square root of
-    ``C``) took 5-10 times longer in our measurements, and stopped at its iteration limit where
-    filters were nearly collinear. ``max_iter`` is scikit-learn's default for its LASSO solvers;
+    support (:func:`_newton_step`) follows, which closes the gap in one to three steps. On dense
+    paths of correlated filters, block coordinate descent (scikit-learn's compiled one, run on a
+    square root of ``C``) took 5-10 times longer in our measurements, and stopped at its
+    iteration limit where filters were nearly collinear. ``max_iter`` is scikit-learn's default for its LASSO solvers;
     with the Newton steps it is reached only where a Newton step finds no descent (a Gram matrix
     so close to singular that the quadratic model fails, as in a first layer of 64 nearly
     collinear filters).

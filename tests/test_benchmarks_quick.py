@@ -120,6 +120,7 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     (tmp_path / "etl_full.md").unlink()
     second.drop(columns="random_state").to_csv(results.with_suffix(".csv"), index=False)
     _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows")
+    pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), second.drop(columns="random_state"))
     assert "| yaw | random@one-shot | 0.01 | 0 |" in text and "| yaw | one-shot-l1 | 0.01 | 0 |" in text
     assert "## ETL Table 1 on all images (MobileFaceNet)\n" in text
     # Another seed is a repeated fit beside the recorded ones; its matched row follows the row of its seed.
