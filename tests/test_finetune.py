@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -269,6 +271,30 @@ def test_recalibrate_batchnorm_resumed_passes_equal_passes_from_the_images(name,
     expected = from_images.state_dict()
     for network in (resumed, over_budget):
         assert all(torch.equal(value, expected[key]) for key, value in network.state_dict().items())
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_recalibrate_batchnorm_resumes_again_after_a_layer_over_the_budget(graph, monkeypatch):
+    torch.manual_seed(0)
+    # The first BatchNorm's input (8 x 16 x 16 per image) does not fit the budget; after the
+    # stride-4 convolution, the inputs of the next three (2 x 4 x 4) do.
+    net = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 4, stride=4),
+        nn.BatchNorm2d(2), nn.ReLU(), *_conv_bn(2), nn.ReLU(), *_conv_bn(2),
+    )
+    net = randomize(torch.fx.symbolic_trace(net) if graph else net).eval()
+    X = 1.0 + torch.randn(20, 2, 16, 16, generator=torch.Generator().manual_seed(1))
+    calls = []
+    handle = net.get_submodule("0").register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 20 * 1024)
+    resumed = recalibrate_batchnorm(copy.deepcopy(net), X, batch_size=8)
+    handle.remove()
+    # The example runs (see the next test), then two passes from the images: the first layer's
+    # and the second's, which keeps its values for the last two.
+    assert calls == [1] * (1 if graph else 2) + [8, 8, 4] * 2
+    monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 0)
+    expected = recalibrate_batchnorm(net, X, batch_size=8).state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in resumed.state_dict().items())
 
 
 @pytest.mark.parametrize("graph", [False, True])
