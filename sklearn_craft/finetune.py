@@ -649,7 +649,9 @@ def recalibrate_batchnorm(
     pass that would keep more keeps nothing, and the next one starts from the images (and may
     keep the values of a later, smaller layer). Measured on one thread: MobileFaceNet, 50
     images, 5.9 s against 33.7 s; inside a ``CraftPruner`` fit on 240 CelebA images, 4.5 s
-    against 76.4 s. A layer called several times in a forward pass is estimated on its first
+    against 76.4 s; in a sequential fit on 300 AFLW2000 images with the budget scaled to what
+    1,476 images take, 75 s against 358 s when every layer after the first one over the budget
+    started from the images. A layer called several times in a forward pass is estimated on its first
     call; one that does not run on ``X`` keeps its statistics, and so does one that does not
     track running statistics.
 
