@@ -284,11 +284,10 @@ def test_recalibrate_batchnorm_resumes_again_after_a_layer_over_the_budget(graph
     )
     net = randomize(torch.fx.symbolic_trace(net) if graph else net).eval()
     X = 1.0 + torch.randn(20, 2, 16, 16, generator=torch.Generator().manual_seed(1))
-    calls = []
-    handle = net.get_submodule("0").register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    resumed, calls = copy.deepcopy(net), []
+    resumed.get_submodule("0").register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 20 * 1024)
-    resumed = recalibrate_batchnorm(copy.deepcopy(net), X, batch_size=8)
-    handle.remove()
+    resumed = recalibrate_batchnorm(resumed, X, batch_size=8)
     # The example runs (see the next test), then two passes from the images: the first layer's
     # and the second's, which keeps its values for the last two.
     assert calls == [1] * (1 if graph else 2) + [8, 8, 4] * 2
