@@ -33,8 +33,8 @@ run's settings.
 Fine-tuning budgets (Adam, lr 1e-3, batch 32, 20 % of the training images for early stopping with the
 given patience, the best weights kept): gender at most 6 epochs, patience 2; yaw 20 and 6; age and
 emotion 8 and 3 (``--epochs`` / ``--patience`` set one budget for every task). Full size: gamma 0.001,
-100 alphas. A fit takes 15 min to 2 h on 2 CPU cores (sequential fits the longest: one pooling pass
-over the training images per stage).
+100 alphas. A fit takes 15 min to 2 h on 2 CPU cores (sequential fits the longest: passes over the
+training images per stage, from the values kept before the previous stage since 2026-12-03).
 --quick: 48 images per task (emotion: 48 training and 48 test images), 5 alphas, 1 epoch.
 --seed S refits rows with the pruner's ``random_state=S`` (default 0) on the same train/test split: a
 repeated fit, recorded beside the others, whose matched rows follow the row of the same seed.

@@ -67,12 +67,20 @@ def _reader_inputs(model, kept, example_input):
     return {name: indices for name, indices in inputs.items() if name not in ambiguous}
 
 
-def _moments(model, names, dataset, batch_size, device, preprocess, num_workers):
+def _moments(model, names, dataset, batch_size, device, preprocess, num_workers, prefix=None):
     """Moments of the inputs of the convolutions ``names`` of ``model`` (eval mode) over ``dataset``."""
     modules = [model.get_submodule(name) for name in names]
     moments = [_Moments(module.in_channels) for module in modules]
     _record_inputs(
-        model, modules, dataset, batch_size, device, preprocess, num_workers, lambda index, x: moments[index].add(x)
+        model,
+        modules,
+        dataset,
+        batch_size,
+        device,
+        preprocess,
+        num_workers,
+        lambda index, x: moments[index].add(x),
+        prefix=prefix,
     )
     return dict(zip(names, moments))
 
@@ -170,12 +178,22 @@ def compensate_readers(
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
         raise ValueError(f"ridge must be a non-negative float, got {ridge!r}")
     device = _check_device(device)
+    dataset = as_image_dataset(X, name="X")
+    return _compensated_copy(model, dataset, kept, example_input, (batch_size, device, preprocess, num_workers), ridge)
+
+
+def _compensated_copy(model, dataset, kept, example_input, pass_args, ridge=1e-4, prefix=None):
+    """:func:`compensate_readers` of checked arguments (``pass_args``: batch size, device,
+    preprocess, workers); the pass starts from ``prefix``'s values where they serve the model
+    (a :class:`~sklearn_craft._prefix.GraphPrefix` over ``dataset`` with the same batches)."""
     compensated = copy.deepcopy(model).cpu()
     inputs = _reader_inputs(compensated, kept, example_input)
     if not inputs:
         return compensated
-    dataset = as_image_dataset(X, name="X")
-    moments = _moments(compensated.to(device), list(inputs), dataset, batch_size, device, preprocess, num_workers)
+    batch_size, device, preprocess, num_workers = pass_args
+    moments = _moments(
+        compensated.to(device), list(inputs), dataset, batch_size, device, preprocess, num_workers, prefix
+    )
     compensated = compensated.cpu()
     for name, indices in inputs.items():
         mean, covariance = moments[name].mean_covariance()

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, iter_batches
+from ._prefix import GraphPrefix, _Runner
 from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
@@ -379,14 +380,17 @@ class _ChannelMoments:
         self.count = total
 
 
-def _record_inputs(model, modules, dataset, batch_size, device, preprocess, num_workers, record):
+def _record_inputs(model, modules, dataset, batch_size, device, preprocess, num_workers, record, prefix=None):
     """Call ``record(index, input)`` with the input of every module of ``modules`` on every batch.
 
     The network runs in eval mode, without gradients, and each pass stops once all the modules
-    have run (a module called several times in a pass records its first call).
+    have run (a module called several times in a pass records its first call). ``prefix``: a
+    :class:`~sklearn_craft._prefix.GraphPrefix` over the same batches, whose values the pass
+    starts from where they serve the model.
     """
-    dtype = _input_dtype(model)
     seen = set()
+    if prefix is None:
+        prefix = GraphPrefix(dataset, batch_size, device, preprocess, num_workers)
 
     def hook(index):
         def watch(module, inputs):
@@ -400,12 +404,12 @@ def _record_inputs(model, modules, dataset, batch_size, device, preprocess, num_
 
     with torch.no_grad():
         # ``preprocess`` runs as the next batch is drawn, outside the model's lock.
-        for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess, num_workers=num_workers):
+        for _, run in prefix.forwards(model, modules):
             seen.clear()
             with _evaluating(model):
                 handles = [module.register_forward_pre_hook(hook(index)) for index, module in enumerate(modules)]
                 try:
-                    model(batch.to(dtype))
+                    run()
                 except _InputRecorded:
                     pass
                 finally:
@@ -574,54 +578,38 @@ class _GraphValues:
 
     A graph says what each node reads, so a pass can stop before any node and go on from there
     later: ``moments(position, norm)`` runs every batch up to node ``position`` (from the values
-    kept at an earlier node, or else from the images, one batch at a time) and keeps, per batch,
-    only the values that nodes from there on read, unless they take more than
-    :data:`_RESUME_BYTES`: a later, smaller layer may then be kept again.
+    kept at an earlier node, else from those of ``prefix``, a
+    :class:`~sklearn_craft._prefix.GraphPrefix` that serves the model, else from the images, one
+    batch at a time) and keeps, per batch, only the values that nodes from there on read, unless
+    they take more than :data:`_RESUME_BYTES`: a later, smaller layer may then be kept again.
     """
 
-    def __init__(self, model, dataset, batch_size, device, preprocess, num_workers):
-        self.model, self.nodes = model, list(model.graph.nodes)
-        self.pass_args = (dataset, batch_size, device, preprocess, num_workers)
-        index = {node: k for k, node in enumerate(self.nodes)}
-        self.last_use = {node: max((index[user] for user in node.users), default=-1) for node in self.nodes}
-        # Used only with one placeholder (see _graph_points).
-        self.placeholder = next((node for node in self.nodes if node.op == "placeholder"), None)
-        self.interpreter = torch.fx.Interpreter(model)
+    def __init__(self, model, dataset, batch_size, device, preprocess, num_workers, prefix=None):
+        self.model, self.runner = model, _Runner(model, list(model.graph.nodes))
+        self.pass_args, self.prefix = (dataset, batch_size, device, preprocess, num_workers), prefix
         self.position, self.stored = None, None
 
     def moments(self, position, norm):
         """Moments of the input of ``norm``, the layer of the node at ``position``, over all batches."""
-        node = self.nodes[position]
+        node = self.runner.nodes[position]
         moments = _ChannelMoments()
-        resume = self.stored is not None and self.position <= position
-        start = self.position if resume else self.nodes.index(self.placeholder) + 1
-        stored, self.position, self.stored = self.stored, None, None
-        store = _Store([size for _, size in stored] if resume else ())
+        kept_at, stored, self.position, self.stored = self.position, self.stored, None, None
+        if stored is not None and kept_at <= position:
+            start, envs, old_sizes = kept_at, _released(stored), [size for _, size in stored]
+        elif self.prefix is not None and (served := self.prefix.values(self.model, [norm])) is not None:
+            (start, envs), old_sizes = served, ()
+        else:
+            start, envs, old_sizes = self.runner.first, self.runner.from_images(self.pass_args), ()
+        store = _Store(old_sizes)
         with torch.no_grad():
-            for env in _released(stored) if resume else self._from_images():
-                self._run(env, start, position)
+            for env in envs:
+                self.runner.run(env, start, position)
                 moments.add(env[node.args[0]])
                 # Parameters and buffers read by get_attr nodes are the model's own, not stored values.
                 store.add(env, _stored_bytes(value for key, value in env.items() if key.op != "get_attr"))
         if store.batches is not None:
             self.position, self.stored = position, store.batches
         return moments
-
-    def _from_images(self):
-        """Every batch of images as the value of the graph's input."""
-        dataset, batch_size, device, preprocess, num_workers = self.pass_args
-        dtype = _input_dtype(self.model)
-        for batch in iter_batches(dataset, batch_size, device=device, preprocess=preprocess, num_workers=num_workers):
-            yield {self.placeholder: batch.to(dtype)}
-
-    def _run(self, env, start, stop):
-        """Run the nodes ``start`` to ``stop - 1`` on one batch's values, dropping those no later node reads."""
-        self.interpreter.env = env
-        for k in range(start, stop):
-            node = self.nodes[k]
-            env[node] = self.interpreter.run_node(node)
-            for done in [value for value in env if self.last_use[value] <= k]:
-                del env[done]
 
 
 def recalibrate_batchnorm(
@@ -696,6 +684,27 @@ def recalibrate_batchnorm(
     >>> torch.allclose(net[1].running_mean, net[0](X).mean((0, 2, 3)).detach(), atol=1e-5)
     True
     """
+    return _recalibrate_batchnorm(
+        model,
+        X,
+        batch_size=batch_size,
+        device=device,
+        preprocess=preprocess,
+        progress=progress,
+        num_workers=num_workers,
+        layers=layers,
+    )
+
+
+def _recalibrate_batchnorm(
+    model, X, *, batch_size=64, device="cpu", preprocess=None, progress=False, num_workers=0, layers=None, prefix=None
+):
+    """:func:`recalibrate_batchnorm`; the passes of a ``GraphModule`` may start from ``prefix``'s values.
+
+    ``prefix``: a :class:`~sklearn_craft._prefix.GraphPrefix` over ``X`` with the same batches,
+    used for a layer wherever it serves the model (computed with the same network before its
+    cut, which the layer runs after).
+    """
     norms = {
         name: module
         for name, module in model.named_modules()
@@ -720,7 +729,7 @@ def recalibrate_batchnorm(
     unbiased = {}
     with _evaluating(model):
         args = (model, dataset, batch_size, device, preprocess, num_workers)
-        resumed = _GraphValues(*args) if graph else _ResumedInputs(*args)
+        resumed = _GraphValues(*args, prefix=prefix) if graph else _ResumedInputs(*args)
         for name in tqdm(order, desc="BatchNorm statistics", disable=not progress):
             norm = norms[name]
             if name in points:

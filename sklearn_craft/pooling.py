@@ -27,6 +27,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import fx, nn
 
 from ._cache import cache_folder, cached_arrays, digest
+from ._prefix import GraphPrefix
 from .images import as_image_dataset, input_channels, iter_batches
 from .inspection import (
     _call_sequence,
@@ -82,48 +83,48 @@ class _ChannelMeans:
 
         return record
 
-    def run(self, model, batch, start):
-        """The B×ΣC float32 channel means of ``batch``, the samples from ``start`` on."""
-        self.features = torch.empty(len(batch), self.bounds[-1][1], dtype=torch.float32)
+    def run(self, forward, n_images, start):
+        """The B×ΣC float32 channel means of the batch ``forward()`` runs, the samples from ``start`` on."""
+        self.features = torch.empty(n_images, self.bounds[-1][1], dtype=torch.float32)
         self.pending = len(self.bounds)
         try:
-            model(batch)
+            forward()
         except _AllRecorded:
             return self.features
-        raise RuntimeError(f"{self.pending} pooled layer(s) did not run on samples {start}..{start + len(batch) - 1}")
+        raise RuntimeError(f"{self.pending} pooled layer(s) did not run on samples {start}..{start + n_images - 1}")
 
 
-def _iter_pooled(model, responses, dataset, *, batch_size, device, preprocess, progress, num_workers=0):
-    """Channel means of every response, one B×ΣC float32 array per batch."""
+def _iter_pooled(
+    model, responses, dataset, *, batch_size, device, preprocess, progress, num_workers=0, prefix=None, keep=None
+):
+    """Channel means of every response, one B×ΣC float32 array per batch.
+
+    ``prefix``: a :class:`~sklearn_craft._prefix.GraphPrefix` over the same batches, whose
+    values the passes start from where they serve the model, and which keeps those before the
+    node named ``keep`` for the next passes.
+    """
     model = _on_device(model, device)
-    dtype = _input_dtype(model)
     modules = dict(model.named_modules())
     means = _ChannelMeans([modules[conv].out_channels for conv in responses])
-    batches = iter_batches(
-        dataset,
-        batch_size,
-        device=device,
-        preprocess=preprocess,
-        progress=progress,
-        desc="pooling",
-        num_workers=num_workers,
-    )
+    if prefix is None:
+        prefix = GraphPrefix(dataset, batch_size, device, preprocess, num_workers)
+    watched = [modules[response] for response in responses.values()]
     start = 0
     # ``preprocess`` runs as the next batch is drawn, outside the model's lock: it may pool
     # this very model itself. Inference mode is entered per batch, so that it does not leak
     # into the caller's code while the generator waits between batches.
-    for batch in batches:
+    for n_images, run in prefix.forwards(model, watched, keep=keep, progress=progress, desc="pooling"):
         with torch.inference_mode(), _evaluating(model):
             handles = [
                 modules[response].register_forward_hook(means.hook(index))
                 for index, response in enumerate(responses.values())
             ]
             try:
-                features = means.run(model, batch.to(dtype), start)
+                features = means.run(run, n_images, start)
             finally:
                 for handle in handles:
                     handle.remove()
-        start += len(batch)
+        start += n_images
         yield features.numpy()
 
 
@@ -413,6 +414,11 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
             in order within a layer.
         """
         check_is_fitted(self)
+        return self._transform(X)
+
+    def _transform(self, X, prefix=None, keep=None):
+        """:meth:`transform`; a pass, when one runs, starts from ``prefix`` and keeps its values at
+        ``keep`` (see :func:`_iter_pooled`)."""
         dataset = self._dataset(X)
         options = dict(
             batch_size=self.batch_size,
@@ -420,6 +426,8 @@ class ActivationPooler(TransformerMixin, BaseEstimator):
             preprocess=self.preprocess,
             progress=self.progress,
             num_workers=self.num_workers,
+            prefix=prefix,
+            keep=keep,
         )
         key = None
         if cache_folder(self.memory, _pool_features) is not None:

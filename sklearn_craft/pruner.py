@@ -28,8 +28,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, input_channels, iter_batches
-from .compensation import compensate_readers
-from .finetune import _network_outputs, _validation_split, check_finetune_params, finetune, recalibrate_batchnorm
+from ._prefix import GraphPrefix
+from .compensation import _compensated_copy
+from .finetune import (
+    _network_outputs,
+    _recalibrate_batchnorm,
+    _validation_split,
+    check_finetune_params,
+    finetune,
+    recalibrate_batchnorm,
+)
 from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _on_device, _select_convs
 from .pooling import ActivationPooler
 from .profiling import compare_models, count_flops
@@ -177,8 +185,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     order; each stage's layers are pooled on the network already cut at the stages before it
     (BatchNorm statistics re-estimated first with ``recalibrate_bn``, a forward pass stopping
     after the stage's last layer, cached by ``memory``), selected, and cut before the next
-    stage. It costs a pass per stage instead of one, and keeps the filters the *pruned*
-    network needs: on MobileFaceNet with 450 CelebA images, gender scored 0.913 before
+    stage. It costs passes per stage instead of one (BatchNorm re-estimation, pooling and, with
+    ``compensate``, compensation), but they start from the values, kept per image (up to 1
+    GiB), that the previous stage's pooling saw before that stage's first layer: nothing before
+    it changes in between. On MobileFaceNet with 1,476 AFLW2000 images (γ = 0.01, compensation,
+    one thread) that made the fit 3.1 times faster (358 s of CPU against 1,098 s), with the same
+    network bit for bit. It keeps the filters the *pruned* network needs: on MobileFaceNet with 450 CelebA images, gender scored 0.913 before
     fine-tuning at 61 % of the FLOPs against 0.827 at 57 % one-shot (issue 13's research).
     ``criterion`` sets what LASSO predicts: the task (``"task"``), or the pooled responses, in
     the original network, of the convolutions that read the layer
@@ -759,6 +771,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         # before any cut; after a cut, none (they are re-estimated on the task's images, as the
         # final cut does), then up to the last stage pooled and before the next cut.
         fresh, cut = math.inf, False
+        # The values before a stage's first layer, kept by its pooling pass: the passes of the
+        # next stage start there (every cut, compensation and re-estimation until then changes
+        # the network after it only; GraphPrefix checks that it still serves).
+        prefix = GraphPrefix(data.dataset, self.batch_size, self.device, self.preprocess, self.num_workers)
         selection = _Selection({}, {} if self.scale_filters else None, {}, [], {}, [], None, kept={})
         for stage in tqdm(stages, desc="sequential selection", unit="stage", disable=not self.progress):
             start = time.perf_counter()
@@ -766,17 +782,21 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             end = max(position[pooler.responses_[layer]] for layer in stage)
             if self.recalibrate_bn and fresh < end:
                 stale = [name for name in norms if fresh < position[name] <= end]
-                current = recalibrate_batchnorm(
+                current = _recalibrate_batchnorm(
                     current.to(self.device),
                     data.dataset,
                     batch_size=self.batch_size,
                     device=self.device,
                     preprocess=self.preprocess,
                     layers=stale,
+                    prefix=prefix,
                 ).to("cpu")
                 fresh = end
             stage_pooler = self._pooler(current, stage, self.memory, progress=False).fit(data.X)
-            features = stage_pooler.transform(data.X)
+            first = min(stage, key=position.get)
+            nodes = current.graph.nodes if isinstance(current, torch.fx.GraphModule) else ()
+            keep = next((node.name for node in nodes if node.op == "call_module" and node.target == first), None)
+            features = stage_pooler._transform(data.X, prefix=prefix, keep=keep)
             columns = _columns(stage, [stage_pooler.n_channels_[layer] for layer in stage])
 
             clock.start("selection")
@@ -799,7 +819,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                     }
                 keep = dict.fromkeys(stage, union)
                 if self.compensate:
-                    current = self._compensated(current, data.dataset, data.example, keep)
+                    current = self._compensated(current, data.dataset, data.example, keep, prefix)
                 current, kept = prune_channels(current, keep, data.example, scale=scale, return_kept=True)
                 selection.kept.update(kept)
                 first = min(position[layer] for layer in stage)
@@ -1070,18 +1090,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             )
         return pruned, {layer: kept[layer] for layer in remaining}
 
-    def _compensated(self, network, dataset, example, kept):
+    def _compensated(self, network, dataset, example, kept, prefix=None):
         """A copy of ``network`` whose readers carry the channels ``kept`` removes (``compensate``)."""
-        return compensate_readers(
-            network,
-            dataset,
-            kept,
-            example,
-            batch_size=self.batch_size,
-            device=self.device,
-            preprocess=self.preprocess,
-            num_workers=self.num_workers,
-        )
+        pass_args = (self.batch_size, _check_device(self.device), self.preprocess, self.num_workers)
+        return _compensated_copy(network, dataset, kept, example, pass_args, prefix=prefix)
 
     @staticmethod
     def _head_rows(n_samples, finetune_params, seed):

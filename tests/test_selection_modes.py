@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import sklearn_craft._prefix
 import sklearn_craft.pruner
 from sklearn_craft.finetune import recalibrate_batchnorm
 from sklearn_craft.pooling import ActivationPooler
@@ -337,3 +338,41 @@ def test_recalibrating_some_batchnorm_layers_keeps_the_others(data):
     recalibrate_batchnorm(model, X, layers=["1"])
     assert not torch.equal(model[1].running_mean, before)
     torch.testing.assert_close(model[1].running_mean, recalibrate_batchnorm(conv_chain(), X)[1].running_mean)
+
+
+class _CountedImages(torch.utils.data.Dataset):
+    """Images that count how many are read: every pass from the images reads all of them."""
+
+    def __init__(self, X):
+        self.X, self.reads = torch.from_numpy(X), 0
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return self.X[index]
+
+
+def test_sequential_passes_start_from_the_values_before_the_last_stage(monkeypatch):
+    # Each stage's pooling keeps the values before its first layer; the next stage's BatchNorm,
+    # pooling and compensation passes start there instead of at the images, with the same result.
+    architecture = ARCHITECTURES["resnet18"]
+    X = np.random.default_rng(0).random((48, *architecture.input_shape), dtype=np.float32)
+    model = architecture.build()
+    layers = ActivationPooler(model).fit(X[:1]).layers_
+    y = _pooled(model, layers[len(layers) // 2], X)[:, :3].sum(axis=1)
+    options = dict(
+        gamma=0.1, selection="sequential", compensate=True, batch_size=16, random_state=0, selector_params={"alphas": 10}
+    )
+    fits = {}
+    for budget in (sklearn_craft._prefix._PREFIX_BYTES, 0):
+        monkeypatch.setattr(sklearn_craft._prefix, "_PREFIX_BYTES", budget)
+        images = _CountedImages(X)
+        fits[budget] = CraftPruner(model, **options).fit(images, y), images.reads
+    (kept, kept_reads), (alone, alone_reads) = fits.values()
+    assert kept_reads < alone_reads / 4
+    assert kept.keep_.keys() == alone.keep_.keys()
+    assert all(np.array_equal(kept.keep_[layer], alone.keep_[layer]) for layer in alone.keep_)
+    expected = alone.pruned_model_.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in kept.pruned_model_.state_dict().items())
