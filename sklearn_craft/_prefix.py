@@ -73,8 +73,8 @@ class GraphPrefix:
         nodes = list(model.graph.nodes) if graph else []
         keep_at = None
         if keep is not None and graph and [node.op for node in nodes].count("placeholder") == 1:
-            keep_at = next(k for k, node in enumerate(nodes) if node.name == keep)
-            if any(k < keep_at for k in _module_positions(model, nodes, modules)):
+            keep_at = next((k for k, node in enumerate(nodes) if node.name == keep), None)
+            if keep_at is not None and any(k < keep_at for k in _module_positions(model, nodes, modules)):
                 keep_at = None
         resumed = self.values(model, modules)
         if resumed is not None and keep_at is not None and keep_at <= resumed[0]:

@@ -110,6 +110,7 @@ def test_a_prefix_keeps_nothing_over_its_budget(images, monkeypatch):
     monkeypatch.setattr(sklearn_craft._prefix, "_PREFIX_BYTES", 2 * 8 * 6 * 9 * 9 * 4)
     np.testing.assert_array_equal(_pooled(model, images, prefix, keep="mul_"), _pooled(model, images))
     assert prefix.stored is None
-    # A node whose pass is stopped by a hook before it keeps nothing either.
+    # Neither does a node whose pass a hook stops before it, nor a node the graph does not have.
     _pooled(model, images, prefix, keep="conv3", layers=("conv2",))
+    _pooled(model, images, prefix, keep="no_such_node")
     assert prefix.stored is None
