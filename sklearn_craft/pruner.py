@@ -190,8 +190,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     GiB), that the previous stage's pooling saw before that stage's first layer: nothing before
     it changes in between. On MobileFaceNet with 1,476 AFLW2000 images (γ = 0.01, compensation,
     one thread) that made the fit 3.1 times faster (358 s of CPU against 1,098 s), with the same
-    network bit for bit. It keeps the filters the *pruned* network needs: on MobileFaceNet with 450 CelebA images, gender scored 0.913 before
-    fine-tuning at 61 % of the FLOPs against 0.827 at 57 % one-shot (issue 13's research).
+    network bit for bit. It keeps the filters the *pruned* network needs: on MobileFaceNet with
+    450 CelebA images, gender scored 0.913 before fine-tuning at 61 % of the FLOPs against 0.827
+    at 57 % one-shot (issue 13's research).
     ``criterion`` sets what LASSO predicts: the task (``"task"``), or the pooled responses, in
     the original network, of the convolutions that read the layer
     (:func:`sklearn_craft.surgery.channel_readers`: the filters that rebuild the next layer, as in
@@ -793,10 +794,12 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                 ).to("cpu")
                 fresh = end
             stage_pooler = self._pooler(current, stage, self.memory, progress=False).fit(data.X)
-            first = min(stage, key=position.get)
+            first_layer = min(stage, key=position.get)
             nodes = current.graph.nodes if isinstance(current, torch.fx.GraphModule) else ()
-            keep = next((node.name for node in nodes if node.op == "call_module" and node.target == first), None)
-            features = stage_pooler._transform(data.X, prefix=prefix, keep=keep)
+            first_node = next(
+                (node.name for node in nodes if node.op == "call_module" and node.target == first_layer), None
+            )
+            features = stage_pooler._transform(data.X, prefix=prefix, keep=first_node)
             columns = _columns(stage, [stage_pooler.n_channels_[layer] for layer in stage])
 
             clock.start("selection")
@@ -822,8 +825,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
                     current = self._compensated(current, data.dataset, data.example, keep, prefix)
                 current, kept = prune_channels(current, keep, data.example, scale=scale, return_kept=True)
                 selection.kept.update(kept)
-                first = min(position[layer] for layer in stage)
-                fresh, cut = (min(fresh, first) if cut else -1), True
+                fresh, cut = (min(fresh, position[first_layer]) if cut else -1), True
             else:
                 selection.kept.update({layer: list(range(convs[layer].out_channels)) for layer in stage})
             selection.selected.update(selected)
