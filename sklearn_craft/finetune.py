@@ -365,11 +365,11 @@ class _ChannelMoments:
         self.count, self.mean, self.m2 = 0, None, None
 
     def add(self, x):
-        values = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
-        values = values.to(torch.float32 if values.device.type == "mps" else torch.float64)  # MPS has no float64
-        mean = values.mean(1)
-        m2 = ((values - mean[:, None]) ** 2).sum(1)
-        count, mean, m2 = values.shape[1], mean.cpu().double(), m2.cpu().double()
+        values = x.detach().to(torch.float32 if x.device.type == "mps" else torch.float64)  # MPS has no float64
+        # Reduced in place over every axis but the channels': no transposed copy, no squared deviations held.
+        variance, mean = torch.var_mean(values, dim=[0, *range(2, x.dim())], correction=0)
+        count = x.numel() // x.shape[1]
+        mean, m2 = mean.cpu().double(), variance.cpu().double() * count
         if self.count == 0:
             self.count, self.mean, self.m2 = count, mean, m2
             return

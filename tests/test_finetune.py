@@ -192,6 +192,23 @@ def test_recalibrate_batchnorm_estimates_the_statistics_of_all_images_and_restor
     assert int(net[1].num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize(
+    "body", [lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), lambda: nn.Sequential(nn.Flatten(2), nn.Conv1d(1, 5, 3))]
+)
+def test_recalibrate_batchnorm_1d_on_features_and_sequences_equals_one_batch_of_everything(body):
+    # BatchNorm1d reads (N, C) features or (N, C, L) sequences: the moments reduce over every axis but C.
+    torch.manual_seed(0)
+    net = nn.Sequential(body(), nn.BatchNorm1d(5))
+    reference = copy.deepcopy(net).train()
+    reference[1].momentum = None
+    X = 1.0 + 2.0 * torch.rand(40, 1, 8, 8)
+    recalibrate_batchnorm(net.eval(), X, batch_size=6)
+    with torch.no_grad():
+        reference(X)
+    torch.testing.assert_close(net[1].running_mean, reference[1].running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(net[1].running_var, reference[1].running_var, rtol=1e-5, atol=1e-7)
+
+
 def test_recalibrate_batchnorm_leaves_a_network_without_batchnorm_alone():
     model = trainable_net()
     before = _weights(model)
