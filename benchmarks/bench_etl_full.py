@@ -38,6 +38,9 @@ training images per stage, from the values kept before the previous stage since 
 --quick: 48 images per task (emotion: 48 training and 48 test images), 5 alphas, 1 epoch.
 --seed S refits rows with the pruner's ``random_state=S`` (default 0) on the same train/test split: a
 repeated fit, recorded beside the others, whose matched rows follow the row of the same seed.
+--monitor accuracy fine-tunes the classification tasks (gender, emotion) with early stopping on the
+validation accuracy instead of the loss (``finetune_params["monitor"]``), recorded as other rows; yaw and
+age always watch the loss. Matched rows follow the row of the same monitor.
 Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH] [--seed S]
      ``--rows`` with no row fits nothing and writes the table of the tasks' records.
 """
@@ -67,7 +70,7 @@ MATCHED = {
     "l1@sequential-l1": ("l1_norm", "sequential-l1"),
 }
 ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
-KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience"]
+KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "monitor"]
 
 
 def task_data(task, root, n, input_preset):
@@ -94,12 +97,14 @@ def row_params(row, reference):
 
 
 def read_records(path):
-    """The records at ``path``; those written before ``--seed`` existed were fitted with the default seed."""
+    """The records at ``path``; those written before ``--seed`` (``--monitor``) existed were fitted with the
+    default seed (with early stopping on the validation loss)."""
     if not path.exists():
         return pd.DataFrame(columns=KEY)
     records = pd.read_csv(path)
-    if "random_state" not in records:
-        records.insert(KEY.index("random_state"), "random_state", _bench.SEED)
+    for column, default in (("random_state", _bench.SEED), ("monitor", "loss")):
+        if column not in records:
+            records.insert(KEY.index(column), column, default)
     return records
 
 
@@ -108,11 +113,16 @@ def recorded(records, key):
     return records[(records[KEY] == pd.Series(key)).all(axis=1)]
 
 
-def fit_row(task, row, gamma, seed, data, budget, config, net, input_preset, reference):
+def task_monitor(task, monitor):
+    """What the task's early stopping watches: ``monitor`` for a classification task, else the loss."""
+    return monitor if _bench.TASKS[task][2] in ("binary", "multiclass") else "loss"
+
+
+def fit_row(task, row, gamma, seed, monitor, data, budget, config, net, input_preset, reference):
     """Fit one row with ``random_state=seed`` and return its record."""
     X_train, X_test, y_train, y_test = data
     kind = _bench.TASKS[task][2]
-    finetune = _bench.finetune_settings(*budget)
+    finetune = {**_bench.finetune_settings(*budget), "monitor": monitor}
     params = {"gamma": gamma, **row_params(row, reference)}
     pruner = CraftPruner(
         net, head="satellite", preprocess=input_preset.preprocess, random_state=seed, progress=False,
@@ -123,16 +133,19 @@ def fit_row(task, row, gamma, seed, data, budget, config, net, input_preset, ref
     seconds = time.perf_counter() - start
     flops = pruner.report_.loc["flops"]
     history = pruner.history_
+    # The epoch kept: the first best by the monitored quantity.
+    best = history["val_accuracy"].idxmax() if monitor == "accuracy" else history["val_loss"].idxmin()
     return dict(
         task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0],
-        patience=budget[1],
+        patience=budget[1], monitor=monitor,
         n_test=len(y_test), metric=_bench.metric_name(kind), head_layer=pruner.head_layer_,
         flops_share=float(flops["pruned"] / flops["original"]),
         parameters=count_parameters(pruner.pruned_model_), filters=sum(len(k) for k in pruner.keep_.values()),
         score_before_ft=_bench.task_score(kind, y_test, pruner.predict_before_finetune(X_test)),
         score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
-        best_epoch=int(history.loc[history["val_loss"].idxmin(), "epoch"]), epochs_run=int(history["epoch"].max()),
+        best_epoch=int(history.loc[best, "epoch"]), epochs_run=int(history["epoch"].max()),
         val_loss=" ".join(f"{v:.4g}" for v in history["val_loss"]),
+        val_accuracy=" ".join(f"{v:.4g}" for v in history.get("val_accuracy", [])),
         fit_s=round(seconds, 1), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
 
@@ -151,8 +164,9 @@ def run(args, config, records_path):
             # The unpruned row cuts nothing at any gamma: it is fitted once, recorded at gamma 0.
             for gamma in [0.0] if row == "unpruned" else config["gammas"]:
                 records = read_records(records_path)
+                monitor = task_monitor(task, args.monitor)
                 key = dict(task=task, row=row, gamma=gamma, random_state=args.seed, n_train=len(data[2]),
-                           epochs=budget[0], patience=budget[1])
+                           epochs=budget[0], patience=budget[1], monitor=monitor)
                 if len(recorded(records, key)):
                     print(f"  {task} {row} gamma={gamma:g}: recorded, skipped", flush=True)
                     continue
@@ -162,7 +176,8 @@ def run(args, config, records_path):
                     if not len(followed):
                         raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
                     reference = followed.iloc[-1]
-                record = fit_row(task, row, gamma, args.seed, data, budget, config, net, input_preset, reference)
+                record = fit_row(task, row, gamma, args.seed, monitor, data, budget, config, net, input_preset,
+                                 reference)
                 print(f"  {task} {row} gamma={gamma:g}: {record['score_before_ft']:.4g} -> {record['score']:.4g} "
                       f"at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s", flush=True)
                 new = pd.DataFrame([record])
@@ -172,7 +187,7 @@ def run(args, config, records_path):
 def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
-    shown = shown.assign(flops_pct=100 * shown["flops_share"]).set_index(["task", "row", "gamma", "random_state"])[
+    shown = shown.assign(flops_pct=100 * shown["flops_share"]).set_index(["task", "row", "gamma", "random_state", "monitor"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
          "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date"]
     ]
@@ -182,7 +197,8 @@ def write_table(args, config, records_path, results):
         "l1@X / random@X keep one ratio of every layer's filters, found so that the FLOPs match row X's, at X's "
         "head layer. flops_pct: % of the full network's FLOPs. score: accuracy (gender, emotion) or MAE (yaw in "
         "degrees, age in years) on the test set, before (satellite head, no training) and after fine-tuning; "
-        "best_epoch: the epoch kept (lowest validation loss, 0 = untrained) of epochs_run. random_state: the "
+        "best_epoch: the epoch kept (lowest validation loss, or highest validation accuracy where monitor is "
+        "accuracy; 0 = untrained) of epochs_run. random_state: the "
         "pruner's seed (the LASSO validation split, the satellites' held-out split, the random rule's draw and "
         "fine-tuning; the train/test split is the same for every seed), one fit per row and seed; each row's "
         "date is when its fit ended (rows may come from several invocations, all with the command below but for "
@@ -202,6 +218,8 @@ def _options(parser):
     parser.add_argument("--records", default=None, help="CSV of the fitted rows (default: beside --results)")
     parser.add_argument("--seed", type=int, default=_bench.SEED,
                         help="the pruner's random_state (a repeated fit); the train/test split does not change")
+    parser.add_argument("--monitor", choices=["loss", "accuracy"], default="loss",
+                        help="what early stopping watches on gender and emotion (yaw and age: the loss)")
 
 
 def main(argv=None):

@@ -177,6 +177,10 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
     early_stopping : int or None, default=None
         Stop when the validation loss has not improved for this many epochs, and keep the
         weights with the lowest validation loss; needs ``validation_fraction > 0``.
+    monitor : {"loss", "accuracy"}, default="loss"
+        What early stopping watches and keeps the best of: the validation loss, or the mean
+        accuracy over the attributes (see :func:`sklearn_craft.finetune.finetune`); ``"accuracy"``
+        needs ``early_stopping``.
     device : str or torch.device, default="cpu"
         Where training and prediction run; ``model_`` lives there.
     preprocess : callable or None, default=None
@@ -249,6 +253,7 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         weight_decay=FINETUNE_DEFAULTS["weight_decay"],
         validation_fraction=FINETUNE_DEFAULTS["validation_fraction"],
         early_stopping=FINETUNE_DEFAULTS["early_stopping"],
+        monitor=FINETUNE_DEFAULTS["monitor"],
         device="cpu",
         preprocess=None,
         num_workers=0,
@@ -264,6 +269,7 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.validation_fraction = validation_fraction
         self.early_stopping = early_stopping
+        self.monitor = monitor
         self.device = device
         self.preprocess = preprocess
         self.num_workers = num_workers

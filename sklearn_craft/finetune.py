@@ -33,7 +33,11 @@ FINETUNE_DEFAULTS = {
     "weight_decay": 0.0,
     "validation_fraction": 0.0,
     "early_stopping": None,
+    "monitor": "loss",
 }
+
+#: Losses whose outputs are class scores, so that a validation accuracy is measured.
+_CLASSIFICATION_LOSSES = ("cross_entropy", "bce")
 
 
 class _CosineDistance(nn.Module):
@@ -69,6 +73,7 @@ _CONSTRAINTS = {
     "weight_decay": [Interval(Real, 0, None, closed="left")],
     "validation_fraction": [Interval(Real, 0, 1, closed="left")],
     "early_stopping": [Interval(Integral, 1, None, closed="left"), None],
+    "monitor": [StrOptions({"loss", "accuracy"})],
 }
 
 
@@ -81,7 +86,9 @@ def check_finetune_params(params):
         Any subset of the keys of :data:`FINETUNE_DEFAULTS`: ``epochs`` (int >= 1), ``lr``
         (float > 0), ``batch_size`` (int >= 1), ``optimizer`` (``"sgd"`` with momentum 0.9, or
         ``"adam"``), ``weight_decay`` (float >= 0), ``validation_fraction`` (float in [0, 1)) and
-        ``early_stopping`` (None, or the patience in epochs; needs ``validation_fraction > 0``).
+        ``early_stopping`` (None, or the patience in epochs; needs ``validation_fraction > 0``) and
+        ``monitor`` (``"loss"`` or ``"accuracy"``: what early stopping watches; ``"accuracy"``
+        needs ``early_stopping`` and a classification loss, see :func:`finetune`).
 
     Returns
     -------
@@ -113,6 +120,10 @@ def check_finetune_params(params):
             "finetune_params['early_stopping'] needs finetune_params['validation_fraction'] > 0, "
             f"got validation_fraction={merged['validation_fraction']!r}"
         )
+    if merged["monitor"] != "loss" and merged["early_stopping"] is None:
+        raise ValueError(
+            f"finetune_params['monitor']={merged['monitor']!r} needs finetune_params['early_stopping'], got None"
+        )
     return merged
 
 
@@ -129,6 +140,7 @@ def finetune(
     weight_decay=0.0,
     validation_fraction=0.0,
     early_stopping=None,
+    monitor="loss",
     device="cpu",
     preprocess=None,
     random_state=None,
@@ -142,9 +154,10 @@ def finetune(
     Training that diverges (a loss or a weight becomes NaN or infinite, typically because
     ``lr`` is too large) stops with a ``ValueError`` naming ``lr`` rather than leaving a model
     whose every output is NaN.
-    With ``early_stopping`` the weights with the lowest validation loss are restored at the end,
-    those before the first epoch included: on a few hundred images fine-tuning can make a good
-    starting point worse, and then it is undone. The model is left in eval mode.
+    With ``early_stopping`` the weights with the lowest validation loss (or, with
+    ``monitor="accuracy"``, the highest validation accuracy) are restored at the end, those before
+    the first epoch included: on a few hundred images fine-tuning can make a good starting point
+    worse, and then it is undone. The model is left in eval mode.
 
     Parameters
     ----------
@@ -174,7 +187,16 @@ def finetune(
         Fraction of the samples (drawn at random) held out to compute a validation loss after each
         epoch.
     early_stopping : int or None, default=None
-        Stop when the validation loss has not improved for this many epochs.
+        Stop when the monitored validation quantity has not improved for this many epochs.
+    monitor : {"loss", "accuracy"}, default="loss"
+        What early stopping watches and keeps the best of: the validation loss, or the validation
+        accuracy (as scikit-learn's ``MLPClassifier`` watches its score): the share of validation
+        samples whose largest logit is the target class for ``"cross_entropy"``, the share of
+        outputs whose logit has the sign of the 0/1 target for ``"bce"`` (the mean accuracy over
+        the outputs of a multi-label target), weighted with ``sample_weight``. A smooth loss can
+        improve while fewer samples are right, which is what ``"accuracy"`` guards against; only
+        a strictly higher accuracy replaces the kept weights, so a tie keeps the earlier epoch.
+        Needs ``early_stopping`` and a classification ``loss``.
     device : str or torch.device, default="cpu"
         Device on which the model is trained; the model stays there.
     preprocess : callable or None, default=None
@@ -201,8 +223,9 @@ def finetune(
     -------
     history : pandas.DataFrame
         One row per epoch run: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without validation),
-        weighted means with ``sample_weight``; with validation, a first row ``epoch=0`` holds the
-        validation loss before training.
+        weighted means with ``sample_weight``, and for ``"cross_entropy"`` and ``"bce"`` with
+        validation, ``val_accuracy`` (see ``monitor``); with validation, a first row ``epoch=0``
+        holds the validation values before training.
 
     Raises
     ------
@@ -227,10 +250,13 @@ def finetune(
         "weight_decay": weight_decay,
         "validation_fraction": validation_fraction,
         "early_stopping": early_stopping,
+        "monitor": monitor,
     }
     check_finetune_params(settings)
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+    if monitor == "accuracy" and loss not in _CLASSIFICATION_LOSSES:
+        raise ValueError(f"monitor='accuracy' needs loss in {list(_CLASSIFICATION_LOSSES)}, got loss={loss!r}")
     dataset = as_image_dataset(X)
     target = torch.as_tensor(np.array(y), dtype=torch.long if loss == "cross_entropy" else torch.float32)
     n_samples = len(dataset)
@@ -262,7 +288,10 @@ def finetune(
         opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
     criterion = _LOSSES[loss](reduction="none")
 
-    def validation_loss():
+    measure_accuracy = loss in _CLASSIFICATION_LOSSES and n_val > 0
+
+    def validate():
+        """``(val_loss, val_accuracy)``; the accuracy is NaN for a loss without classes."""
         model.eval()
         with torch.no_grad():
             return _run_epoch(
@@ -276,13 +305,20 @@ def finetune(
                 preprocess,
                 num_workers,
                 weights=val_weights,
+                accuracy=measure_accuracy,
             )
 
+    def badness(val_loss, val_accuracy):
+        """The monitored quantity, lower is better."""
+        return -val_accuracy if monitor == "accuracy" else val_loss
+
+    columns = ["epoch", "train_loss", "val_loss"] + (["val_accuracy"] if measure_accuracy else [])
     rows = []
-    best_loss, best_state, stale = np.inf, None, 0
+    best, best_state, stale = np.inf, None, 0
     if n_val:
-        best_loss = validation_loss()
-        rows.append({"epoch": 0, "train_loss": np.nan, "val_loss": best_loss})
+        val_loss, val_accuracy = validate()
+        best = badness(val_loss, val_accuracy)
+        rows.append({"epoch": 0, "train_loss": np.nan, "val_loss": val_loss, "val_accuracy": val_accuracy})
         if early_stopping is not None:
             best_state = copy.deepcopy(model.state_dict())
     # fork_rng keeps the user's global torch seed untouched while dropout draws from ours.
@@ -291,7 +327,7 @@ def finetune(
         for epoch in tqdm(range(1, epochs + 1), desc="fine-tuning", disable=not progress):
             model.train()
             shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
-            train_loss = _run_epoch(
+            train_loss, _ = _run_epoch(
                 model,
                 criterion,
                 dataset,
@@ -304,13 +340,14 @@ def finetune(
                 opt,
                 weights=train_weights,
             )
-            val_loss = validation_loss() if n_val else np.nan
+            val_loss, val_accuracy = validate() if n_val else (np.nan, np.nan)
             _check_converging(trainable, [train_loss, val_loss] if n_val else [train_loss], epoch, lr)
-            rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy})
             if early_stopping is None:
                 continue
-            if val_loss < best_loss:
-                best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+            current = badness(val_loss, val_accuracy)
+            if current < best:
+                best, best_state, stale = current, copy.deepcopy(model.state_dict()), 0
             else:
                 stale += 1
                 if stale >= early_stopping:
@@ -318,7 +355,7 @@ def finetune(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss"])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _validation_split(n_samples, validation_fraction, random_state):
@@ -763,13 +800,26 @@ def _network_outputs(model, dataset, batch_size, *, device, preprocess=None, num
 
 
 def _run_epoch(
-    model, criterion, dataset, target, indices, batch_size, device, preprocess, num_workers, opt=None, weights=None
+    model,
+    criterion,
+    dataset,
+    target,
+    indices,
+    batch_size,
+    device,
+    preprocess,
+    num_workers,
+    opt=None,
+    weights=None,
+    accuracy=False,
 ):
     """Mean loss over ``indices`` in batches; one optimisation step per batch when ``opt`` is given.
 
     ``criterion`` returns per-element losses; ``weights`` (None: all 1) weight every sample's.
+    Returns ``(loss, accuracy)``: with ``accuracy``, that of class logits (cross-entropy) or of
+    the signs of 0/1 logits (binary cross-entropy, averaged over the outputs), else NaN.
     """
-    total = 0.0
+    total = correct = 0.0
     batches = iter_batches(
         dataset, batch_size, device=device, preprocess=preprocess, indices=indices.numpy(), num_workers=num_workers
     )
@@ -790,4 +840,11 @@ def _run_epoch(
             batch_loss.backward()
             opt.step()
         total += batch_loss.item() * len(xb)
-    return total / len(indices)
+        if accuracy:
+            if isinstance(criterion, nn.CrossEntropyLoss):
+                right = (output.argmax(dim=1) == yb).float()
+            else:
+                right = ((output > 0) == (yb > 0.5)).float().reshape(len(xb), -1).mean(dim=1)
+            batch_weights = torch.ones(len(xb), device=device) if weights is None else weights[rows].to(device)
+            correct += (right * batch_weights).sum().item()
+    return total / len(indices), (correct / len(indices) if accuracy else np.nan)

@@ -227,10 +227,13 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         that name. Anything but "last" needs ``head="satellite"``.
     finetune_params : dict or None, default=None
         None keeps the pruned weights; a dict (keys ``epochs``, ``lr``, ``batch_size``,
-        ``optimizer``, ``weight_decay``, ``validation_fraction``, ``early_stopping``, see
-        :func:`sklearn_craft.finetune.check_finetune_params`) trains the whole pruned network
-        with mean squared error (regression), cross-entropy (multi-class, or binary with two
-        outputs) or binary cross-entropy on logits (binary with one output, multi-label).
+        ``optimizer``, ``weight_decay``, ``validation_fraction``, ``early_stopping``,
+        ``monitor``, see :func:`sklearn_craft.finetune.check_finetune_params`) trains the whole
+        pruned network with mean squared error (regression), cross-entropy (multi-class, or binary
+        with two outputs) or binary cross-entropy on logits (binary with one output, multi-label).
+        With ``early_stopping`` the best epoch by validation loss is kept, or by validation
+        accuracy with ``monitor="accuracy"`` (classification targets only), the satellite head
+        before any training included.
     scale_filters : bool, default=False
         Multiply every selected filter's pre-activation by its LASSO coefficient at the knee (ETL
         Eq. 5), or by the L2 norm of its coefficients over the encoded targets when there are
@@ -589,6 +592,11 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         y, Y, target_type, classes = self._check_target(y)
         if len(Y) != len(dataset):
             raise ValueError(f"y must have one row per image ({len(dataset)}), got {len(Y)} rows")
+        monitor = None if finetune_params is None else finetune_params["monitor"]
+        if monitor == "accuracy" and target_type not in CLASSIFICATION_KINDS:
+            raise ValueError(
+                f"finetune_params['monitor']='accuracy' needs a classification target, got a {target_type} y"
+            )
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, Y, dtype=np.float64, ensure_non_negative=True)
         example = next(iter_batches(dataset, 1, indices=[0]))

@@ -131,7 +131,12 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     repeat = third.iloc[len(second):]
     assert repeat["row"].tolist() == ["one-shot", "l1@one-shot"] and (repeat["random_state"] == 1).all()
     assert abs(repeat.iloc[1]["flops_share"] - repeat.iloc[0]["flops_share"]) <= 0.01
-    assert "| yaw | one-shot | 0.01 | 1 |" in text and "| yaw | one-shot | 0.01 | 0 |" in text
+    assert "| yaw | one-shot | 0.01 | 1 | loss |" in text and "| yaw | one-shot | 0.01 | 0 | loss |" in text
+    assert (third["monitor"] == "loss").all() and third["val_accuracy"].isna().all()
+    # Yaw watches its loss whatever --monitor says: those rows are recorded, so nothing is refitted.
+    _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "--seed", "1", "--monitor",
+                      "accuracy")
+    pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), third)
     # A matched row without its reference is refused before any fit.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")
     assert completed.returncode != 0 and "needs a recorded sequential row" in completed.stderr

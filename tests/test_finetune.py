@@ -1,6 +1,7 @@
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -39,6 +40,8 @@ def test_check_finetune_params_fills_defaults_and_keeps_values():
         ({"validation_fraction": 1.0}, "validation_fraction"),
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"early_stopping": 2}, "early_stopping.*validation_fraction"),
+        ({"monitor": "auc"}, "monitor"),
+        ({"monitor": "accuracy", "validation_fraction": 0.2}, "monitor.*needs.*early_stopping"),
     ],
 )
 def test_check_finetune_params_rejects_bad_values(params, match):
@@ -133,6 +136,55 @@ def test_early_stopping_stops_and_restores_the_best_weights():
     with torch.no_grad():
         final = nn.functional.mse_loss(model(torch.as_tensor(X[:1]))[:, 0], torch.tensor([3.0])).item()
     assert final == pytest.approx(history["val_loss"].min(), rel=1e-5)
+
+
+def _three_classes(n=90, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, 1, 8, 8), dtype=np.float32)
+    brightness = X.mean(axis=(1, 2, 3)) + 0.05 * rng.standard_normal(n)
+    return X, np.digitize(brightness, np.quantile(brightness, [1 / 3, 2 / 3]))
+
+
+def _validation_accuracy(model, X, y, validation_fraction, random_state):
+    val_idx = sklearn_craft.finetune._validation_split(len(X), validation_fraction, random_state)[2].numpy()
+    with torch.no_grad():
+        predicted = model(torch.as_tensor(X[val_idx])).argmax(dim=1).numpy()
+    return np.mean(predicted == y[val_idx])
+
+
+def test_monitor_accuracy_restores_the_epoch_of_highest_validation_accuracy_not_lowest_loss():
+    X, y = _three_classes()
+    settings = dict(loss="cross_entropy", epochs=10, lr=0.05, validation_fraction=0.3, early_stopping=10, random_state=2)
+    by_accuracy, by_loss = trainable_net(n_outputs=3, seed=2), trainable_net(n_outputs=3, seed=2)
+    history = finetune(by_accuracy, X, y, monitor="accuracy", **settings)
+    # The two quantities disagree on this run, so the test tells the monitors apart.
+    assert history["val_loss"].idxmin() != history["val_accuracy"].idxmax()
+    assert _validation_accuracy(by_accuracy, X, y, 0.3, 2) == pytest.approx(history["val_accuracy"].max())
+    loss_history = finetune(by_loss, X, y, **settings)
+    pd.testing.assert_frame_equal(loss_history, history)
+    best_by_loss = loss_history.loc[loss_history["val_loss"].idxmin(), "val_accuracy"]
+    assert _validation_accuracy(by_loss, X, y, 0.3, 2) == pytest.approx(best_by_loss) != history["val_accuracy"].max()
+    untrained = trainable_net(n_outputs=3, seed=2)
+    assert history.loc[0, "val_accuracy"] == pytest.approx(_validation_accuracy(untrained, X, y, 0.3, 2))
+
+
+def test_val_accuracy_of_bce_is_the_weighted_mean_over_outputs():
+    X, y = _three_classes()
+    labels = np.stack([y == 0, y == 2], axis=1).astype(np.float32)
+    weights = np.random.default_rng(1).integers(1, 4, len(X)).astype(float)
+    model = trainable_net(n_outputs=2, seed=0)
+    with torch.no_grad():
+        right = ((model(torch.as_tensor(X)) > 0).numpy() == labels.astype(bool)).mean(axis=1)
+    history = finetune(model, X, labels, loss="bce", epochs=1, validation_fraction=0.3, sample_weight=weights, random_state=0)
+    val_idx = sklearn_craft.finetune._validation_split(len(X), 0.3, 0)[2].numpy()
+    assert history.loc[0, "val_accuracy"] == pytest.approx(np.average(right[val_idx], weights=weights[val_idx]))
+    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy"]
+
+
+def test_monitor_accuracy_needs_a_classification_loss():
+    X, y = _data()
+    with pytest.raises(ValueError, match="monitor='accuracy' needs loss in"):
+        finetune(trainable_net(), X, y, loss="mse", validation_fraction=0.2, early_stopping=2, monitor="accuracy")
 
 
 def test_frozen_parameters_stay_frozen():

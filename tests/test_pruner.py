@@ -294,6 +294,21 @@ def test_satellite_head_leaves_out_the_images_finetuning_validates_on(data):
     assert pruner.history_.loc[0, "val_loss"] == pytest.approx(held_out, rel=1e-4)
 
 
+def test_monitor_accuracy_keeps_the_most_accurate_network_on_the_validation_images(data):
+    X, scores = data
+    y = _targets("binary", scores)
+    finetune_params = {
+        "epochs": 4, "lr": 1e-3, "batch_size": 32, "validation_fraction": 0.25, "early_stopping": 4, "monitor": "accuracy"
+    }
+    pruner = CraftPruner(conv_chain(), gamma=0.1, finetune_params=finetune_params, random_state=0).fit(X, y)
+    seed = np.random.RandomState(0).randint(np.iinfo(np.int32).max, size=4)[2]  # the pruner's fine-tuning seed
+    val = _validation_split(len(X), 0.25, seed)[2].numpy()
+    history = pruner.history_
+    assert history["val_loss"].idxmin() != history["val_accuracy"].idxmax()  # the monitors disagree here
+    assert history.loc[0, "val_accuracy"] == pytest.approx(np.mean(pruner.predict_before_finetune(X[val]) == y[val]))
+    assert np.mean(pruner.predict(X[val]) == y[val]) == pytest.approx(history["val_accuracy"].max())
+
+
 def test_a_dataloader_or_dataset_workers_give_the_fit_of_an_array(data):
     X, scores = data
     y = _targets("binary", scores)
@@ -455,6 +470,11 @@ class _Branchy(nn.Module):
         ({"finetune_params": {"epoch": 2}}, ValueError, "unknown keys \\['epoch'\\]"),
         ({"finetune_params": {"epochs": 0}}, ValueError, "epochs"),
         ({"finetune_params": [("epochs", 2)]}, TypeError, "finetune_params"),
+        (
+            {"finetune_params": {"validation_fraction": 0.2, "early_stopping": 2, "monitor": "accuracy"}},
+            ValueError,
+            "monitor'\\]='accuracy' needs a classification target, got a continuous y",
+        ),
         ({"selector_params": {"gamma": 0.1}}, ValueError, "selector_params must not set \\['gamma'\\]"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"gamma": 0.0, "scale_filters": True}, ValueError, "scale_filters=True needs gamma > 0"),
