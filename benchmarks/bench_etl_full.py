@@ -202,7 +202,7 @@ def write_table(args, config, records_path, results):
         "pruner's seed (the LASSO validation split, the satellites' held-out split, the random rule's draw and "
         "fine-tuning; the train/test split is the same for every seed), one fit per row and seed; each row's "
         "date is when its fit ended (rows may come from several invocations, all with the command below but for "
-        "--tasks / --rows)."
+        "--tasks / --rows / --seed / --monitor)."
     )
     title = "ETL Table 1 on all images (MobileFaceNet)"
     if records_path.name != "etl_full.csv":
