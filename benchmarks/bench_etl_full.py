@@ -56,6 +56,7 @@ from sklearn_craft.datasets import load_fer2013
 from sklearn_craft.models import mobilefacenet, preset
 from sklearn_craft.profiling import count_parameters
 from sklearn_craft.pruner import CraftPruner
+from sklearn_craft.targets import CLASSIFICATION_KINDS
 
 FULL = dict(n=None, epochs=None, gammas=(0.001,), alphas=100)
 QUICK = dict(n=48, epochs=1, gammas=(0.01,), alphas=5)
@@ -115,7 +116,7 @@ def recorded(records, key):
 
 def task_monitor(task, monitor):
     """What the task's early stopping watches: ``monitor`` for a classification task, else the loss."""
-    return monitor if _bench.TASKS[task][2] in ("binary", "multiclass") else "loss"
+    return monitor if _bench.TASKS[task][2] in CLASSIFICATION_KINDS else "loss"
 
 
 def fit_row(task, row, gamma, seed, monitor, data, budget, config, net, input_preset, reference):
@@ -187,7 +188,8 @@ def run(args, config, records_path):
 def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
-    shown = shown.assign(flops_pct=100 * shown["flops_share"]).set_index(["task", "row", "gamma", "random_state", "monitor"])[
+    shown = shown.assign(flops_pct=100 * shown["flops_share"])
+    shown = shown.set_index(["task", "row", "gamma", "random_state", "monitor"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
          "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date"]
     ]
