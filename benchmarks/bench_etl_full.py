@@ -41,6 +41,10 @@ repeated fit, recorded beside the others, whose matched rows follow the row of t
 --monitor accuracy fine-tunes the classification tasks (gender, emotion) with early stopping on the
 validation accuracy instead of the loss (``finetune_params["monitor"]``), recorded as other rows; yaw and
 age always watch the loss. Matched rows follow the row of the same monitor.
+--calibrate-head divides the satellite head of gender and emotion by the temperature fitted on its
+images before fine-tuning (``CraftPruner(calibrate_head=True)``; no prediction changes, the loss and its
+gradients do), recorded as other rows (column calibrate_head, head_temperature); matched rows follow the
+row of the same setting.
 Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH] [--seed S]
      ``--rows`` with no row fits nothing and writes the table of the tasks' records.
 """
@@ -71,7 +75,7 @@ MATCHED = {
     "l1@sequential-l1": ("l1_norm", "sequential-l1"),
 }
 ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
-KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "monitor"]
+KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "monitor", "calibrate_head"]
 
 
 def task_data(task, root, n, input_preset):
@@ -98,12 +102,12 @@ def row_params(row, reference):
 
 
 def read_records(path):
-    """The records at ``path``; those written before ``--seed`` (``--monitor``) existed were fitted with the
-    default seed (with early stopping on the validation loss)."""
+    """The records at ``path``; those written before ``--seed`` (``--monitor``, ``--calibrate-head``) existed
+    were fitted with the default seed (with early stopping on the validation loss, an uncalibrated head)."""
     if not path.exists():
         return pd.DataFrame(columns=KEY)
     records = pd.read_csv(path)
-    for column, default in (("random_state", _bench.SEED), ("monitor", "loss")):
+    for column, default in (("random_state", _bench.SEED), ("monitor", "loss"), ("calibrate_head", False)):
         if column not in records:
             records.insert(KEY.index(column), column, default)
     return records
@@ -119,14 +123,20 @@ def task_monitor(task, monitor):
     return monitor if _bench.TASKS[task][2] in CLASSIFICATION_KINDS else "loss"
 
 
-def fit_row(task, row, gamma, seed, monitor, data, budget, config, net, input_preset, reference):
-    """Fit one row with ``random_state=seed`` and return its record."""
+def task_calibrates(task, calibrate):
+    """Whether the task's head is calibrated: ``calibrate`` for a classification task, else False."""
+    return calibrate and _bench.TASKS[task][2] in CLASSIFICATION_KINDS
+
+
+def fit_row(task, row, gamma, seed, monitor, calibrate, data, budget, config, net, input_preset, reference):
+    """Fit one row with ``random_state=seed`` (``calibrate_head=calibrate``) and return its record."""
     X_train, X_test, y_train, y_test = data
     kind = _bench.TASKS[task][2]
     finetune = {**_bench.finetune_settings(*budget), "monitor": monitor}
     params = {"gamma": gamma, **row_params(row, reference)}
     pruner = CraftPruner(
         net, head="satellite", preprocess=input_preset.preprocess, random_state=seed, progress=False,
+        calibrate_head=calibrate,
         selector_params=dict(alphas=config["alphas"]), finetune_params=finetune, **params,
     )
     start = time.perf_counter()
@@ -138,7 +148,7 @@ def fit_row(task, row, gamma, seed, monitor, data, budget, config, net, input_pr
     best = history["val_accuracy"].idxmax() if monitor == "accuracy" else history["val_loss"].idxmin()
     return dict(
         task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0],
-        patience=budget[1], monitor=monitor,
+        patience=budget[1], monitor=monitor, calibrate_head=calibrate, head_temperature=pruner.head_temperature_,
         n_test=len(y_test), metric=_bench.metric_name(kind), head_layer=pruner.head_layer_,
         flops_share=float(flops["pruned"] / flops["original"]),
         parameters=count_parameters(pruner.pruned_model_), filters=sum(len(k) for k in pruner.keep_.values()),
@@ -166,8 +176,9 @@ def run(args, config, records_path):
             for gamma in [0.0] if row == "unpruned" else config["gammas"]:
                 records = read_records(records_path)
                 monitor = task_monitor(task, args.monitor)
+                calibrate = task_calibrates(task, args.calibrate_head)
                 key = dict(task=task, row=row, gamma=gamma, random_state=args.seed, n_train=len(data[2]),
-                           epochs=budget[0], patience=budget[1], monitor=monitor)
+                           epochs=budget[0], patience=budget[1], monitor=monitor, calibrate_head=calibrate)
                 if len(recorded(records, key)):
                     print(f"  {task} {row} gamma={gamma:g}: recorded, skipped", flush=True)
                     continue
@@ -177,8 +188,8 @@ def run(args, config, records_path):
                     if not len(followed):
                         raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
                     reference = followed.iloc[-1]
-                record = fit_row(task, row, gamma, args.seed, monitor, data, budget, config, net, input_preset,
-                                 reference)
+                record = fit_row(task, row, gamma, args.seed, monitor, calibrate, data, budget, config, net,
+                                 input_preset, reference)
                 print(f"  {task} {row} gamma={gamma:g}: {record['score_before_ft']:.4g} -> {record['score']:.4g} "
                       f"at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s", flush=True)
                 new = pd.DataFrame([record])
@@ -189,7 +200,7 @@ def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
     shown = shown.assign(flops_pct=100 * shown["flops_share"])
-    shown = shown.set_index(["task", "row", "gamma", "random_state", "monitor"])[
+    shown = shown.set_index(["task", "row", "gamma", "random_state", "monitor", "calibrate_head"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
          "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date"]
     ]
@@ -204,7 +215,8 @@ def write_table(args, config, records_path, results):
         "pruner's seed (the LASSO validation split, the satellites' held-out split, the random rule's draw and "
         "fine-tuning; the train/test split is the same for every seed), one fit per row and seed; each row's "
         "date is when its fit ended (rows may come from several invocations, all with the command below but for "
-        "--tasks / --rows / --seed / --monitor)."
+        "--tasks / --rows / --seed / --monitor / --calibrate-head). calibrate_head: the satellite head divided by "
+        "the temperature fitted on its images before fine-tuning."
     )
     title = "ETL Table 1 on all images (MobileFaceNet)"
     if records_path.name != "etl_full.csv":
@@ -222,6 +234,8 @@ def _options(parser):
                         help="the pruner's random_state (a repeated fit); the train/test split does not change")
     parser.add_argument("--monitor", choices=["loss", "accuracy"], default="loss",
                         help="what early stopping watches on gender and emotion (yaw and age: the loss)")
+    parser.add_argument("--calibrate-head", action="store_true",
+                        help="calibrate the satellite head of gender and emotion (CraftPruner(calibrate_head=True))")
 
 
 def main(argv=None):

@@ -36,6 +36,7 @@ from .finetune import (
     _validation_split,
     check_finetune_params,
     finetune,
+    fit_temperature,
     recalibrate_batchnorm,
 )
 from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _on_device, _select_convs
@@ -43,7 +44,14 @@ from .pooling import ActivationPooler
 from .profiling import compare_models, count_flops
 from ._lasso_path import _add_sums, _cross_sums
 from .rules import RULES, FilterRule, _check_scores, check_filter_rule, top_filters
-from .satellites import _satellite_from_sums, fit_layer_satellites, fit_satellite, make_satellite, satellite_head
+from .satellites import (
+    _satellite_from_sums,
+    fit_layer_satellites,
+    fit_satellite,
+    make_satellite,
+    satellite_decision,
+    satellite_head,
+)
 from .selection import LassoFilterSelector, _streamed_held_out
 from .surgery import attach_head, channel_readers, coupled_groups, prune_channels, truncate
 from .targets import CLASSIFICATION_KINDS, encode_target
@@ -169,8 +177,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
       filters, ``keep_[head_layer_]``, i.e. ``transform(X)``), and the Linear layer computes
       exactly that satellite's decision function (centring folded into the bias). Before
       fine-tuning, ``pruned_model_(x)`` equals ``satellite_decision(satellites_[head_layer_],
-      transform(x))`` (:func:`sklearn_craft.satellites.satellite_decision`): the class scores for
-      classification, the prediction for regression.
+      transform(x)) / head_temperature_`` (:func:`sklearn_craft.satellites.satellite_decision`;
+      the temperature is 1 unless ``calibrate_head``): the class scores for classification, the
+      prediction for regression.
     - ``head="original"``: the original layers after the convolutions (the classifier) are kept,
       their inputs pruned (Algorithm 1, lines 9-10). Its outputs must match the task: one per
       regression output, 1 or 2 for a binary target, one per class or label otherwise (replace
@@ -315,6 +324,18 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         network's (``report_``), are within 0.005 of ``flops_target`` (a warning gives the closest
         share when no ratio reaches it). Pass a fitted pruner's FLOPs share to compare rules at
         matched total FLOPs. No LASSO is fitted, and ``gamma`` is not used.
+    compensate : bool, default=False
+        Refit the convolutions that read the removed filters by least squares on the training
+        images (:func:`sklearn_craft.compensation.compensate_readers`, as in He et al. 2017 and
+        ThiNet), so that the kept filters carry the removed ones' share of their outputs before
+        any fine-tuning. Cannot be combined with ``scale_filters``.
+    calibrate_head : bool, default=False
+        Classification targets with ``head="satellite"``: divide the satellite head by the
+        temperature that minimises its fine-tuning loss on the images it was fitted on
+        (:func:`sklearn_craft.finetune.fit_temperature`), ``head_temperature_``. A ridge
+        satellite's class scores are under-confident logits; calibrated, they change no
+        prediction, but fine-tuning starts from (and early stopping on the loss compares with)
+        an untrained network whose loss is that of its predictions.
 
     Attributes
     ----------
@@ -329,6 +350,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         ``head`` (the Linear layer), see :func:`sklearn_craft.surgery.attach_head`. Its
         ``input_shape`` attribute (one example, no batch dimension) lets
         :func:`sklearn_craft.export.save_model` save it without an example input.
+    head_temperature_ : float
+        What the satellite head's outputs are the satellite's decision divided by: fitted with
+        ``calibrate_head``, else 1.0.
     head_layer_ : str
         The convolution whose pooled responses ``transform`` returns: the layer the satellite head
         reads, or the last pooled layer with ``head="original"``.
@@ -439,6 +463,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         "filter_rule": [StrOptions({"lasso", *RULES}), FilterRule],
         "flops_target": [Interval(Real, 0, 1, closed="right"), None],
         "compensate": ["boolean"],
+        "calibrate_head": ["boolean"],
     }
 
     def __init__(
@@ -465,6 +490,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         filter_rule="lasso",
         flops_target=None,
         compensate=False,
+        calibrate_head=False,
     ):
         self.model = model
         self.gamma = gamma
@@ -488,6 +514,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.filter_rule = filter_rule
         self.flops_target = flops_target
         self.compensate = compensate
+        self.calibrate_head = calibrate_head
 
     def _check_options(self):
         """Validate what ``_parameter_constraints`` cannot express; return the fine-tuning settings."""
@@ -500,6 +527,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"head_layer must be 'last', 'best' or the name of a convolution chosen by layers, got {self.head_layer!r}"
             )
+        if self.calibrate_head and self.head != "satellite":
+            raise ValueError(f"calibrate_head=True needs head='satellite', got head={self.head!r}")
         if self.scale_filters and self.gamma == 0:
             # gamma=0 keeps every filter, also those whose coefficient is 0: scaling would silence them.
             raise ValueError("scale_filters=True needs gamma > 0 (gamma=0 keeps filters whose LASSO coefficient is 0)")
@@ -597,6 +626,8 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"finetune_params['monitor']='accuracy' needs a classification target, got a {target_type} y"
             )
+        if self.calibrate_head and target_type not in CLASSIFICATION_KINDS:
+            raise ValueError(f"calibrate_head=True needs a classification target, got a {target_type} y")
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, Y, dtype=np.float64, ensure_non_negative=True)
         example = next(iter_batches(dataset, 1, indices=[0]))
@@ -638,21 +669,32 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             pruned, keep = self._cut(dataset, example, head_layer, selection.selected, selection.scale)
         else:
             pruned, keep = self._finish_sequential_cut(data, head_layer, selection)
+        temperature = 1.0
         if self.head == "satellite":
             head_pooler = self._pooler(pruned, [head_layer]).fit(X)
             if self.streaming:
-                satellites[head_layer] = self._streamed_satellite(
+                rows = np.arange(len(dataset))
+                satellite = self._streamed_satellite(
                     head_pooler, X, Y, target_type, classes, selection.selectors[head_layer], sample_weight
                 )
             else:
                 rows = self._head_rows(len(dataset), finetune_params, seeds[2])
-                satellites[head_layer] = fit_satellite(
+                features = head_pooler.transform(X)[rows]
+                satellite = fit_satellite(
                     make_satellite(target_type),
-                    head_pooler.transform(X)[rows],
+                    features,
                     _safe_indexing(y, rows),
                     None if sample_weight is None else sample_weight[rows],
                 )
-            pruned = self._with_satellite_head(pruned, satellites[head_layer])
+            if self.calibrate_head:
+                # The satellite's scores on the images it was fitted on (a second pass when streaming).
+                batches = head_pooler.iter_transform(X) if self.streaming else [features]
+                scores = np.concatenate([satellite_decision(satellite, b).reshape(len(b), -1) for b in batches])
+                target, loss = self._training_target(Y[rows], target_type, scores.shape[1])
+                weights = None if sample_weight is None else sample_weight[rows]
+                temperature = fit_temperature(scores, target, loss=loss, sample_weight=weights)
+            satellites[head_layer] = satellite
+            pruned = self._with_satellite_head(pruned, satellite, temperature)
         pruned.eval()
         width = self._output_width(pruned, example)
         before_finetune = pruned
@@ -687,6 +729,7 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         self.pruned_model_ = pruned
         self.pruned_model_before_finetune_ = before_finetune
         self.head_layer_ = head_layer
+        self.head_temperature_ = temperature
         self.layers_ = list(pooler.layers_)
         self.selected_ = selection.selected
         self.selector_ = selectors[0] if len(selectors) == 1 else None
@@ -1118,9 +1161,10 @@ class CraftPruner(TransformerMixin, BaseEstimator):
             return np.arange(n_samples)
         return np.sort(_validation_split(n_samples, fraction, seed)[3].numpy())
 
-    def _with_satellite_head(self, body, satellite):
-        """The cut network followed by global average pooling and the satellite as a Linear layer."""
-        return attach_head(body, satellite_head(satellite)).to(self.device)
+    def _with_satellite_head(self, body, satellite, temperature):
+        """The cut network followed by global average pooling and the satellite as a Linear layer
+        (its outputs divided by ``temperature``)."""
+        return attach_head(body, satellite_head(satellite, temperature)).to(self.device)
 
     def _check_original_outputs(self, example, target_type, n_outputs):
         """Raise unless the original network's outputs fit the task (``head="original"``)."""

@@ -223,19 +223,22 @@ def satellite_decision(satellite, features):
     return satellite.predict(features)
 
 
-def satellite_head(satellite):
+def satellite_head(satellite, temperature=1.0):
     """An ``nn.Linear`` computing :func:`satellite_decision` (the centring folded into its bias).
 
     Parameters
     ----------
     satellite : sklearn.pipeline.Pipeline
         A fitted satellite from :func:`make_satellite`.
+    temperature : float, default=1.0
+        The head's outputs are the satellite's divided by it (see
+        :func:`sklearn_craft.finetune.fit_temperature`): the same predictions, on another scale.
 
     Returns
     -------
     head : torch.nn.Linear
-        ``head(torch.as_tensor(features))`` equals ``satellite_decision(satellite, features)``
-        (as an (n_samples, n_outputs) float32 tensor).
+        ``head(torch.as_tensor(features))`` equals ``satellite_decision(satellite, features) /
+        temperature`` (as an (n_samples, n_outputs) float32 tensor).
 
     Examples
     --------
@@ -247,9 +250,11 @@ def satellite_head(satellite):
     >>> np.allclose(head(torch.as_tensor(X, dtype=torch.float32)).detach(), satellite_decision(satellite, X), atol=1e-5)
     True
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
     scaler, linear = satellite[0], satellite[-1]
-    weight = np.atleast_2d(linear.coef_)
-    bias = np.atleast_1d(linear.intercept_) - weight @ scaler.mean_
+    weight = np.atleast_2d(linear.coef_) / temperature
+    bias = (np.atleast_1d(linear.intercept_) - np.atleast_2d(linear.coef_) @ scaler.mean_) / temperature
     layer = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(weight))

@@ -133,9 +133,11 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     assert abs(repeat.iloc[1]["flops_share"] - repeat.iloc[0]["flops_share"]) <= 0.01
     assert "| yaw | one-shot | 0.01 | 1 | loss |" in text and "| yaw | one-shot | 0.01 | 0 | loss |" in text
     assert (third["monitor"] == "loss").all() and third["val_accuracy"].isna().all()
-    # Yaw watches its loss whatever --monitor says: those rows are recorded, so nothing is refitted.
+    assert not third["calibrate_head"].any() and (third["head_temperature"] == 1.0).all()
+    # Yaw watches its loss and keeps its regression head whatever --monitor and --calibrate-head say: those
+    # rows are recorded, so nothing is refitted.
     _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "--seed", "1", "--monitor",
-                      "accuracy")
+                      "accuracy", "--calibrate-head")
     pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), third)
     # A matched row without its reference is refused before any fit.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")

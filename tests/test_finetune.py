@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 import sklearn_craft.finetune
-from sklearn_craft.finetune import FINETUNE_DEFAULTS, check_finetune_params, finetune, recalibrate_batchnorm
+from sklearn_craft.finetune import (
+    FINETUNE_DEFAULTS,
+    check_finetune_params,
+    finetune,
+    fit_temperature,
+    recalibrate_batchnorm,
+)
 
 from conftest import ARCHITECTURES, randomize, trainable_net
 
@@ -376,3 +382,59 @@ def test_recalibrate_batchnorm_runs_the_first_layer_once_per_batch(graph):
     # One example for the order of the layers (and one for the Sequential's resume points), then
     # once per batch of 8, 8, 4 (a pass from the images per BatchNorm layer: three times per batch).
     assert calls == [1, 8, 8, 4] if graph else [1, 1, 8, 8, 4]
+
+
+def _labels_at_temperature(loss, temperature, n=20000, seed=0):
+    """Logits, and labels drawn from the probabilities of ``logits / temperature``."""
+    rng = np.random.default_rng(seed)
+    if loss == "bce":
+        logits = rng.normal(size=(n, 2))
+        return logits, (rng.random((n, 2)) < 1 / (1 + np.exp(-logits / temperature))).astype(float)
+    logits = rng.normal(size=(n, 4))
+    p = np.exp(logits / temperature)
+    p /= p.sum(axis=1, keepdims=True)
+    return logits, (rng.random((n, 1)) > p.cumsum(axis=1)).sum(axis=1)
+
+
+@pytest.mark.parametrize("loss", ["bce", "cross_entropy"])
+@pytest.mark.parametrize("temperature", [0.25, 1.0, 3.0])
+def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at(loss, temperature):
+    logits, y = _labels_at_temperature(loss, temperature)
+    fitted = fit_temperature(logits, y, loss=loss)
+    assert fitted == pytest.approx(temperature, rel=0.08)
+    # It is the minimiser: the loss is higher on either side of it.
+    criterion = sklearn_craft.finetune._LOSSES[loss]()
+    target = torch.as_tensor(y, dtype=torch.long if loss == "cross_entropy" else torch.float64)
+    value = {t: criterion(torch.as_tensor(logits) / t, target).item() for t in (fitted / 1.05, fitted, fitted * 1.05)}
+    assert value[fitted] < value[fitted / 1.05] and value[fitted] < value[fitted * 1.05]
+
+
+def test_fit_temperature_weights_count_as_repeated_samples():
+    logits, y = _labels_at_temperature("cross_entropy", 0.5, n=600)
+    weights = np.random.default_rng(1).integers(1, 4, size=600)
+    repeated = fit_temperature(np.repeat(logits, weights, axis=0), np.repeat(y, weights), loss="cross_entropy")
+    assert fit_temperature(logits, y, loss="cross_entropy", sample_weight=weights) == pytest.approx(repeated, rel=1e-5)
+    assert fit_temperature(logits, y, loss="cross_entropy") != pytest.approx(repeated, rel=1e-3)
+
+
+def test_fit_temperature_of_one_output_and_separated_classes():
+    logits, y = _labels_at_temperature("bce", 2.0)
+    assert fit_temperature(logits[:, 0], y[:, 0], loss="bce") == pytest.approx(
+        fit_temperature(logits[:, :1], y[:, :1], loss="bce")
+    )
+    # Perfectly separated classes: the loss falls as the temperature falls, down to the bound.
+    assert fit_temperature([-1.0, -0.5, 0.5, 2.0], [0, 0, 1, 1], loss="bce") == pytest.approx(1e-2, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "logits, y, loss, match",
+    [
+        ([[0.1], [0.2]], [0, 1], "mse", "loss must be one of \\['cross_entropy', 'bce'\\], got 'mse'"),
+        ([[0.1], [np.nan]], [0, 1], "bce", "logits must be a finite"),
+        (np.zeros((2, 2, 2)), [0, 1], "bce", "logits must be a finite 1-D or 2-D array, got shape \\(2, 2, 2\\)"),
+        ([[0.1], [0.2]], [0, 1, 1], "bce", "y must have one row per row of logits \\(2\\), got 3"),
+    ],
+)
+def test_fit_temperature_rejects_bad_input(logits, y, loss, match):
+    with pytest.raises(ValueError, match=match):
+        fit_temperature(logits, y, loss=loss)

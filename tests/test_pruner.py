@@ -19,9 +19,9 @@ import sklearn_craft.pruner
 from sklearn_craft.pooling import ActivationPooler
 from sklearn_craft.profiling import count_flops, count_parameters
 from sklearn_craft.pruner import CraftClassifier, CraftPruner, CraftRegressor
-from sklearn_craft.finetune import _validation_split
+from sklearn_craft.finetune import _validation_split, fit_temperature
 from sklearn_craft.rules import FilterRule
-from sklearn_craft.satellites import fit_satellite, make_satellite
+from sklearn_craft.satellites import fit_satellite, make_satellite, satellite_head
 from sklearn_craft.surgery import coupled_groups, truncate
 
 from conftest import (
@@ -309,6 +309,52 @@ def test_monitor_accuracy_keeps_the_most_accurate_network_on_the_validation_imag
     assert np.mean(pruner.predict(X[val]) == y[val]) == pytest.approx(history["val_accuracy"].max())
 
 
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "multilabel-indicator"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_calibrated_head_is_the_satellite_at_its_fitted_temperature(data, kind, streaming):
+    X, scores = data
+    y = _targets(kind, scores)
+    weights = np.random.default_rng(2).uniform(0.5, 2.0, size=len(X))
+    params = dict(gamma=0.05, random_state=0, streaming=streaming, batch_size=48)
+    plain = CraftPruner(conv_chain(), **params).fit(X, y, sample_weight=weights)
+    calibrated = CraftPruner(conv_chain(), calibrate_head=True, **params).fit(X, y, sample_weight=weights)
+    temperature = calibrated.head_temperature_
+    assert plain.head_temperature_ == 1.0 and temperature != pytest.approx(1.0, abs=0.05)
+
+    # The same network and satellite, every output divided by the temperature: no prediction changes.
+    assert calibrated.keep_ == plain.keep_
+    np.testing.assert_allclose(calibrated.decision_function(X) * temperature, plain.decision_function(X), atol=1e-4)
+    np.testing.assert_array_equal(calibrated.predict(X), plain.predict(X))
+    # The temperature is the one that fits the satellite's scores on its images (all of them here).
+    logits = _satellite_output(calibrated.satellites_[calibrated.head_layer_], calibrated.transform(X))
+    Y = {"binary": (y == "yes").astype(float), "multiclass": y, "multilabel-indicator": y}[kind]
+    loss = "cross_entropy" if kind == "multiclass" else "bce"
+    assert temperature == pytest.approx(fit_temperature(logits, Y, loss=loss, sample_weight=weights), rel=1e-4)
+
+
+def test_calibrated_head_fits_its_temperature_on_the_images_the_head_was_fitted_on(data):
+    X, scores = data
+    y = _targets("multiclass", scores)
+    finetune_params = {"epochs": 1, "batch_size": 32, "validation_fraction": 0.25, "early_stopping": 1}
+    pruner = CraftPruner(conv_chain(), gamma=0.1, calibrate_head=True, finetune_params=finetune_params, random_state=3)
+    pruner.fit(X, y)
+    seed = np.random.RandomState(3).randint(np.iinfo(np.int32).max, size=4)[2]  # the pruner's fine-tuning seed
+    val, train = (np.sort(part.numpy()) for part in _validation_split(len(X), 0.25, seed)[2:])
+    features = ActivationPooler(pruner.pruned_model_before_finetune_, layers=[pruner.head_layer_]).fit(X).transform(X)
+    logits = _satellite_output(pruner.satellites_[pruner.head_layer_], features)
+    assert pruner.head_temperature_ == pytest.approx(fit_temperature(logits[train], y[train], loss="cross_entropy"), rel=1e-4)
+    # Fine-tuning's untrained validation loss is that of the calibrated head on the held-out images.
+    held_out = nn.functional.cross_entropy(torch.as_tensor(logits[val]) / pruner.head_temperature_, torch.as_tensor(y[val]))
+    assert pruner.history_.loc[0, "val_loss"] == pytest.approx(held_out.item(), rel=1e-4)
+
+
+def test_satellite_head_temperature_must_be_positive(data):
+    X, scores = data
+    satellite = make_satellite("continuous").fit(scores, scores[:, 0])
+    with pytest.raises(ValueError, match="temperature must be positive, got 0"):
+        satellite_head(satellite, 0)
+
+
 def test_a_dataloader_or_dataset_workers_give_the_fit_of_an_array(data):
     X, scores = data
     y = _targets("binary", scores)
@@ -478,6 +524,9 @@ class _Branchy(nn.Module):
         ({"selector_params": {"gamma": 0.1}}, ValueError, "selector_params must not set \\['gamma'\\]"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"gamma": 0.0, "scale_filters": True}, ValueError, "scale_filters=True needs gamma > 0"),
+        ({"calibrate_head": True}, ValueError, "calibrate_head=True needs a classification target, got a continuous y"),
+        ({"calibrate_head": True, "head": "original"}, ValueError, "calibrate_head=True needs head='satellite'"),
+        ({"calibrate_head": 1}, ValueError, "calibrate_head"),
     ],
 )
 def test_bad_parameters_leave_nothing_fitted(data, params, error, match):
