@@ -415,16 +415,20 @@ def fit_temperature(logits, y, *, loss, sample_weight=None):
     else:
         target = torch.as_tensor(target.reshape(logits.shape), dtype=torch.float64)
     weights = np.ones(len(logits)) if sample_weight is None else _check_sample_weight(sample_weight, logits.numpy())
-    weights = torch.as_tensor(weights / weights.sum())
+    weights = torch.as_tensor(weights / weights.mean())
     criterion = _LOSSES[loss](reduction="none")
 
     def mean_loss(log_temperature):
-        values = criterion(logits / math.exp(log_temperature), target)
-        return float((weights * values.reshape(len(weights), -1).mean(dim=1)).sum())
+        return float(_weighted_mean_loss(criterion(logits / math.exp(log_temperature), target), weights))
 
     # The loss of logits / T is convex in 1 / T, so unimodal in log T: a bounded scalar search.
     found = minimize_scalar(mean_loss, bounds=(math.log(1e-2), math.log(1e2)), method="bounded", options={"xatol": 1e-6})
     return math.exp(found.x)
+
+
+def _weighted_mean_loss(losses, weights):
+    """Mean over the samples of weight × loss, a sample's loss the mean of its outputs' ``losses``."""
+    return (losses.reshape(len(weights), -1).mean(dim=1) * weights).mean()
 
 
 def _validation_split(n_samples, validation_fraction, random_state):
@@ -903,7 +907,7 @@ def _run_epoch(
         if weights is None:
             batch_loss = losses.mean()
         else:
-            batch_loss = (losses.reshape(len(xb), -1).mean(dim=1) * weights[rows].to(device)).mean()
+            batch_loss = _weighted_mean_loss(losses, weights[rows].to(device))
         if opt is not None:
             opt.zero_grad()
             batch_loss.backward()

@@ -253,8 +253,9 @@ def satellite_head(satellite, temperature=1.0):
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     scaler, linear = satellite[0], satellite[-1]
-    weight = np.atleast_2d(linear.coef_) / temperature
-    bias = (np.atleast_1d(linear.intercept_) - np.atleast_2d(linear.coef_) @ scaler.mean_) / temperature
+    coef = np.atleast_2d(linear.coef_)
+    weight = coef / temperature
+    bias = (np.atleast_1d(linear.intercept_) - coef @ scaler.mean_) / temperature
     layer = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(weight))
