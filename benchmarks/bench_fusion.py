@@ -13,7 +13,8 @@ a fusion or the student): the other halves and FER2013 train: UTKFace age (MAE, 
 race (accuracy), the CelebA attributes (mean error rate over the attributes that have both values
 among the target images: all 40 at full size) and FER2013 emotion (accuracy, 7 classes).
 
-Part 1, fusion (Tables 5 and 6). ``EmbeddingFusion`` concat / PCA / auto-encoder fitted on the pool's
+Part 1, fusion (Tables 5 and 6). ``EmbeddingFusion`` concat / PCA / auto-encoder / denoising auto-encoder
+(DAE: ``noise=--dae-noise``, the paper's DAE of Table 5, compared with BT as AE is) fitted on the pool's
 precomputed embeddings (90 %; the other 10 % measure the reconstruction NRMSE of Table 5). Table 6:
 a cross-validated linear satellite (``task_relationship_matrix``, ``--cv`` folds, the same for every
 row) on each fused embedding of the target images; BT = ``best_transfer`` (best single source), BCT =
@@ -90,7 +91,9 @@ TARGETS = {
     "attributes": ("celeba", "attributes", "accuracy"),
     "emotion": ("fer2013", "emotion", "accuracy"),
 }
-METHODS = ["Concat", "PCA", "AE"]
+METHODS = ["Concat", "PCA", "AE", "DAE"]
+#: The auto-encoders compared with BT: plain and denoising (``EmbeddingFusion(noise=--dae-noise)``).
+AUTOENCODERS = ["AE", "DAE"]
 #: Bumped when embeddings are computed differently, so that stale cache files are not reused.
 EMBEDDING_VERSION = 1
 
@@ -104,6 +107,8 @@ def parse(argv):
     p = _bench.parser(__doc__)
     p.add_argument("--cv", type=int, default=None, help="folds of the Table 6 satellites (default 5, quick 3)")
     p.add_argument("--ae-epochs", type=int, default=None, help="most auto-encoder epochs (default 400, quick 5)")
+    p.add_argument("--dae-noise", type=float, default=0.25,
+                   help="share of the inputs the denoising auto-encoder (row DAE) drops in training (default 0.25)")
     p.add_argument("--distill-epochs", type=int, default=None, help="most distillation epochs (default 12, quick 1)")
     p.add_argument("--epochs", type=int, default=None, help="most fine-tuning epochs (default 4, quick 1)")
     p.add_argument("--gamma", type=float, default=0.01, help="CRAFT gamma of the pruned student")
@@ -197,13 +202,14 @@ def part_fusion(args, pool_h, target_h, target_sets):
     """Tables 5 and 6; returns the fitted fusions and the tables."""
     H_pool, columns = side_by_side(pool_h)
     fusions, times = {}, {}
-    for label, method in zip(METHODS, ("concat", "pca", "autoencoder")):
+    for label, method in zip(METHODS, ("concat", "pca", "autoencoder", "autoencoder")):
         start = time.perf_counter()
         fusions[label] = EmbeddingFusion(columns, method=method, epochs=args.ae_epochs, random_state=_bench.SEED,
+                                         noise=args.dae_noise if label == "DAE" else 0.0,
                                          progress=method == "autoencoder").fit(H_pool)
         times[label] = time.perf_counter() - start
         print(f"{label}: fitted in {times[label]:.1f} s", flush=True)
-    nrmse = pd.DataFrame({label: fusions[label].reconstruction_nrmse_ for label in ("PCA", "AE")})
+    nrmse = pd.DataFrame({label: fusions[label].reconstruction_nrmse_ for label in ("PCA", *AUTOENCODERS)})
     nrmse.loc["average"] = nrmse.mean()
 
     rows = []
@@ -222,8 +228,7 @@ def part_fusion(args, pool_h, target_h, target_sets):
             metric = matrix.attrs["metric"][task]
             folds = details[(details["task"] == task) & (details["metric"] == metric)]
             folds = folds.pivot(index="fold", columns="source", values="value")
-            ae, best = ([shown_score(task, v, metric)[0] for v in folds[name]] for name in ("AE", bt.loc[task, "source"]))
-            gain = np.subtract(ae, best)
+            best = [shown_score(task, v, metric)[0] for v in folds[bt.loc[task, "source"]]]
             row = {"target": task, "dataset": dataset, "n_images": len(tasks)}
             for label in METHODS:
                 row[label], row["metric"] = shown_score(task, matrix.loc[label, task], metric)
@@ -231,8 +236,10 @@ def part_fusion(args, pool_h, target_h, target_sets):
             row["BCT"], _ = shown_score(task, bct.loc[task, "score"], metric)
             row["BT_source"], row["BCT_sources"] = bt.loc[task, "source"], bct.loc[task, "source"]
             lower_is_better = row["metric"] != "accuracy %"
-            row["AE>=BT"] = row["AE"] <= row["BT"] if lower_is_better else row["AE"] >= row["BT"]
-            row["AE-BT"], row["SE"] = gain.mean(), gain.std(ddof=1) / np.sqrt(len(gain))
+            for label in AUTOENCODERS:
+                gain = np.subtract([shown_score(task, v, metric)[0] for v in folds[label]], best)
+                row[f"{label}>=BT"] = row[label] <= row["BT"] if lower_is_better else row[label] >= row["BT"]
+                row[f"{label}-BT"], row[f"{label}_SE"] = gain.mean(), gain.std(ddof=1) / np.sqrt(len(gain))
             if task == "attributes":
                 row["n_attributes"] = len(task_types["attributes"])
             rows.append(row)
@@ -385,12 +392,13 @@ def run(args):
     if pruned is not None:
         pruned.to_csv(f"{stem}_pruned.csv")
     ae = fusions["AE"]
-    wins = int(table6["AE>=BT"].sum())
-    close = int(((table6["AE-BT"].abs() <= 2 * table6["SE"]) & ~table6["AE>=BT"]).sum())
+    wins = {label: int(table6[f"{label}>=BT"].sum()) for label in AUTOENCODERS}
+    close = {label: int(((table6[f"{label}-BT"].abs() <= 2 * table6[f"{label}_SE"]) & ~table6[f"{label}>=BT"]).sum())
+             for label in AUTOENCODERS}
     timing = pd.Series({
         "loading + source embeddings (cached with --cache)": setup_time,
-        "part 1: fusions fitted (concat, PCA, AE)": sum(fit_times.values()),
-        "part 1: of which the auto-encoder": fit_times["AE"],
+        "part 1: fusions fitted (concat, PCA, AE, DAE)": sum(fit_times.values()),
+        "part 1: of which the auto-encoders": fit_times["AE"] + fit_times["DAE"],
         "part 1 in all (with the satellites)": fusion_time,
         "part 2: distillation": times["distillation"],
         "part 2: fine-tunings and pruning together": times.drop("distillation").sum(),
@@ -406,13 +414,16 @@ def run(args):
         "### Table 5: reconstruction NRMSE on the held-out 10 % of the pool", "",
         "sqrt(mean over columns of MSE / variance): 0 is perfect, 1 is predicting the mean. "
         f"Auto-encoder: {len(ae.history_) - 1} epochs run (early stopping, patience 10), encoder widths "
-        f"{[m.out_features for m in ae.encoder_ if isinstance(m, torch.nn.Linear)]}.", "",
+        f"{[m.out_features for m in ae.encoder_ if isinstance(m, torch.nn.Linear)]}; the denoising one (DAE, the "
+        f"same with {args.dae_noise:g} of its inputs dropped at every training step): "
+        f"{len(fusions['DAE'].history_) - 1} epochs.", "",
         _bench.table(nrmse.rename_axis("source"), ".3f"), "",
         f"### Table 6: linear satellites ({args.cv}-fold CV) on each embedding of the target images", "",
-        f"AE at least as good as BT on {wins} of {len(table6)} targets (BT and BCT are chosen on the folds "
-        "they are scored on, as in the paper). AE-BT: the mean over folds of AE's score minus BT's on the same "
-        f"fold, in the metric's unit, with its standard error SE; {close} of the {len(table6) - wins} other targets "
-        "are within 2 SE of BT.", "",
+        f"AE at least as good as BT on {wins['AE']} of {len(table6)} targets, DAE on {wins['DAE']} (BT and BCT "
+        "are chosen on the folds they are scored on, as in the paper). AE-BT: the mean over folds of AE's score "
+        "minus BT's on the same fold, in the metric's unit, with its standard error AE_SE (DAE-BT, DAE_SE: the "
+        f"same for DAE); {close['AE']} of the {len(table6) - wins['AE']} other targets are within 2 SE of BT for "
+        f"AE, {close['DAE']} of {len(table6) - wins['DAE']} for DAE.", "",
         _bench.table(table6.drop(columns=["dataset"]), ".4g"), "",
         "### Section 3.3: distilled student vs teacher stack", "",
         f"Distillation: {len(distiller.history_) - 1} epochs run (at most {args.distill_epochs}, patience 2), "

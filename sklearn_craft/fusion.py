@@ -272,7 +272,9 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
       ``G~``, trained to reconstruct every source, ``L_Rec = sum_i ||h~_i - h_i||^2`` (Eq. 3,
       averaged over the batch and divided by the number of columns, which leaves the minimiser
       unchanged), with Adam and early stopping on held-out images
-      (:func:`sklearn_craft.finetune.finetune` is the training loop).
+      (:func:`sklearn_craft.finetune.finetune` is the training loop). With ``noise`` it is the
+      paper's denoising auto-encoder (DAE): a random fraction of the encoder's inputs is zeroed
+      at every training step, and the loss is still the reconstruction of the clean embeddings.
 
     The paper's encoder has three fully connected layers whose widths fall geometrically
     (5488 -> 3136 -> 1792 -> 1024), and ``h_G`` has the mean dimension of the sources
@@ -314,6 +316,15 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         Embeddings per optimisation step, and images per forward pass of the source networks.
     weight_decay : float, default=0.0
         L2 penalty of the optimiser.
+    noise : float in [0, 1), default=0.0
+        Fraction of the standardised inputs the auto-encoder's training zeroes at random
+        (``nn.Dropout`` before the encoder, which scales the others by ``1 / (1 - noise)``; in
+        eval mode, so in ``transform`` and the validation loss, no input is dropped). 0 is the
+        plain auto-encoder. The code then has to infer every source from part of them, which
+        spreads each source's information over the code: on the embeddings of 9,300 faces by
+        three networks ``noise=0.25`` reconstructed worse (held-out NRMSE 0.51 against 0.42)
+        but gave codes from which linear satellites predicted age better (see the benchmark on
+        the Fusion page). Ignored by "concat" and "pca".
     validation_fraction : float in [0, 1), default=0.1
         Fraction of the images held out (drawn at random) to measure ``reconstruction_nrmse_``,
         and of the rest held out for early stopping. 0 fits on every image and measures the
@@ -385,6 +396,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         "lr": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "noise": [Interval(Real, 0, 1, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "early_stopping": [Interval(Integral, 1, None, closed="left"), None],
         "device": [str, torch.device],
@@ -402,6 +414,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         lr=1e-3,
         batch_size=128,
         weight_decay=0.0,
+        noise=0.0,
         validation_fraction=0.1,
         early_stopping=10,
         device="cpu",
@@ -416,6 +429,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         self.lr = lr
         self.batch_size = batch_size
         self.weight_decay = weight_decay
+        self.noise = noise
         self.validation_fraction = validation_fraction
         self.early_stopping = early_stopping
         self.device = device
@@ -523,7 +537,8 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
                 encoder = _mlp([n_features, *hidden, n_components])
                 decoder = _mlp([n_components, *hidden[::-1], n_features])
             # 1×1 "images" of n_features channels: finetune's loop trains any module on them.
-            autoencoder = nn.Sequential(nn.Flatten(), encoder, decoder)
+            # Dropout is only active in train mode, so the validation loss is the clean reconstruction.
+            autoencoder = nn.Sequential(nn.Flatten(), nn.Dropout(self.noise), encoder, decoder)
             history = finetune(
                 autoencoder,
                 Z[train, :, None, None],

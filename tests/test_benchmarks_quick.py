@@ -274,7 +274,7 @@ def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_da
     stem = str(results.with_suffix(""))
     table6 = pd.read_csv(f"{stem}_table6.csv", index_col="target")
     assert list(table6.index) == ["age", "gender", "race", "attributes", "emotion"]
-    assert _finite(table6, ["Concat", "PCA", "AE", "BT", "BCT"])
+    assert _finite(table6, ["Concat", "PCA", "AE", "DAE", "BT", "BCT"])
     sources = {"mobilefacenet", "mini_xception", "mtcnn_onet"}
     assert set(table6["BT_source"]) <= sources
     assert all(set(combination.split("+")) <= sources for combination in table6["BCT_sources"])
@@ -283,11 +283,12 @@ def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_da
     assert (table6.loc[error, "BCT"] <= table6.loc[error, "BT"]).all()
     assert (table6.loc[~error, "BCT"] >= table6.loc[~error, "BT"]).all()
     # The paired difference is over the folds BT is scored on: its mean is the difference of the means.
-    np.testing.assert_allclose(table6["AE-BT"], table6["AE"] - table6["BT"], atol=1e-9)
-    assert (table6["SE"] >= 0).all() and _finite(table6, ["SE"])
+    for label in ("AE", "DAE"):
+        np.testing.assert_allclose(table6[f"{label}-BT"], table6[label] - table6["BT"], atol=1e-9)
+        assert (table6[f"{label}_SE"] >= 0).all() and _finite(table6, [f"{label}_SE"])
     nrmse = pd.read_csv(f"{stem}_nrmse.csv", index_col=0)
     assert list(nrmse.index) == ["mobilefacenet", "mini_xception", "mtcnn_onet", "average"]
-    assert _finite(nrmse, ["PCA", "AE"]) and (nrmse > 0).all().all()
+    assert _finite(nrmse, ["PCA", "AE", "DAE"]) and (nrmse > 0).all().all()
     costs = pd.read_csv(f"{stem}_costs.csv", index_col=0)
     teacher, student = costs.iloc[0], costs.iloc[1]
     assert student["parameters"] < 2.5e6 and student["parameters"] < teacher["parameters"]

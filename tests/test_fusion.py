@@ -224,6 +224,9 @@ def test_bad_parameters():
         EmbeddingFusion(sources, hidden_layer_sizes=(8, 0)).fit(H)
     with pytest.raises(ValueError, match=r"method"):
         EmbeddingFusion(sources, method="vae").fit(H)
+    for noise in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"The 'noise' parameter of EmbeddingFusion must be a float in the range \[0.0, 1.0\)"):
+            EmbeddingFusion(sources, noise=noise).fit(H)
     with pytest.raises(ValueError, match=r"of which validation_fraction=0.5 leaves 20 to fit; pca needs at least 25"):
         EmbeddingFusion(sources, method="pca", n_components=25, validation_fraction=0.5).fit(H)
     with pytest.raises(NotFittedError):
@@ -309,15 +312,40 @@ def test_networks_and_their_precomputed_embeddings_give_the_same_fusion():
     pd.testing.assert_frame_equal(from_images.history_, from_arrays.history_)
 
 
-def test_autoencoder_is_deterministic_under_random_state():
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_autoencoder_is_deterministic_under_random_state(noise):
     H = _low_rank(200)
-    params = dict(n_components=4, epochs=8, batch_size=32)
+    params = dict(n_components=4, epochs=8, batch_size=32, noise=noise)
     first = EmbeddingFusion(_slices(20, 12), random_state=3, **params).fit(H)
     again = EmbeddingFusion(_slices(20, 12), random_state=3, **params).fit(H)
     other = EmbeddingFusion(_slices(20, 12), random_state=4, **params).fit(H)
     np.testing.assert_array_equal(first.transform(H), again.transform(H))
     pd.testing.assert_frame_equal(first.history_, again.history_)
     assert not np.allclose(first.transform(H), other.transform(H))
+
+
+def test_denoising_autoencoder_reconstructs_clean_sources_from_masked_inputs():
+    H = _low_rank(1000, widths=(20, 12), rank=3)
+    params = dict(n_components=4, epochs=150, lr=3e-3, batch_size=64, random_state=0)
+    plain = EmbeddingFusion(_slices(20, 12), **params).fit(H[:800])
+    denoising = EmbeddingFusion(_slices(20, 12), noise=0.5, **params).fit(H[:800])
+    # The encoder kept is the same shape, and transform draws no noise.
+    assert [type(m) for m in denoising.encoder_] == [type(m) for m in plain.encoder_]
+    np.testing.assert_array_equal(denoising.transform(H[800:]), denoising.transform(H[800:]))
+    # Held-out embeddings with half of the standardised inputs dropped as in training (the rest scaled by 2).
+    scaler = denoising.scaler_
+    mask = np.random.default_rng(1).random((200, 32)) < 0.5
+    corrupted = scaler.inverse_transform(np.where(mask, 0.0, 2 * scaler.transform(H[800:])))
+    clean = scaler.transform(H[800:])
+
+    def error(fusion):
+        return np.sqrt(np.mean((scaler.transform(fusion.inverse_transform(fusion.transform(corrupted))) - clean) ** 2))
+
+    assert error(denoising) < 0.9 * error(plain), (error(denoising), error(plain))
+    # The training loss is that of corrupted inputs, the validation loss that of clean ones.
+    last = {name: fusion.history_.iloc[-1] for name, fusion in (("plain", plain), ("denoising", denoising))}
+    assert last["denoising"]["train_loss"] > 2 * last["denoising"]["val_loss"], last
+    assert last["plain"]["train_loss"] < 1.2 * last["plain"]["val_loss"], last
 
 
 def test_fitted_fusions_pickle_and_clone():
