@@ -133,7 +133,7 @@ def train(name, init, model, head, data, input_preset, config, setting):
         mult_adds=count_flops(clf.model_, input_preset.input_shape),
         parameters=count_parameters(clf.model_),
         epochs_run=int(clf.history_["epoch"].max()),
-        best_epoch=int(clf.history_.loc[clf.history_["val_loss"].idxmin(), "epoch"]),
+        best_epoch=int(clf.history_.loc[clf.history_["kept"], "epoch"].iloc[0]),
         train_s=seconds,
         **setting,
         run=f"{_bench.now()}: {_bench.command()}",

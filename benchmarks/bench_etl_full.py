@@ -144,8 +144,6 @@ def fit_row(task, row, gamma, seed, monitor, calibrate, data, budget, config, ne
     seconds = time.perf_counter() - start
     flops = pruner.report_.loc["flops"]
     history = pruner.history_
-    # The epoch kept: the first best by the monitored quantity.
-    best = history["val_accuracy"].idxmax() if monitor == "accuracy" else history["val_loss"].idxmin()
     return dict(
         task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0],
         patience=budget[1], monitor=monitor, calibrate_head=calibrate, head_temperature=pruner.head_temperature_,
@@ -154,7 +152,7 @@ def fit_row(task, row, gamma, seed, monitor, calibrate, data, budget, config, ne
         parameters=count_parameters(pruner.pruned_model_), filters=sum(len(k) for k in pruner.keep_.values()),
         score_before_ft=_bench.task_score(kind, y_test, pruner.predict_before_finetune(X_test)),
         score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
-        best_epoch=int(history.loc[best, "epoch"]), epochs_run=int(history["epoch"].max()),
+        best_epoch=int(history.loc[history["kept"], "epoch"].iloc[0]), epochs_run=int(history["epoch"].max()),
         val_loss=" ".join(f"{v:.4g}" for v in history["val_loss"]),
         val_accuracy=" ".join(f"{v:.4g}" for v in history.get("val_accuracy", [])),
         fit_s=round(seconds, 1), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

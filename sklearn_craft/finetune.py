@@ -226,7 +226,9 @@ def finetune(
         One row per epoch run: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without validation),
         weighted means with ``sample_weight``, and for ``"cross_entropy"`` and ``"bce"`` with
         validation, ``val_accuracy`` (see ``monitor``); with validation, a first row ``epoch=0``
-        holds the validation values before training.
+        holds the validation values before training. ``kept`` is True on the one epoch whose
+        weights ``model`` ends with: the best by ``monitor`` (the first of equals, 0 for the
+        untrained weights) with early stopping, the last one run without.
 
     Raises
     ------
@@ -241,7 +243,7 @@ def finetune(
     >>> X = np.random.RandomState(0).rand(20, 1, 8, 8).astype("float32")
     >>> history = finetune(net, X, np.zeros((20, 2)), loss="mse", epochs=2, random_state=0)
     >>> list(history.columns), len(history)
-    (['epoch', 'train_loss', 'val_loss'], 2)
+    (['epoch', 'train_loss', 'val_loss', 'kept'], 2)
     """
     settings = {
         "epochs": epochs,
@@ -313,9 +315,9 @@ def finetune(
         """The monitored quantity, lower is better."""
         return -val_accuracy if monitor == "accuracy" else val_loss
 
-    columns = ["epoch", "train_loss", "val_loss"] + (["val_accuracy"] if measure_accuracy else [])
+    columns = ["epoch", "train_loss", "val_loss"] + (["val_accuracy"] if measure_accuracy else []) + ["kept"]
     rows = []
-    best, best_state, stale = np.inf, None, 0
+    best, best_state, best_epoch, stale = np.inf, None, 0, 0
     if n_val:
         val_loss, val_accuracy = validate()
         best = badness(val_loss, val_accuracy)
@@ -348,15 +350,19 @@ def finetune(
                 continue
             current = badness(val_loss, val_accuracy)
             if current < best:
-                best, best_state, stale = current, copy.deepcopy(model.state_dict()), 0
+                best, best_state, best_epoch, stale = current, copy.deepcopy(model.state_dict()), epoch, 0
             else:
                 stale += 1
                 if stale >= early_stopping:
                     break
+    history = pd.DataFrame(rows, columns=columns)
     if best_state is not None:
         model.load_state_dict(best_state)
+        history["kept"] = history["epoch"] == best_epoch
+    else:
+        history["kept"] = history["epoch"] == history["epoch"].max()
     model.eval()
-    return pd.DataFrame(rows, columns=columns)
+    return history
 
 
 def fit_temperature(logits, y, *, loss, sample_weight=None):

@@ -721,7 +721,7 @@ class FusionDistiller(TransformerMixin, BaseEstimator):
     n_components_ : int
         Dimension of ``h_G`` and of the student's output.
     history_ : pandas.DataFrame
-        Cosine distance per epoch: ``epoch``, ``train_loss``, ``val_loss`` (see
+        Cosine distance per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``kept`` (see
         :func:`~sklearn_craft.finetune.finetune`); with validation, the row ``epoch=0`` is the
         untrained student's.
 

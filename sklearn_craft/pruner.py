@@ -402,7 +402,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
     n_outputs_ : int
         Number of outputs of ``pruned_model_``.
     history_ : pandas.DataFrame or None
-        Fine-tuning losses per epoch (see :func:`sklearn_craft.finetune.finetune`).
+        Fine-tuning losses per epoch (see :func:`sklearn_craft.finetune.finetune`); the row
+        where ``kept`` is True is the epoch whose weights ``pruned_model_`` has (0: the
+        untrained network, when early stopping found no better epoch).
     report_ : pandas.DataFrame
         Original vs pruned network (:func:`sklearn_craft.profiling.compare_models`): rows
         ``parameters``, ``size_bytes``, ``flops``, ``latency_s`` (CPU, per image); columns

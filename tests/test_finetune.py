@@ -139,6 +139,8 @@ def test_early_stopping_stops_and_restores_the_best_weights():
     )
     best = history["val_loss"].idxmin()
     assert len(history) == best + 1 + 2 < 50
+    # kept marks the restored epoch, and only it.
+    assert history.index[history["kept"]].tolist() == [best]
     with torch.no_grad():
         final = nn.functional.mse_loss(model(torch.as_tensor(X[:1]))[:, 0], torch.tensor([3.0])).item()
     assert final == pytest.approx(history["val_loss"].min(), rel=1e-5)
@@ -166,8 +168,10 @@ def test_monitor_accuracy_restores_the_epoch_of_highest_validation_accuracy_not_
     # The two quantities disagree on this run, so the test tells the monitors apart.
     assert history["val_loss"].idxmin() != history["val_accuracy"].idxmax()
     assert _validation_accuracy(by_accuracy, X, y, 0.3, 2) == pytest.approx(history["val_accuracy"].max())
+    assert history.index[history["kept"]].tolist() == [history["val_accuracy"].idxmax()]
     loss_history = finetune(by_loss, X, y, **settings)
-    pd.testing.assert_frame_equal(loss_history, history)
+    pd.testing.assert_frame_equal(loss_history.drop(columns="kept"), history.drop(columns="kept"))
+    assert loss_history.index[loss_history["kept"]].tolist() == [loss_history["val_loss"].idxmin()]
     best_by_loss = loss_history.loc[loss_history["val_loss"].idxmin(), "val_accuracy"]
     assert _validation_accuracy(by_loss, X, y, 0.3, 2) == pytest.approx(best_by_loss) != history["val_accuracy"].max()
     untrained = trainable_net(n_outputs=3, seed=2)
@@ -184,7 +188,9 @@ def test_val_accuracy_of_bce_is_the_weighted_mean_over_outputs():
     history = finetune(model, X, labels, loss="bce", epochs=1, validation_fraction=0.3, sample_weight=weights, random_state=0)
     val_idx = sklearn_craft.finetune._validation_split(len(X), 0.3, 0)[2].numpy()
     assert history.loc[0, "val_accuracy"] == pytest.approx(np.average(right[val_idx], weights=weights[val_idx]))
-    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy"]
+    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "kept"]
+    # Without early stopping the model ends with the last epoch's weights.
+    assert history["kept"].tolist() == [False, True]
 
 
 def test_monitor_accuracy_needs_a_classification_loss():
@@ -227,6 +233,7 @@ def test_early_stopping_keeps_the_initial_weights_when_no_epoch_improves():
         model, X, y, loss="mse", epochs=4, lr=50.0, optimizer="sgd", validation_fraction=0.25, early_stopping=2, random_state=0
     )
     assert history["epoch"].tolist() == [0, 1, 2]
+    assert history["kept"].tolist() == [True, False, False]
     assert np.isnan(history["train_loss"].iloc[0])
     assert (history["val_loss"].iloc[1:] > history["val_loss"].iloc[0]).all()
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))

@@ -307,6 +307,7 @@ def test_monitor_accuracy_keeps_the_most_accurate_network_on_the_validation_imag
     assert history["val_loss"].idxmin() != history["val_accuracy"].idxmax()  # the monitors disagree here
     assert history.loc[0, "val_accuracy"] == pytest.approx(np.mean(pruner.predict_before_finetune(X[val]) == y[val]))
     assert np.mean(pruner.predict(X[val]) == y[val]) == pytest.approx(history["val_accuracy"].max())
+    assert history.index[history["kept"]].tolist() == [history["val_accuracy"].idxmax()]
 
 
 @pytest.mark.parametrize("kind", ["binary", "multiclass", "multilabel-indicator"])
