@@ -274,6 +274,7 @@ def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_da
     stem = str(results.with_suffix(""))
     table6 = pd.read_csv(f"{stem}_table6.csv", index_col="target")
     assert list(table6.index) == ["age", "gender", "race", "attributes", "emotion"]
+    assert "(FER2013's test split; --emotion-target)" in text  # the default emotion target
     assert _finite(table6, ["Concat", "PCA", "AE", "DAE", "BT", "BCT"])
     sources = {"mobilefacenet", "mini_xception", "mtcnn_onet"}
     assert set(table6["BT_source"]) <= sources
