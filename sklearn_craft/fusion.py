@@ -323,8 +323,9 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         plain auto-encoder; otherwise the code has to carry every source from part of the
         inputs. On the embeddings of 9,300 faces by three networks ``noise=0.25`` reconstructed
         worse (held-out NRMSE 0.51 against 0.42) but linear satellites read age better from its
-        code, with each of three seeds (MAE 7.85 / 8.00 / 8.08 against 8.18 / 8.28 / 8.21 years;
-        the Fusion page's benchmark). Ignored by "concat" and "pca".
+        code, with each of three seeds (MAE 7.85 / 8.00 / 8.08 against 8.18 / 8.28 / 8.21 years),
+        and with another pool of 8,800 (7.99 against 8.07; the Fusion page's benchmark). Ignored
+        by "concat" and "pca".
     validation_fraction : float in [0, 1), default=0.1
         Fraction of the images held out (drawn at random) to measure ``reconstruction_nrmse_``,
         and of the rest held out for early stopping. 0 fits on every image and measures the
