@@ -134,14 +134,17 @@ def load_sets(args):
     celeba, celeba_labels = _bench.load("celeba", root, args.n, COMMON, cache)
     utk, utk_labels = _bench.load("utkface", root, args.n, COMMON, cache)
     aflw, _ = _bench.load("aflw2000", root, args.n, COMMON, cache)
-    fer_train = _bench.load("fer2013", root, args.n, COMMON, cache)
-    fer_test = load_fer2013(root / "fer2013", split="test", n=args.n, preset=COMMON, random_state=_bench.SEED,
-                            cache=None if cache is None else str(cache))
-    (fer, fer_labels), (fer_pool, _) = (fer_test, fer_train) if args.emotion_target == "test" else (fer_train, fer_test)
+    fer_splits = {
+        "train": _bench.load("fer2013", root, args.n, COMMON, cache),
+        "test": load_fer2013(root / "fer2013", split="test", n=args.n, preset=COMMON, random_state=_bench.SEED,
+                             cache=None if cache is None else str(cache)),
+    }
+    pool_split = "train" if args.emotion_target == "test" else "test"
+    fer, fer_labels = fer_splits[args.emotion_target]
     celeba_pool, celeba_target = train_test_split(np.arange(len(celeba)), test_size=0.5, random_state=_bench.SEED)
     utk_pool, utk_target = train_test_split(np.arange(len(utk)), test_size=0.5, random_state=_bench.SEED)
     pool = {"celeba": celeba[celeba_pool], "utkface": utk[utk_pool], "aflw2000": aflw,
-            f"fer2013_{'train' if args.emotion_target == 'test' else 'test'}": fer_pool}
+            f"fer2013_{pool_split}": fer_splits[pool_split][0]}
     attributes = celeba_labels.drop(columns="identity").iloc[celeba_target].astype(int)
     targets = {
         "utkface": (utk[utk_target], utk_labels.iloc[utk_target][["age", "gender", "race"]]),
