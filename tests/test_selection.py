@@ -352,6 +352,49 @@ def test_newton_step_drops_a_group_that_its_full_step_carries_through_zero():
     assert np.all(polished[1] == 0)
 
 
+def test_newton_step_retries_without_the_groups_its_full_step_carries_through_zero():
+    # Two correlated features (rho = 0.9). Feature 1 is zero at the solution (||X_1^T R|| = 0.14
+    # < penalty there), so feature 0 is the group soft-threshold of X_0^T Y. From half the
+    # solution's feature 0 and a small feature 1, the full Newton step carries feature 1 through zero while
+    # feature 0 compensates for it: zeroing feature 1 in that step does not descend, and
+    # backtracking alone ends with feature 1 flipped. The step on the support without feature 1
+    # is exact (feature 0 starts on the ray of its solution, where the problem is quadratic).
+    gram, penalty = np.array([[1.0, 0.9], [0.9, 1.0]]), 1.0
+    xy = np.array([[3.0, 4.0], [0.9 * 2.4 + 0.1, 0.9 * 3.2 - 0.1]])
+    solution = np.array([[2.4, 3.2], [0.0, 0.0]])
+    start = np.array([[1.2, 1.6], [0.2, 0.2]])
+    without_retry = sklearn_craft._lasso_path._newton_step(gram, xy, start, penalty, retries=0)
+    assert np.all(np.sign(without_retry[1]) == -np.sign(start[1]))
+    polished = sklearn_craft._lasso_path._newton_step(gram, xy, start, penalty)
+    np.testing.assert_allclose(polished, solution, atol=1e-12)
+    assert np.all(polished[1] == 0)
+    objective = sklearn_craft._lasso_path._objective
+    assert objective(gram, xy, polished, penalty) < objective(gram, xy, without_retry, penalty)
+
+
+def test_newton_steps_follow_each_other_while_they_halve_the_gap(monkeypatch):
+    # Where one Newton step leaves the gap above the tolerance but has at least halved it, the
+    # next starts from its result, without proximal-gradient iterations in between.
+    X, Y, stats, grid = _dense_collinear_problem()
+    calls, newton_step = [], sklearn_craft._lasso_path._newton_step
+
+    def recording_newton_step(gram, xy, W, penalty, retries=1):
+        polished = newton_step(gram, xy, W, penalty, retries)
+        calls.append((W, polished))
+        return polished
+
+    monkeypatch.setattr(sklearn_craft._lasso_path, "_newton_step", recording_newton_step)
+    coefs = sklearn_craft._lasso_path._solve_path(stats, grid, tol=1e-10)
+    chained = [
+        previous_out is not None and np.array_equal(W, previous_out)
+        for (_, previous_out), (W, _) in itertools.pairwise(calls)
+    ]
+    assert sum(chained) >= 5
+    total = np.sum((Y - Y.mean(axis=0)) ** 2)
+    for i, alpha in enumerate(grid):
+        assert _multitask_gap(X, Y, coefs[:, :, i], alpha) <= 1e-10 * total
+
+
 # --------------------------------------------------------------------------- the selector
 
 
