@@ -11,16 +11,20 @@ P2c  LassoFilterSelector(random_state=0).fit on the pooled responses of MobileFa
 
 --multitask-tol sets the multi-task duality-gap tolerance of this run (the library's
 ``_lasso_path.MULTITASK_TOL``, 1e-6) and --reference compares the knees of this run and of --before
-with a saved run, typically one at --multitask-tol 1e-8 (the exact knees): the knee is the fewest
-filters within gamma of the curve's range, so it moves with the solver's accuracy.
+with saved runs, typically at --multitask-tol 1e-8 or tighter (the exact knees): the knee is the
+fewest filters within gamma of the curve's range, so it moves with the solver's accuracy. With
+several references, a layer whose knee differs between them is reported as not determined at
+those tolerances (a knee that close to its threshold moves with any solver's rounding), and the
+runs are compared with the references on the other layers.
 
 --quick: a synthetic case (120 samples, 6 groups of 16 features, 7 classes), one fit: a smoke run
 of the whole script, not a measurement.
 Run: python benchmarks/bench_multiclass.py --case /tmp/mc_case.npz [--save after.npz] [--before before.npz]
-     [--reference exact.npz] [--multitask-tol 1e-8]
+     [--reference exact.npz [exact2.npz ...]] [--multitask-tol 1e-8]
 Writes benchmarks/results/multiclass.md (or --results PATH).
 """
 
+import itertools
 import os
 import subprocess
 import time
@@ -118,17 +122,27 @@ def tolerance(record):
     return f"{float(record['multitask_tol']):g}" if "multitask_tol" in record else "1e-4 (versions before MULTITASK_TOL)"
 
 
-def knee_agreement(groups, first, second):
-    """'n_selected equal in K of N layers (differ: ...)' for the knees of two run records."""
-    differing = [str(g) for g, a, b in zip(groups, first["knee_n_selected"], second["knee_n_selected"]) if a != b]
-    return f"n_selected equal in {len(groups) - len(differing)} of {len(groups)} layers" + (
+def differing_knees(groups, first, second, among=None):
+    """The layers (of ``among``, default all) where two run records' knees select different numbers of filters."""
+    return [
+        str(g) for g, a, b in zip(groups, first["knee_n_selected"], second["knee_n_selected"])
+        if a != b and (among is None or g in among)
+    ]
+
+
+def knee_agreement(groups, first, second, among=None):
+    """'n_selected equal in K of N layers (differ: ...)' for the knees of two run records, on the
+    layers ``among`` (default all)."""
+    differing = differing_knees(groups, first, second, among)
+    n_layers = len(groups) if among is None else len(among)
+    return f"n_selected equal in {n_layers - len(differing)} of {n_layers} layers" + (
         f" (differ: {', '.join(differing)})" if differing else ""
     )
 
 
-def section_blocks(X, y, after, before, case, reference=None):
+def section_blocks(X, y, after, before, case, references=()):
     """Markdown of P2c: the run ``after`` and, when given, ``before`` (run records) against it, and
-    the knees of both against a ``reference`` run."""
+    the knees of both against the ``references`` (runs at tight tolerances)."""
     groups = after["knee_group"]
     blocks = [
         f"`LassoFilterSelector(random_state=0).fit` (gamma 0.01, 100 alphas, one validation split, n_jobs=None) on "
@@ -139,8 +153,8 @@ def section_blocks(X, y, after, before, case, reference=None):
         "| library | multi-task tol | fits | wall s | CPU s | load average |",
         "|---|---|---|---|---|---|",
     ]
-    runs = [(name, record) for name, record in (("reference", reference), ("before", before), ("after", after))
-            if record is not None]
+    named_references = [(f"reference {i + 1}" if len(references) > 1 else "reference", r) for i, r in enumerate(references)]
+    runs = named_references + [(name, record) for name, record in (("before", before), ("after", after)) if record is not None]
     for name, record in runs:
         blocks.append(
             f"| {name}: {record['version']} | {tolerance(record)} | {int(record['repeats'])} | "
@@ -149,12 +163,21 @@ def section_blocks(X, y, after, before, case, reference=None):
     blocks.append("")
     blocks += [f"- {name.capitalize()}: `{record['command']}`." for name, record in runs]
     blocks.append("")
-    if reference is not None:
-        for name, record in runs[1:]:
+    undetermined = sorted({g for (_, first), (_, second) in itertools.combinations(named_references, 2)
+                           for g in differing_knees(groups, first, second)})
+    if undetermined:
+        blocks.append(
+            f"- Knees that differ between the references: {', '.join(undetermined)}: not determined at these "
+            "tolerances; the runs are compared with the references on the other layers."
+        )
+    determined = [g for g in groups if g not in undetermined]
+    for name, record in runs[len(named_references):]:
+        for reference_name, reference in named_references:
             blocks.append(
-                f"- Knees of {name} against the reference (tol {tolerance(reference)}): "
-                f"{knee_agreement(groups, reference, record)}."
+                f"- Knees of {name} against {'the ' * (len(references) == 1)}{reference_name} (tol {tolerance(reference)}): "
+                f"{knee_agreement(groups, reference, record, determined if undetermined else None)}."
             )
+    if named_references:
         blocks.append("")
     if before is not None:
         same_support = np.array_equal(before["knee_group"], groups) and np.array_equal(before["support"], after["support"])
@@ -180,7 +203,8 @@ def main(argv=None):
     parser.add_argument("--save", type=Path, default=None, help="write this run's record (.npz)")
     parser.add_argument("--before", type=Path, default=None, help="a --save file of another version to compare with")
     parser.add_argument("--after", type=Path, default=None, help="a --save file to report instead of fitting")
-    parser.add_argument("--reference", type=Path, default=None, help="a --save file whose knees both runs are compared with")
+    parser.add_argument("--reference", type=Path, nargs="+", default=[],
+                        help="--save files (runs at tight tolerances) whose knees both runs are compared with")
     parser.add_argument("--multitask-tol", type=float, default=None,
                         help="multi-task duality-gap tolerance of this run (default: the library's, 1e-6)")
     args = parser.parse_args(argv)
@@ -199,11 +223,11 @@ def main(argv=None):
     if args.save is not None:
         np.savez(args.save, **after)
     before = None if args.before is None else load_record(args.before)
-    reference = None if args.reference is None else load_record(args.reference)
+    references = [load_record(path) for path in args.reference]
     results = args.results or _bench.RESULTS / "multiclass.md"
     intro = "P2c: the multi-class path of LassoFilterSelector on real data, before and after a change."
     _bench.write_section(results, "LassoFilterSelector, multi-class path (P2c)", intro,
-                         section_blocks(X, y, after, before, case, reference), args.quick)
+                         section_blocks(X, y, after, before, case, references), args.quick)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,18 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
     assert "| reference: " in text and " | 1e-09 | " in text and " | 1e-06 | " in text
     assert "- Knees of before against the reference (tol 1e-09): n_selected equal in " in text
     assert "- Knees of after against the reference (tol 1e-09): n_selected equal in " in text
+    # Two references that disagree on a layer's knee: that layer is set aside as not determined.
+    with np.load(exact) as stored:
+        shifted = {name: stored[name] for name in stored.files}
+    first_layer = str(shifted["knee_group"][0])
+    shifted["knee_n_selected"] = shifted["knee_n_selected"] + np.eye(len(shifted["knee_group"]), dtype=int)[0]
+    other = tmp_path / "other.npz"
+    np.savez(other, **shifted)
+    _, text = _run("multiclass", tmp_path, "--after", str(exact), "--reference", str(exact), str(other))
+    assert "| reference 1: " in text and "| reference 2: " in text
+    assert f"- Knees that differ between the references: {first_layer}: not determined" in text
+    assert "- Knees of after against reference 1 (tol 1e-09): n_selected equal in 5 of 5 layers." in text
+    assert "- Knees of after against reference 2 (tol 1e-09): n_selected equal in 5 of 5 layers." in text
 
 
 @pytest.mark.realdata
