@@ -45,6 +45,8 @@ age always watch the loss. Matched rows follow the row of the same monitor.
 images before fine-tuning (``CraftPruner(calibrate_head=True)``; no prediction changes, the loss and its
 gradients do), recorded as other rows (column calibrate_head, head_temperature); matched rows follow the
 row of the same setting.
+--lr sets Adam's learning rate of every fine-tuning (default 1e-3), recorded as other rows; matched rows
+follow the row of the same learning rate.
 Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH] [--seed S]
      ``--rows`` with no row fits nothing and writes the table of the tasks' records.
 """
@@ -75,7 +77,7 @@ MATCHED = {
     "l1@sequential-l1": ("l1_norm", "sequential-l1"),
 }
 ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
-KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "monitor", "calibrate_head"]
+KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "lr", "monitor", "calibrate_head"]
 
 
 def task_data(task, root, n, input_preset):
@@ -102,12 +104,13 @@ def row_params(row, reference):
 
 
 def read_records(path):
-    """The records at ``path``; those written before ``--seed`` (``--monitor``, ``--calibrate-head``) existed
-    were fitted with the default seed (with early stopping on the validation loss, an uncalibrated head)."""
+    """The records at ``path``; those written before ``--seed`` (``--lr``, ``--monitor``, ``--calibrate-head``)
+    existed were fitted with the default seed (lr 1e-3, early stopping on the validation loss, an uncalibrated
+    head)."""
     if not path.exists():
         return pd.DataFrame(columns=KEY)
     records = pd.read_csv(path)
-    for column, default in (("random_state", _bench.SEED), ("monitor", "loss"), ("calibrate_head", False)):
+    for column, default in (("random_state", _bench.SEED), ("lr", 1e-3), ("monitor", "loss"), ("calibrate_head", False)):
         if column not in records:
             records.insert(KEY.index(column), column, default)
     return records
@@ -128,11 +131,12 @@ def task_calibrates(task, calibrate):
     return calibrate and _bench.TASKS[task][2] in CLASSIFICATION_KINDS
 
 
-def fit_row(task, row, gamma, seed, monitor, calibrate, data, budget, config, net, input_preset, reference):
-    """Fit one row with ``random_state=seed`` (``calibrate_head=calibrate``) and return its record."""
+def fit_row(task, row, gamma, seed, lr, monitor, calibrate, data, budget, config, net, input_preset, reference):
+    """Fit one row with ``random_state=seed`` (``calibrate_head=calibrate``, fine-tuned at ``lr``) and return
+    its record."""
     X_train, X_test, y_train, y_test = data
     kind = _bench.TASKS[task][2]
-    finetune = {**_bench.finetune_settings(*budget), "monitor": monitor}
+    finetune = {**_bench.finetune_settings(*budget), "lr": lr, "monitor": monitor}
     params = {"gamma": gamma, **row_params(row, reference)}
     pruner = CraftPruner(
         net, head="satellite", preprocess=input_preset.preprocess, random_state=seed, progress=False,
@@ -146,7 +150,7 @@ def fit_row(task, row, gamma, seed, monitor, calibrate, data, budget, config, ne
     history = pruner.history_
     return dict(
         task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0],
-        patience=budget[1], monitor=monitor, calibrate_head=calibrate, head_temperature=pruner.head_temperature_,
+        patience=budget[1], lr=lr, monitor=monitor, calibrate_head=calibrate, head_temperature=pruner.head_temperature_,
         n_test=len(y_test), metric=_bench.metric_name(kind), head_layer=pruner.head_layer_,
         flops_share=float(flops["pruned"] / flops["original"]),
         parameters=count_parameters(pruner.pruned_model_), filters=sum(len(k) for k in pruner.keep_.values()),
@@ -176,7 +180,7 @@ def run(args, config, records_path):
                 monitor = task_monitor(task, args.monitor)
                 calibrate = task_calibrates(task, args.calibrate_head)
                 key = dict(task=task, row=row, gamma=gamma, random_state=args.seed, n_train=len(data[2]),
-                           epochs=budget[0], patience=budget[1], monitor=monitor, calibrate_head=calibrate)
+                           epochs=budget[0], patience=budget[1], lr=args.lr, monitor=monitor, calibrate_head=calibrate)
                 if len(recorded(records, key)):
                     print(f"  {task} {row} gamma={gamma:g}: recorded, skipped", flush=True)
                     continue
@@ -186,7 +190,7 @@ def run(args, config, records_path):
                     if not len(followed):
                         raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
                     reference = followed.iloc[-1]
-                record = fit_row(task, row, gamma, args.seed, monitor, calibrate, data, budget, config, net,
+                record = fit_row(task, row, gamma, args.seed, args.lr, monitor, calibrate, data, budget, config, net,
                                  input_preset, reference)
                 print(f"  {task} {row} gamma={gamma:g}: {record['score_before_ft']:.4g} -> {record['score']:.4g} "
                       f"at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s", flush=True)
@@ -198,7 +202,7 @@ def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
     shown = shown.assign(flops_pct=100 * shown["flops_share"])
-    shown = shown.set_index(["task", "row", "gamma", "random_state", "monitor", "calibrate_head"])[
+    shown = shown.set_index(["task", "row", "gamma", "random_state", "lr", "monitor", "calibrate_head"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
          "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date"]
     ]
@@ -213,8 +217,8 @@ def write_table(args, config, records_path, results):
         "pruner's seed (the LASSO validation split, the satellites' held-out split, the random rule's draw and "
         "fine-tuning; the train/test split is the same for every seed), one fit per row and seed; each row's "
         "date is when its fit ended (rows may come from several invocations, all with the command below but for "
-        "--tasks / --rows / --seed / --monitor / --calibrate-head). calibrate_head: the satellite head divided by "
-        "the temperature fitted on its images before fine-tuning."
+        "--tasks / --rows / --seed / --lr / --monitor / --calibrate-head). calibrate_head: the satellite head "
+        "divided by the temperature fitted on its images before fine-tuning. lr: Adam's learning rate."
     )
     title = "ETL Table 1 on all images (MobileFaceNet)"
     if records_path.name != "etl_full.csv":
@@ -230,6 +234,7 @@ def _options(parser):
     parser.add_argument("--records", default=None, help="CSV of the fitted rows (default: beside --results)")
     parser.add_argument("--seed", type=int, default=_bench.SEED,
                         help="the pruner's random_state (a repeated fit); the train/test split does not change")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate of every fine-tuning")
     parser.add_argument("--monitor", choices=["loss", "accuracy"], default="loss",
                         help="what early stopping watches on gender and emotion (yaw and age: the loss)")
     parser.add_argument("--calibrate-head", action="store_true",

@@ -131,14 +131,20 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     repeat = third.iloc[len(second):]
     assert repeat["row"].tolist() == ["one-shot", "l1@one-shot"] and (repeat["random_state"] == 1).all()
     assert abs(repeat.iloc[1]["flops_share"] - repeat.iloc[0]["flops_share"]) <= 0.01
-    assert "| yaw | one-shot | 0.01 | 1 | loss |" in text and "| yaw | one-shot | 0.01 | 0 | loss |" in text
-    assert (third["monitor"] == "loss").all() and third["val_accuracy"].isna().all()
+    assert "| yaw | one-shot | 0.01 | 1 | 0.001 | loss |" in text and "| yaw | one-shot | 0.01 | 0 | 0.001 | loss |" in text
+    assert (third["monitor"] == "loss").all() and third["val_accuracy"].isna().all() and (third["lr"] == 1e-3).all()
     assert not third["calibrate_head"].any() and (third["head_temperature"] == 1.0).all()
     # Yaw watches its loss and keeps its regression head whatever --monitor and --calibrate-head say: those
     # rows are recorded, so nothing is refitted.
     _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "--seed", "1", "--monitor",
                       "accuracy", "--calibrate-head")
     pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), third)
+    # Another learning rate is another fit, recorded beside the others.
+    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "--seed", "1",
+                                "--lr", "1e-4")
+    fourth = pd.read_csv(results.with_suffix(".csv"))
+    pd.testing.assert_frame_equal(fourth.iloc[: len(third)], third)
+    assert fourth.iloc[len(third):]["lr"].tolist() == [1e-4] and "| yaw | one-shot | 0.01 | 1 | 0.0001 | loss |" in text
     # A matched row without its reference is refused before any fit.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")
     assert completed.returncode != 0 and "needs a recorded sequential row" in completed.stderr
