@@ -339,8 +339,9 @@ def _newton_steps(gram, xy, yy, W, penalty, gap, tol, max_steps=4):
     """Newton steps in a row on one multi-task LASSO problem, while each at least halves the
     duality gap and leaves it above ``tol·yy``: the point reached (None if no step was taken) and
     its gap. Going on with Newton steps saves the proximal-gradient iterations in between where
-    the support is right; a gap that stops falling says that it is not (a filter to enter), which
-    the proximal gradient finds."""
+    the support is right; a gap that stops falling says that the support is not, or that the step
+    is too far from the solution for the quadratic model (filters near zero), which proximal-gradient
+    iterations settle first."""
     polished = None
     for _ in range(max_steps):
         step = _newton_step(gram, xy, W if polished is None else polished, penalty)
@@ -415,8 +416,8 @@ def _newton_step(gram, xy, W, penalty, retries=1):
                     reduced = W.copy()
                     reduced[A[crossing]] = 0
                     polished = _newton_step(gram, xy, reduced, penalty, retries - 1)
-                    objective = penalty_now + np.vdot(WA, 0.5 * (smooth_gradient + xy_a) - xy_a)
-                    if polished is not None and _objective(gram, xy, polished, penalty) < objective:
+                    objective_now = penalty_now + np.vdot(WA, 0.5 * (smooth_gradient + xy_a) - xy_a)
+                    if polished is not None and _objective(gram, xy, polished, penalty) < objective_now:
                         return polished
         if change <= 1e-4 * step * slope:
             polished = np.zeros_like(W)
