@@ -163,19 +163,20 @@ def section_blocks(X, y, after, before, case, references=()):
     blocks.append("")
     blocks += [f"- {name.capitalize()}: `{record['command']}`." for name, record in runs]
     blocks.append("")
-    undetermined = sorted({g for (_, first), (_, second) in itertools.combinations(named_references, 2)
-                           for g in differing_knees(groups, first, second)})
-    if undetermined:
+    disagreeing = {g for (_, first), (_, second) in itertools.combinations(named_references, 2)
+                   for g in differing_knees(groups, first, second)}
+    determined = [g for g in groups if g not in disagreeing]
+    if disagreeing:
         blocks.append(
-            f"- Knees that differ between the references: {', '.join(undetermined)}: not determined at these "
-            "tolerances; the runs are compared with the references on the other layers."
+            f"- Knees that differ between the references: {', '.join(str(g) for g in groups if g in disagreeing)}: "
+            "not determined at these tolerances; the runs are compared with the references on the other layers."
         )
-    determined = [g for g in groups if g not in undetermined]
     for name, record in runs[len(named_references):]:
         for reference_name, reference in named_references:
+            label = "the reference" if len(references) == 1 else reference_name
             blocks.append(
-                f"- Knees of {name} against {'the ' * (len(references) == 1)}{reference_name} (tol {tolerance(reference)}): "
-                f"{knee_agreement(groups, reference, record, determined if undetermined else None)}."
+                f"- Knees of {name} against {label} (tol {tolerance(reference)}): "
+                f"{knee_agreement(groups, reference, record, determined)}."
             )
     if named_references:
         blocks.append("")
