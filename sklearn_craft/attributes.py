@@ -24,7 +24,7 @@ from torch import nn
 from .finetune import _CONSTRAINTS as _FINETUNE_CONSTRAINTS
 from .finetune import FINETUNE_DEFAULTS, _network_outputs, check_finetune_params, finetune
 from .images import as_image_dataset, input_channels, iter_batches
-from .inspection import _check_device, _evaluating
+from .inspection import _check_device, _evaluating, _NetworksPickleOnCpu, _seeded_rng
 
 __all__ = ["MultiAttributeClassifier", "attribute_report"]
 
@@ -133,7 +133,7 @@ def attribute_report(y_true, y_pred, *, attributes=None):
     return report
 
 
-class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
+class MultiAttributeClassifier(_NetworksPickleOnCpu, ClassifierMixin, BaseEstimator):
     """Train a network to predict many binary attributes at once (binary cross-entropy).
 
     ``fit`` deep-copies ``model``, gives it one output per attribute (see ``head``) and trains
@@ -341,9 +341,8 @@ class MultiAttributeClassifier(ClassifierMixin, BaseEstimator):
                 )
             replaced = linears[-1]
             old = network.get_submodule(replaced)
-            # fork_rng: the new layer's default initialisation draws from our seed, not the global one.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            # The new layer's default initialisation draws from our seed, not the global one.
+            with _seeded_rng(seed, old.weight.device):
                 new = nn.Linear(
                     old.in_features, n_attributes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
                 )

@@ -187,7 +187,7 @@ def _compensated_copy(model, dataset, kept, example_input, pass_args, ridge=1e-4
     preprocess, workers); the pass starts from ``prefix``'s values where they serve the model
     (a :class:`~sklearn_craft._prefix.GraphPrefix` over ``dataset`` with the same batches)."""
     compensated = copy.deepcopy(model).cpu()
-    inputs = _reader_inputs(compensated, kept, example_input)
+    inputs = _reader_inputs(compensated, kept, example_input.cpu())
     if not inputs:
         return compensated
     batch_size, device, preprocess, num_workers = pass_args

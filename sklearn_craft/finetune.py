@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .images import as_image_dataset, iter_batches
 from ._prefix import GraphPrefix, _Runner
-from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype
+from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _seeded_rng
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
 FINETUNE_DEFAULTS = {
@@ -324,9 +324,7 @@ def finetune(
         rows.append({"epoch": 0, "train_loss": np.nan, "val_loss": val_loss, "val_accuracy": val_accuracy})
         if early_stopping is not None:
             best_state = copy.deepcopy(model.state_dict())
-    # fork_rng keeps the user's global torch seed untouched while dropout draws from ours.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded_rng(seed, device):
         for epoch in tqdm(range(1, epochs + 1), desc="fine-tuning", disable=not progress):
             model.train()
             shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
@@ -763,14 +761,15 @@ def recalibrate_batchnorm(
     ----------
     model : torch.nn.Module
         The network; its BatchNorm buffers are modified in place (``num_batches_tracked`` counts
-        the batches of one pass). Every module runs in eval mode (no dropout) and every
-        module's ``training`` flag is restored afterwards.
+        the batches of one pass) and it is moved to ``device``, as :func:`finetune` moves it.
+        Every module runs in eval mode (no dropout) and every module's ``training`` flag is
+        restored afterwards.
     X : array-like, torch.Tensor or torch.utils.data.Dataset
         Images, in any form accepted by :func:`sklearn_craft.images.as_image_dataset`.
     batch_size : int, default=64
         Images per forward pass; the statistics do not depend on it.
     device : str or torch.device, default="cpu"
-        Where the forward passes run (the model must already be there).
+        Where the forward passes run.
     preprocess : callable or None, default=None
         Applied to every batch of images before the model sees it.
     progress : bool, default=False
@@ -837,7 +836,9 @@ def _recalibrate_batchnorm(
         return model
     dataset = as_image_dataset(X)
     dtype = _input_dtype(model)
-    example = next(iter_batches(dataset, 1, device=_check_device(device), preprocess=preprocess, indices=[0]))
+    device = _check_device(device)
+    model.to(device)
+    example = next(iter_batches(dataset, 1, device=device, preprocess=preprocess, indices=[0]))
     example = example.to(dtype)
     order = [name for name in dict.fromkeys(_call_sequence(model, example)) if name in norms]
     graph = isinstance(model, torch.fx.GraphModule)

@@ -32,7 +32,7 @@ from torch import nn
 
 from .finetune import finetune
 from .images import as_image_dataset, input_channels, iter_batches
-from .inspection import _check_device
+from .inspection import _check_device, _NetworksPickleOnCpu, _seeded_rng
 from .pooling import ActivationPooler
 from .relationships import best_rows, task_relationship_matrix
 
@@ -534,8 +534,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
                 hidden = tuple(
                     max(1, round(n_features * (n_components / n_features) ** (k / 3))) for k in (1, 2)
                 )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with _seeded_rng(seed):
                 encoder = _mlp([n_features, *hidden, n_components])
                 decoder = _mlp([n_components, *hidden[::-1], n_features])
             # 1×1 "images" of n_features channels: finetune's loop trains any module on them.
@@ -657,7 +656,7 @@ class EmbeddingFusion(TransformerMixin, BaseEstimator):
         return tags
 
 
-class FusionDistiller(TransformerMixin, BaseEstimator):
+class FusionDistiller(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
     """Distil a fused embedding into one light network (Vielzeuf et al., section 3.3).
 
     The teacher, the stack of M source networks and the encoder of an :class:`EmbeddingFusion`,

@@ -298,6 +298,25 @@ def _input_dtype(model):
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
 
 
+@contextmanager
+def _seeded_rng(seed, device="cpu"):
+    """Inside the block, torch's global generators of the CPU and of ``device`` start from ``seed``;
+    after it, they are back where they were: dropout and default initialisations draw from our seed and
+    the user's generators are left alone (``torch.manual_seed`` alone would reseed every GPU's for good)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    index = (torch.cuda.current_device() if device.index is None else device.index) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        if device.type == "cpu":
+            torch.random.default_generator.manual_seed(seed)
+        elif cuda:
+            torch.random.default_generator.manual_seed(seed)
+            torch.cuda.default_generators[index].manual_seed(seed)
+        else:  # other accelerators: every generator, as torch seeds them
+            torch.manual_seed(seed)
+        yield
+
+
 def _on_device(model, device):
     """``model`` when all its tensors live on ``device``, else a moved copy (never move the user's).
 
@@ -318,6 +337,35 @@ def _on_device(model, device):
     if all(placed(tensor) for tensor in tensors):
         return model
     return copy.deepcopy(model).to(device)
+
+
+class _NetworksPickleOnCpu:
+    """Pickling of an estimator holding networks: every network travels on the CPU and goes back to
+    its device on loading where that device exists, else stays on the CPU. An estimator fitted on a
+    GPU then loads on a machine without one (a dask worker, a laptop); ``set_params(device="cpu")``
+    predicts there.
+    """
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # object.__getstate__ returns the live __dict__
+        devices = {}
+        for key, value in state.items():
+            if isinstance(value, nn.Module):
+                tensor = next(itertools.chain(value.parameters(), value.buffers()), None)
+                if tensor is not None and tensor.device.type not in ("cpu", "meta"):
+                    devices[key] = str(tensor.device)
+                    state[key] = _on_device(value, "cpu")
+        if devices:
+            state["_network_devices"] = devices
+        return state
+
+    def __setstate__(self, state):
+        for key, device in state.pop("_network_devices", {}).items():
+            try:
+                state[key] = state[key].to(_check_device(device))
+            except ValueError:  # no such device here
+                pass
+        super().__setstate__(state)
 
 
 def _runs_on(model, example, argument):

@@ -35,6 +35,7 @@ from .inspection import (
     _evaluating,
     _input_dtype,
     _model_lock,
+    _NetworksPickleOnCpu,
     _on_device,
     _select_convs,
     _traced_graph,
@@ -227,7 +228,7 @@ def _cache_key(model, responses, X, preprocess):
         return None
 
 
-class ActivationPooler(TransformerMixin, BaseEstimator):
+class ActivationPooler(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
     """Global-average-pooled filter responses of a network's convolutions.
 
     ``transform`` maps each image to one feature per filter of every pooled convolution: the

@@ -39,7 +39,15 @@ from .finetune import (
     fit_temperature,
     recalibrate_batchnorm,
 )
-from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _on_device, _select_convs
+from .inspection import (
+    _call_sequence,
+    _check_device,
+    _evaluating,
+    _input_dtype,
+    _NetworksPickleOnCpu,
+    _on_device,
+    _select_convs,
+)
 from .pooling import ActivationPooler
 from .profiling import compare_models, count_flops
 from ._lasso_path import _add_sums, _cross_sums
@@ -144,7 +152,7 @@ def _stage_row(layers, columns, selected, seconds):
     }
 
 
-class CraftPruner(TransformerMixin, BaseEstimator):
+class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
     """Prune a pretrained network for a new task with cross-task aware filters (CRAFT / ETL).
 
     ``fit`` pools the global-average response of every filter of the chosen convolutions over the
@@ -261,8 +269,14 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         ``eps``, ``validation_fraction``, ``cv``, ``standardize``, ``n_jobs``); ``gamma``,
         ``groups``, ``memory`` and ``progress`` are set by the pruner.
     device : str or torch.device, default="cpu"
-        Where forward passes and fine-tuning run; ``pruned_model_`` lives there. A device this
-        torch build cannot use is a ``ValueError``.
+        Where forward passes and fine-tuning run; ``pruned_model_`` lives there (the selection
+        itself runs on the CPU). A device this torch build cannot use is a ``ValueError``. On a
+        GPU, torch lets cuDNN convolve in TF32 by default, which moves pooled responses by about
+        1e-3 (relative) and can change a knee; ``torch.backends.cudnn.allow_tf32 = False`` gives
+        the CPU's selection (measured equal on MobileFaceNet, see the Reproducing page). A
+        pickled pruner keeps its networks on the CPU and puts them back on their device where it
+        exists: one fitted on a GPU loads without one, and predicts there after
+        ``set_params(device="cpu")``.
     batch_size : int, default=64
         Images per forward pass when pooling, predicting and transforming (a DataLoader given
         as ``X`` keeps its own batches there; fine-tuning has its own ``batch_size``).
@@ -782,7 +796,9 @@ class CraftPruner(TransformerMixin, BaseEstimator):
         features = pooler.transform(data.X)
         layers = pooler.layers_
         columns = _columns(layers, [pooler.n_channels_[layer] for layer in layers])
-        convs = {layer: self.model.get_submodule(layer) for layer in layers}
+        # On the CPU, as in the sequential stages: a filter rule sees the same convolutions either way.
+        source = _on_device(self.model, "cpu")
+        convs = {layer: source.get_submodule(layer) for layer in layers}
 
         clock.start("selection")
         selectors, scale, keep_ratio = {}, None, None
