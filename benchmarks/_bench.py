@@ -172,8 +172,9 @@ def metric_name(kind):
 
 def machine():
     """One markdown line describing where the numbers were measured."""
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (
-        f"{platform.platform()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__} "
+        f"{platform.platform()}, {os.cpu_count()} CPUs (shared){gpu}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), scikit-learn {sklearn.__version__}, numpy {np.__version__}"
     )
 

@@ -47,6 +47,9 @@ gradients do), recorded as other rows (column calibrate_head, head_temperature);
 row of the same setting.
 --lr sets Adam's learning rate of every fine-tuning (default 1e-3), recorded as other rows; matched rows
 follow the row of the same learning rate.
+--device runs every forward pass and fine-tuning there (``CraftPruner(device=...)``, e.g. ``cuda``; the
+selection itself runs on the CPU), recorded as other rows; matched rows follow the row of the same device.
+On a GPU the script turns TF32 off, so that float32 sums differ from the CPU's by their order only.
 Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH] [--seed S]
      ``--rows`` with no row fits nothing and writes the table of the tasks' records.
 """
@@ -56,6 +59,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 import _bench
 from sklearn_craft.datasets import load_fer2013
@@ -77,7 +81,8 @@ MATCHED = {
     "l1@sequential-l1": ("l1_norm", "sequential-l1"),
 }
 ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
-KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "lr", "monitor", "calibrate_head"]
+KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "lr", "monitor", "calibrate_head",
+       "device"]
 
 
 def task_data(task, root, n, input_preset):
@@ -104,13 +109,14 @@ def row_params(row, reference):
 
 
 def read_records(path):
-    """The records at ``path``; those written before ``--seed`` (``--lr``, ``--monitor``, ``--calibrate-head``)
-    existed were fitted with the default seed (lr 1e-3, early stopping on the validation loss, an uncalibrated
-    head)."""
+    """The records at ``path``; those written before ``--seed`` (``--lr``, ``--monitor``, ``--calibrate-head``,
+    ``--device``) existed were fitted with the default seed (lr 1e-3, early stopping on the validation loss, an
+    uncalibrated head, on the CPU)."""
     if not path.exists():
         return pd.DataFrame(columns=KEY)
     records = pd.read_csv(path)
-    for column, default in (("random_state", _bench.SEED), ("lr", 1e-3), ("monitor", "loss"), ("calibrate_head", False)):
+    for column, default in (("random_state", _bench.SEED), ("lr", 1e-3), ("monitor", "loss"), ("calibrate_head", False),
+                            ("device", "cpu")):
         if column not in records:
             records.insert(KEY.index(column), column, default)
     return records
@@ -131,16 +137,17 @@ def task_calibrates(task, calibrate):
     return calibrate and _bench.TASKS[task][2] in CLASSIFICATION_KINDS
 
 
-def fit_row(task, row, gamma, seed, lr, monitor, calibrate, data, budget, config, net, input_preset, reference):
-    """Fit one row with ``random_state=seed`` (``calibrate_head=calibrate``, fine-tuned at ``lr``) and return
-    its record."""
+def fit_row(task, row, gamma, seed, lr, monitor, calibrate, device, data, budget, config, net, input_preset,
+            reference):
+    """Fit one row with ``random_state=seed`` (``calibrate_head=calibrate``, fine-tuned at ``lr`` on ``device``)
+    and return its record."""
     X_train, X_test, y_train, y_test = data
     kind = _bench.TASKS[task][2]
     finetune = {**_bench.finetune_settings(*budget), "lr": lr, "monitor": monitor}
     params = {"gamma": gamma, **row_params(row, reference)}
     pruner = CraftPruner(
         net, head="satellite", preprocess=input_preset.preprocess, random_state=seed, progress=False,
-        calibrate_head=calibrate,
+        calibrate_head=calibrate, device=device,
         selector_params=dict(alphas=config["alphas"]), finetune_params=finetune, **params,
     )
     start = time.perf_counter()
@@ -150,7 +157,8 @@ def fit_row(task, row, gamma, seed, lr, monitor, calibrate, data, budget, config
     history = pruner.history_
     return dict(
         task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0],
-        patience=budget[1], lr=lr, monitor=monitor, calibrate_head=calibrate, head_temperature=pruner.head_temperature_,
+        patience=budget[1], lr=lr, monitor=monitor, calibrate_head=calibrate, device=device,
+        head_temperature=pruner.head_temperature_,
         n_test=len(y_test), metric=_bench.metric_name(kind), head_layer=pruner.head_layer_,
         flops_share=float(flops["pruned"] / flops["original"]),
         parameters=count_parameters(pruner.pruned_model_), filters=sum(len(k) for k in pruner.keep_.values()),
@@ -180,7 +188,8 @@ def run(args, config, records_path):
                 monitor = task_monitor(task, args.monitor)
                 calibrate = task_calibrates(task, args.calibrate_head)
                 key = dict(task=task, row=row, gamma=gamma, random_state=args.seed, n_train=len(data[2]),
-                           epochs=budget[0], patience=budget[1], lr=args.lr, monitor=monitor, calibrate_head=calibrate)
+                           epochs=budget[0], patience=budget[1], lr=args.lr, monitor=monitor, calibrate_head=calibrate,
+                           device=args.device)
                 if len(recorded(records, key)):
                     print(f"  {task} {row} gamma={gamma:g}: recorded, skipped", flush=True)
                     continue
@@ -190,8 +199,8 @@ def run(args, config, records_path):
                     if not len(followed):
                         raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
                     reference = followed.iloc[-1]
-                record = fit_row(task, row, gamma, args.seed, args.lr, monitor, calibrate, data, budget, config, net,
-                                 input_preset, reference)
+                record = fit_row(task, row, gamma, args.seed, args.lr, monitor, calibrate, args.device, data, budget,
+                                 config, net, input_preset, reference)
                 print(f"  {task} {row} gamma={gamma:g}: {record['score_before_ft']:.4g} -> {record['score']:.4g} "
                       f"at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s", flush=True)
                 new = pd.DataFrame([record])
@@ -202,7 +211,7 @@ def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
     shown = shown.assign(flops_pct=100 * shown["flops_share"])
-    shown = shown.set_index(["task", "row", "gamma", "random_state", "lr", "monitor", "calibrate_head"])[
+    shown = shown.set_index(["task", "row", "gamma", "random_state", "lr", "monitor", "calibrate_head", "device"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
          "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date"]
     ]
@@ -217,8 +226,9 @@ def write_table(args, config, records_path, results):
         "pruner's seed (the LASSO validation split, the satellites' held-out split, the random rule's draw and "
         "fine-tuning; the train/test split is the same for every seed), one fit per row and seed; each row's "
         "date is when its fit ended (rows may come from several invocations, all with the command below but for "
-        "--tasks / --rows / --seed / --lr / --monitor / --calibrate-head). calibrate_head: the satellite head "
-        "divided by the temperature fitted on its images before fine-tuning. lr: Adam's learning rate."
+        "--tasks / --rows / --seed / --lr / --monitor / --calibrate-head / --device). calibrate_head: the "
+        "satellite head divided by the temperature fitted on its images before fine-tuning. lr: Adam's learning "
+        "rate. device: where the forward passes and fine-tuning ran."
     )
     title = "ETL Table 1 on all images (MobileFaceNet)"
     if records_path.name != "etl_full.csv":
@@ -239,10 +249,14 @@ def _options(parser):
                         help="what early stopping watches on gender and emotion (yaw and age: the loss)")
     parser.add_argument("--calibrate-head", action="store_true",
                         help="calibrate the satellite head of gender and emotion (CraftPruner(calibrate_head=True))")
+    parser.add_argument("--device", default="cpu", help="where forward passes and fine-tuning run (e.g. cuda)")
 
 
 def main(argv=None):
     args, config = _bench.pruning_run(__doc__, _bench.TASKS, FULL, QUICK, argv, extra=_options)
+    if torch.device(args.device).type == "cuda":
+        # float32 convolutions and products, as on the CPU (torch lets cuDNN use TF32 by default).
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     results = args.results or _bench.RESULTS / "etl_full.md"
     records_path = results.with_suffix(".csv") if args.records is None else Path(args.records)
     run(args, config, records_path)
