@@ -36,8 +36,8 @@ emotion 8 and 3 (``--epochs`` / ``--patience`` set one budget for every task). F
 100 alphas. A fit takes 15 min to 2 h on 2 CPU cores (sequential fits the longest: passes over the
 training images per stage, from the values kept before the previous stage since 2026-12-03).
 --quick: 48 images per task (emotion: 48 training and 48 test images), 5 alphas, 1 epoch.
---seed S refits rows with the pruner's ``random_state=S`` (default 0) on the same train/test split: a
-repeated fit, recorded beside the others, whose matched rows follow the row of the same seed.
+--seed S [S ...] refits rows with the pruner's ``random_state=S`` (default 0) on the same train/test
+split: a repeated fit, recorded beside the others, whose matched rows follow the row of the same seed.
 --monitor accuracy fine-tunes the classification tasks (gender, emotion) with early stopping on the
 validation accuracy instead of the loss (``finetune_params["monitor"]``), recorded as other rows; yaw and
 age always watch the loss. Matched rows follow the row of the same monitor.
@@ -50,11 +50,22 @@ follow the row of the same learning rate.
 --device runs every forward pass and fine-tuning there (``CraftPruner(device=...)``, e.g. ``cuda``; the
 selection itself runs on the CPU), recorded as other rows; matched rows follow the row of the same device.
 On a GPU the script turns TF32 off, so that float32 sums differ from the CPU's by their order only.
+--jobs N runs N fits at a time, each in its own process of this script with --threads threads (for a
+machine with many cores, or a GPU that one fit leaves idle): a matched row starts once the row it
+follows has ended, and each fit's record is merged into the records when it ends. --deadline S (with
+--jobs) starts no fit after S seconds and stops the running ones, for a lease of fixed length; the
+command then fails, naming the fits left out, after writing the table of what was recorded.
 Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequential [--records PATH] [--seed S]
+     On a lent 16-core GPU machine: ... --device cuda --jobs 6 --threads 2 --deadline 480
      ``--rows`` with no row fits nothing and writes the table of the tasks' records.
 """
 
 import datetime
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,40 +182,118 @@ def fit_row(task, row, gamma, seed, lr, monitor, calibrate, device, data, budget
     )
 
 
+def fits(rows, gammas, seeds):
+    """(row, gamma, seed) of every fit of a task, matched rows after the rows they follow (``ROWS``'s
+    order, whatever the order asked for); the unpruned row cuts nothing at any gamma: it is fitted once
+    per seed, recorded at gamma 0."""
+    return [
+        (row, gamma, seed)
+        for row in ROWS if row in rows
+        for gamma in ([0.0] if row == "unpruned" else gammas)
+        for seed in seeds
+    ]
+
+
 def run(args, config, records_path):
     input_preset = preset("mobilefacenet")
     net = mobilefacenet(weights=args.data_root / _bench.WEIGHTS["mobilefacenet"])
-    # Matched rows after the rows they follow, whatever the order asked for.
-    rows = [row for row in ROWS if row in args.rows]
-    for task in args.tasks if rows else []:
+    for task in args.tasks if args.rows else []:
         data = task_data(task, args.data_root, config["n"], input_preset)
         budget = (config["epochs"], args.patience) if config["epochs"] is not None else BUDGETS[task]
         if args.quick:
             budget = (config["epochs"], 1)
-        for row in rows:
-            # The unpruned row cuts nothing at any gamma: it is fitted once, recorded at gamma 0.
-            for gamma in [0.0] if row == "unpruned" else config["gammas"]:
-                records = read_records(records_path)
-                monitor = task_monitor(task, args.monitor)
-                calibrate = task_calibrates(task, args.calibrate_head)
-                key = dict(task=task, row=row, gamma=gamma, random_state=args.seed, n_train=len(data[2]),
-                           epochs=budget[0], patience=budget[1], lr=args.lr, monitor=monitor, calibrate_head=calibrate,
-                           device=args.device)
-                if len(recorded(records, key)):
-                    print(f"  {task} {row} gamma={gamma:g}: recorded, skipped", flush=True)
+        for row, gamma, seed in fits(args.rows, config["gammas"], args.seed):
+            records = read_records(records_path)
+            monitor = task_monitor(task, args.monitor)
+            calibrate = task_calibrates(task, args.calibrate_head)
+            key = dict(task=task, row=row, gamma=gamma, random_state=seed, n_train=len(data[2]),
+                       epochs=budget[0], patience=budget[1], lr=args.lr, monitor=monitor, calibrate_head=calibrate,
+                       device=args.device)
+            if len(recorded(records, key)):
+                print(f"  {task} {row} gamma={gamma:g} seed={seed}: recorded, skipped", flush=True)
+                continue
+            reference = None
+            if row in MATCHED:
+                followed = recorded(records, {**key, "row": MATCHED[row][1]})
+                if not len(followed):
+                    raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
+                reference = followed.iloc[-1]
+            record = fit_row(task, row, gamma, seed, args.lr, monitor, calibrate, args.device, data, budget,
+                             config, net, input_preset, reference)
+            print(f"  {task} {row} gamma={gamma:g} seed={seed}: {record['score_before_ft']:.4g} -> "
+                  f"{record['score']:.4g} at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s",
+                  flush=True)
+            new = pd.DataFrame([record])
+            (new if records.empty else pd.concat([records, new], ignore_index=True)).to_csv(records_path, index=False)
+
+
+def _fit_argv(args, task, row, gamma, seed, records):
+    """This script's arguments that fit one (task, row, gamma, seed) into ``records``, with ``args``'s settings."""
+    argv = ["--data-root", str(args.data_root), "--threads", str(args.threads), "--tasks", task, "--rows", row,
+            "--gammas", repr(gamma), "--seed", str(seed), "--patience", str(args.patience), "--lr", repr(args.lr),
+            "--monitor", args.monitor, "--device", args.device, "--records", str(records),
+            "--results", str(records.with_suffix(".md"))]
+    for option, value in (("--n", args.n), ("--epochs", args.epochs), ("--alphas", args.alphas)):
+        if value is not None:
+            argv += [option, str(value)]
+    return argv + ["--quick"] * args.quick + ["--calibrate-head"] * args.calibrate_head
+
+
+def run_parallel(args, config, records_path):
+    """:func:`run` with each fit in its own process of this script, at most ``args.jobs`` at a time.
+
+    A matched row starts once the fit of the row it follows has ended. Each process starts from a copy
+    of the records (so recorded fits are skipped and matched rows find their reference) and its new
+    record is merged into ``records_path`` when it ends; its output is printed then. After
+    ``args.deadline`` seconds no fit starts and the running ones are stopped. Returns the fits that
+    failed, were stopped or did not start.
+    """
+    pending = [(task, *fit) for task in args.tasks for fit in fits(args.rows, config["gammas"], args.seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads),
+           "MKL_NUM_THREADS": str(args.threads)}
+    start, running, ended, failed = time.monotonic(), {}, set(), set()
+    with tempfile.TemporaryDirectory() as work:
+        while pending or running:
+            for fit, (process, log) in list(running.items()):
+                if process.poll() is None:
                     continue
-                reference = None
-                if row in MATCHED:
-                    followed = recorded(records, {**key, "row": MATCHED[row][1]})
-                    if not len(followed):
-                        raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
-                    reference = followed.iloc[-1]
-                record = fit_row(task, row, gamma, args.seed, args.lr, monitor, calibrate, args.device, data, budget,
-                                 config, net, input_preset, reference)
-                print(f"  {task} {row} gamma={gamma:g}: {record['score_before_ft']:.4g} -> {record['score']:.4g} "
-                      f"at {100 * record['flops_share']:.1f} % FLOPs, {record['fit_s']:.0f} s", flush=True)
-                new = pd.DataFrame([record])
-                (new if records.empty else pd.concat([records, new], ignore_index=True)).to_csv(records_path, index=False)
+                del running[fit]
+                (ended if process.returncode == 0 else failed).add(fit)
+                log.seek(0)
+                print(f"[{time.monotonic() - start:.0f} s] {' '.join(map(str, fit))}: exit {process.returncode}\n"
+                      f"{log.read()}", end="", flush=True)
+                log.close()
+                merged = pd.concat([read_records(records_path), read_records(_fit_records(work, fit))])
+                merged.drop_duplicates(subset=KEY, keep="first").to_csv(records_path, index=False)
+            if args.deadline is not None and time.monotonic() - start > args.deadline:
+                for fit, (process, _) in running.items():
+                    process.kill()
+                    process.wait()
+                    failed.add(fit)
+                    print(f"{' '.join(map(str, fit))}: stopped at the deadline", flush=True)
+                failed.update(pending)
+                break
+            for fit in list(pending):
+                task, row, gamma, seed = fit
+                followed = (task, MATCHED[row][1], gamma, seed) if row in MATCHED else None
+                if followed in failed:
+                    pending.remove(fit)
+                    failed.add(fit)
+                    print(f"{' '.join(map(str, fit))}: not started, {' '.join(map(str, followed))} failed", flush=True)
+                elif len(running) < args.jobs and (followed in ended or followed not in [*running, *pending]):
+                    pending.remove(fit)
+                    records = _fit_records(work, fit)
+                    if records_path.exists():
+                        shutil.copy(records_path, records)
+                    log = tempfile.TemporaryFile("w+", dir=work)
+                    command = [sys.executable, __file__, *_fit_argv(args, task, row, gamma, seed, records)]
+                    running[fit] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            time.sleep(1)
+    return sorted(failed)
+
+
+def _fit_records(work, fit):
+    return Path(work) / ("_".join(map(str, fit)).replace("@", "-") + ".csv")
 
 
 def write_table(args, config, records_path, results):
@@ -228,7 +317,8 @@ def write_table(args, config, records_path, results):
         "date is when its fit ended (rows may come from several invocations, all with the command below but for "
         "--tasks / --rows / --seed / --lr / --monitor / --calibrate-head / --device). calibrate_head: the "
         "satellite head divided by the temperature fitted on its images before fine-tuning. lr: Adam's learning "
-        "rate. device: where the forward passes and fine-tuning ran."
+        "rate. device: where the forward passes and fine-tuning ran (the machine below is the one that wrote "
+        "the table; the rows on a GPU name theirs on the Reproducing page)."
     )
     title = "ETL Table 1 on all images (MobileFaceNet)"
     if records_path.name != "etl_full.csv":
@@ -242,14 +332,19 @@ def _options(parser):
                         help="rows to fit (recorded ones are skipped); none: only write the table of the records")
     parser.add_argument("--patience", type=int, default=3, help="early-stopping patience with --epochs")
     parser.add_argument("--records", default=None, help="CSV of the fitted rows (default: beside --results)")
-    parser.add_argument("--seed", type=int, default=_bench.SEED,
-                        help="the pruner's random_state (a repeated fit); the train/test split does not change")
+    parser.add_argument("--seed", type=int, nargs="+", default=[_bench.SEED],
+                        help="the pruner's random_state, one fit per seed (repeated fits); the train/test split "
+                             "does not change")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate of every fine-tuning")
     parser.add_argument("--monitor", choices=["loss", "accuracy"], default="loss",
                         help="what early stopping watches on gender and emotion (yaw and age: the loss)")
     parser.add_argument("--calibrate-head", action="store_true",
                         help="calibrate the satellite head of gender and emotion (CraftPruner(calibrate_head=True))")
     parser.add_argument("--device", default="cpu", help="where forward passes and fine-tuning run (e.g. cuda)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fits run at the same time, each in its own process of this script (see above)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="with --jobs: after this many seconds no fit starts and running fits are stopped")
 
 
 def main(argv=None):
@@ -259,8 +354,14 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     results = args.results or _bench.RESULTS / "etl_full.md"
     records_path = results.with_suffix(".csv") if args.records is None else Path(args.records)
-    run(args, config, records_path)
+    failed = []
+    if args.jobs > 1:
+        failed = run_parallel(args, config, records_path)
+    else:
+        run(args, config, records_path)
     write_table(args, config, records_path, results)
+    if failed:
+        raise SystemExit(f"{len(failed)} fit(s) failed, stopped or not started: {failed}")
     return read_records(records_path)
 
 

@@ -123,9 +123,10 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), second.drop(columns="random_state"))
     assert "| yaw | random@one-shot | 0.01 | 0 |" in text and "| yaw | one-shot-l1 | 0.01 | 0 |" in text
     assert "## ETL Table 1 on all images (MobileFaceNet)\n" in text
-    # Another seed is a repeated fit beside the recorded ones; its matched row follows the row of its seed.
+    # Another seed is a repeated fit beside the recorded ones; its matched row follows the row of its seed,
+    # also when the fits run in processes of their own (--jobs), where it waits for that row to end.
     _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "l1@one-shot",
-                                "--seed", "1")
+                                "--seed", "1", "--jobs", "2")
     third = pd.read_csv(results.with_suffix(".csv"))
     pd.testing.assert_frame_equal(third.iloc[: len(second)], second)
     repeat = third.iloc[len(second):]
@@ -145,6 +146,11 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     fourth = pd.read_csv(results.with_suffix(".csv"))
     pd.testing.assert_frame_equal(fourth.iloc[: len(third)], third)
     assert fourth.iloc[len(third):]["lr"].tolist() == [1e-4] and "| yaw | one-shot | 0.01 | 1 | 0.0001 | loss |" in text
+    # Past the deadline nothing starts: the command fails, naming the fits, and the records stay as they were.
+    completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "one-shot",
+                        "--seed", "2", "--jobs", "2", "--deadline", "0")
+    assert completed.returncode != 0 and "1 fit(s) failed, stopped or not started: [('yaw', 'one-shot'" in completed.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), fourth)
     # A matched row without its reference is refused before any fit.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")
     assert completed.returncode != 0 and "needs a recorded sequential row" in completed.stderr
