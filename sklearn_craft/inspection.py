@@ -324,6 +324,9 @@ def _on_device(model, device):
     are on the meta device holds no values to copy, which is an error naming ``model``.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # Batches sent to "cuda" land on the current GPU: a model on another one is not in place.
+        device = torch.device("cuda", torch.cuda.current_device())
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
     if any(tensor.is_meta for tensor in tensors):
         raise ValueError(

@@ -154,3 +154,13 @@ def test_finetune_and_recalibration_run_on_the_gpu(data):
     bn, expected_bn = recalibrated[1], expected[1]
     np.testing.assert_allclose(bn.running_mean.cpu(), expected_bn.running_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bn.running_var.cpu(), expected_bn.running_var, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_another_gpu_is_copied_to_the_current_one(data):
+    X, _ = data
+    expected = ActivationPooler(conv_chain()).fit(X).transform(X)
+    model = conv_chain().to("cuda:1")
+    features = ActivationPooler(model, device="cuda").fit(X).transform(X)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+    assert next(model.parameters()).device == torch.device("cuda:1")
