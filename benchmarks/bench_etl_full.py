@@ -293,6 +293,7 @@ def run_parallel(args, config, records_path):
 
 
 def _fit_records(work, fit):
+    """The records file of one fit's process in the folder ``work``."""
     return Path(work) / ("_".join(map(str, fit)).replace("@", "-") + ".csv")
 
 
