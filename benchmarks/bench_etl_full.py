@@ -26,7 +26,10 @@ l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1
 Every fit appends its row to the records (``--records``, a CSV, default
 benchmarks/results/etl_full.csv) as soon as it ends, and a row already there (same task, row, gamma, seed,
 training images and budget) is not fitted again: a run of many hours can be split over several
-invocations, and the matched rows read their reference's FLOPs and head layer from the records.
+invocations, and the matched rows read their reference's FLOPs and head layer from the records: from a
+recorded row of the reference with the same task, gamma, seed, training images and device, whatever its
+fine-tuning (budget, --lr, --monitor, --calibrate-head), since both come from the selection alone (rows
+that would serve must agree, else the script stops).
 The table (benchmarks/results/etl_full.md, or --results) is written from all the records of the
 run's settings.
 
@@ -37,18 +40,16 @@ emotion 8 and 3 (``--epochs`` / ``--patience`` set one budget for every task). F
 training images per stage, from the values kept before the previous stage since 2026-12-03).
 --quick: 48 images per task (emotion: 48 training and 48 test images), 5 alphas, 1 epoch.
 --seed S [S ...] refits rows with the pruner's ``random_state=S`` (default 0) on the same train/test
-split: a repeated fit, recorded beside the others, whose matched rows follow the row of the same seed.
+split: a repeated fit, recorded beside the others.
 --monitor accuracy fine-tunes the classification tasks (gender, emotion) with early stopping on the
 validation accuracy instead of the loss (``finetune_params["monitor"]``), recorded as other rows; yaw and
-age always watch the loss. Matched rows follow the row of the same monitor.
+age always watch the loss.
 --calibrate-head divides the satellite head of gender and emotion by the temperature fitted on its
 images before fine-tuning (``CraftPruner(calibrate_head=True)``; no prediction changes, the loss and its
-gradients do), recorded as other rows (column calibrate_head, head_temperature); matched rows follow the
-row of the same setting.
---lr sets Adam's learning rate of every fine-tuning (default 1e-3), recorded as other rows; matched rows
-follow the row of the same learning rate.
+gradients do), recorded as other rows (column calibrate_head, head_temperature).
+--lr sets Adam's learning rate of every fine-tuning (default 1e-3), recorded as other rows.
 --device runs every forward pass and fine-tuning there (``CraftPruner(device=...)``, e.g. ``cuda``; the
-selection itself runs on the CPU), recorded as other rows; matched rows follow the row of the same device.
+selection itself runs on the CPU), recorded as other rows.
 On a GPU the script turns TF32 off, so that float32 sums differ from the CPU's by their order only.
 --jobs N runs N fits at a time, each in its own process of this script with --threads threads (for a
 machine with many cores, or a GPU that one fit leaves idle): a matched row starts once the row it
@@ -94,6 +95,8 @@ MATCHED = {
 ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
 KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "lr", "monitor", "calibrate_head",
        "device"]
+#: The columns of KEY that determine a fit's selection (its FLOPs and head layer): the rest is fine-tuning.
+SELECTION = ["task", "row", "gamma", "random_state", "n_train", "device"]
 
 
 def task_data(task, root, n, input_preset):
@@ -133,9 +136,22 @@ def read_records(path):
     return records
 
 
-def recorded(records, key):
-    """The records whose KEY columns equal ``key``."""
-    return records[(records[KEY] == pd.Series(key)).all(axis=1)]
+def recorded(records, key, columns=KEY):
+    """The records whose ``columns`` equal those of ``key``."""
+    return records[(records[columns] == pd.Series(key)[columns]).all(axis=1)]
+
+
+def matched_reference(records, key, reference_row):
+    """The recorded ``reference_row`` whose FLOPs and head layer the matched fit ``key`` takes: any with
+    the same selection (``SELECTION``), whatever its fine-tuning; several must agree."""
+    followed = recorded(records, {**key, "row": reference_row}, SELECTION)
+    if not len(followed):
+        raise SystemExit(f"{key['row']} needs a recorded {reference_row} row of {key['task']} at gamma "
+                         f"{key['gamma']:g} (seed {key['random_state']}, device {key['device']})")
+    if followed[["flops_share", "head_layer"]].drop_duplicates().shape[0] > 1:
+        raise SystemExit(f"the recorded {reference_row} rows of {key['task']} at gamma {key['gamma']:g} (seed "
+                         f"{key['random_state']}) disagree on FLOPs or head layer: {followed[['flops_share', 'head_layer']]}")
+    return followed.iloc[-1]
 
 
 def task_monitor(task, monitor):
@@ -214,10 +230,7 @@ def run(args, config, records_path):
                 continue
             reference = None
             if row in MATCHED:
-                followed = recorded(records, {**key, "row": MATCHED[row][1]})
-                if not len(followed):
-                    raise SystemExit(f"{row} needs a recorded {MATCHED[row][1]} row of {task} at gamma {gamma:g}")
-                reference = followed.iloc[-1]
+                reference = matched_reference(records, key, MATCHED[row][1])
             record = fit_row(task, row, gamma, seed, args.lr, monitor, calibrate, args.device, data, budget,
                              config, net, input_preset, reference)
             print(f"  {task} {row} gamma={gamma:g} seed={seed}: {record['score_before_ft']:.4g} -> "
