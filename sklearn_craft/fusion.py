@@ -257,7 +257,7 @@ def _apply(module, array, batch_size, device):
     return torch.cat(chunks).numpy()
 
 
-class EmbeddingFusion(TransformerMixin, BaseEstimator):
+class EmbeddingFusion(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
     """One compact embedding ``h_G`` of several sources' embeddings (Vielzeuf et al., section 3.2).
 
     Every source maps an image to an embedding ``h_i`` (for instance the 128-d identity embedding
