@@ -140,12 +140,17 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "--seed", "1", "--monitor",
                       "accuracy", "--calibrate-head")
     pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), third)
-    # Another learning rate is another fit, recorded beside the others.
-    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "--seed", "1",
+    # Another learning rate is another fit, recorded beside the others; a matched row takes its FLOPs and head
+    # layer from the recorded row of the same selection, fine-tuned at another learning rate.
+    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "l1@one-shot", "--seed", "1",
                                 "--lr", "1e-4")
     fourth = pd.read_csv(results.with_suffix(".csv"))
     pd.testing.assert_frame_equal(fourth.iloc[: len(third)], third)
-    assert fourth.iloc[len(third):]["lr"].tolist() == [1e-4] and "| yaw | one-shot | 0.01 | 1 | 0.0001 | loss |" in text
+    new = fourth.iloc[len(third):]
+    assert new["row"].tolist() == ["l1@one-shot"] and new["lr"].tolist() == [1e-4]
+    assert abs(new.iloc[0]["flops_share"] - repeat.iloc[0]["flops_share"]) <= 0.01
+    assert new.iloc[0]["head_layer"] == repeat.iloc[0]["head_layer"]
+    assert "| yaw | l1@one-shot | 0.01 | 1 | 0.0001 | loss |" in text
     # Past the deadline nothing starts: the command fails, naming the fits, and the records stay as they were.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "one-shot",
                         "--seed", "2", "--jobs", "2", "--deadline", "0")
