@@ -307,13 +307,12 @@ def _seeded_rng(seed, device="cpu"):
     cuda = device.type == "cuda"
     index = (torch.cuda.current_device() if device.index is None else device.index) if cuda else None
     with torch.random.fork_rng(devices=[index] if cuda else []):
-        if device.type == "cpu":
-            torch.random.default_generator.manual_seed(seed)
-        elif cuda:
-            torch.random.default_generator.manual_seed(seed)
-            torch.cuda.default_generators[index].manual_seed(seed)
-        else:  # other accelerators: every generator, as torch seeds them
+        if device.type not in ("cpu", "cuda"):  # other accelerators: every generator, as torch seeds them
             torch.manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 
