@@ -297,6 +297,27 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
 
 
 @pytest.mark.realdata
+def test_fusion_seeds_compare_each_autoencoder_seed_and_weighting_with_bt(shared_data, tmp_path):
+    results, text = _run_on_real_data("fusion_seeds", shared_data, tmp_path)
+    frame = pd.read_csv(results.with_suffix(".csv"))
+    targets = ["age", "gender", "race", "attributes", "emotion"]
+    # One row per auto-encoder, weighting, seed (0 1 in --quick) and target.
+    assert len(frame) == 2 * 2 * 2 * len(targets) and set(frame["target"]) == set(targets)
+    assert set(frame["source_weight"]) == {"none", "balanced"} and set(frame["seed"]) == {0, 1}
+    assert _finite(frame, ["score", "BT", "nrmse"])
+    # BT is one number per target, whatever the auto-encoder; at_least_BT follows the metric's direction.
+    assert (frame.groupby("target")["BT"].nunique() == 1).all()
+    higher = frame["metric"] == "accuracy %"
+    expected = np.where(higher, frame["score"] >= frame["BT"], frame["score"] <= frame["BT"])
+    assert (frame["at_least_BT"] == expected).all()
+    # Different seeds give different auto-encoders.
+    ae = frame[(frame["method"] == "AE") & (frame["source_weight"] == "none")].pivot(index="target", columns="seed",
+                                                                                     values="score")
+    assert (ae[0] != ae[1]).any()
+    assert "| AE | balanced |" in text and "targets>=BT per seed" in text
+
+
+@pytest.mark.realdata
 def test_fusion_has_every_method_on_every_target_and_a_lighter_student(shared_data, tmp_path):
     saved = tmp_path / "student.pt"
     results, text = _run_on_real_data("fusion", shared_data, tmp_path, "--ae-epochs", "2", "--save-student", str(saved))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.base import clone
+from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -229,6 +230,13 @@ def test_bad_parameters():
             EmbeddingFusion(sources, noise=noise).fit(H)
     with pytest.raises(ValueError, match=r"of which validation_fraction=0.5 leaves 20 to fit; pca needs at least 25"):
         EmbeddingFusion(sources, method="pca", n_components=25, validation_fraction=0.5).fit(H)
+    with pytest.raises(ValueError, match=r"source_weight must give a weight to every source, \['s0', 's1'\], and to no other; got \['s0'\]"):
+        EmbeddingFusion(sources, source_weight={"s0": 1.0}).fit(H)
+    for weight in (0, -1.0, np.inf, "1", True):
+        with pytest.raises(ValueError, match=r"source_weight must map every source to a positive number"):
+            EmbeddingFusion(sources, source_weight={"s0": 1.0, "s1": weight}).fit(H)
+    with pytest.raises(ValueError, match=r"The 'source_weight' parameter of EmbeddingFusion must be"):
+        EmbeddingFusion(sources, source_weight="equal").fit(H)
     with pytest.raises(NotFittedError):
         EmbeddingFusion(sources).transform(H)
     fitted = EmbeddingFusion(sources, method="concat").fit(H)
@@ -278,6 +286,37 @@ def test_pca_and_concat_shapes_names_and_reconstruction():
     assert concat.get_feature_names_out()[[0, 19, 20, 31]].tolist() == ["s0:0", "s0:19", "s1:0", "s1:11"]
     frame = concat.set_output(transform="pandas").transform(H)
     assert list(frame.columns) == concat.get_feature_names_out().tolist()
+
+
+def test_source_weight_sets_each_source_share_of_what_h_G_keeps():
+    # Each source carries its own factor: s0's 12 columns one, s1's 2 columns another.
+    rng = np.random.default_rng(0)
+    factors = rng.normal(size=(400, 2))
+    H = np.hstack([factors[:, [0]] + 0.1 * rng.normal(size=(400, 12)), factors[:, [1]] + 0.1 * rng.normal(size=(400, 2))])
+    H, sources = H.astype(np.float32), _slices(12, 2)
+    common = dict(method="pca", n_components=1, validation_fraction=0, early_stopping=None, random_state=0)
+    by_column = EmbeddingFusion(sources, **common).fit(H)
+    balanced = EmbeddingFusion(sources, source_weight="balanced", **common).fit(H)
+    assert by_column.source_weights_.to_dict() == {"s0": 1.0, "s1": 1.0}
+    np.testing.assert_allclose(balanced.source_weights_, [7 / 12, 7 / 2])  # mean dimension 7 over each source's
+    # A mapping gives relative shares: proportional to the dimensions is the default, equal is "balanced".
+    for weight, same in (({"s0": 12, "s1": 2}, by_column), ({"s0": 3.0, "s1": 3.0}, balanced)):
+        fusion = EmbeddingFusion(sources, source_weight=weight, **common).fit(H)
+        np.testing.assert_allclose(fusion.source_weights_, same.source_weights_)
+        np.testing.assert_allclose(fusion.transform(H), same.transform(H), rtol=1e-5, atol=1e-5)
+    # PCA of the standardised columns, each times the square root of its source's weight.
+    scale = np.repeat(np.sqrt([7 / 12, 7 / 2]), [12, 2]).astype(np.float32)
+    by_hand = PCA(n_components=1).fit((balanced.scaler_.transform(H) * scale).astype(np.float32))
+    np.testing.assert_allclose(np.abs(balanced.pca_.components_), np.abs(by_hand.components_), atol=1e-5)
+    # One component keeps the source that weighs most: s0 (12 columns) by default, s1 when it weighs 10 times s0.
+    favoured = EmbeddingFusion(sources, source_weight={"s0": 1, "s1": 10}, **common).fit(H)
+    assert by_column.reconstruction_nrmse_["s0"] < 0.2 < 0.9 < by_column.reconstruction_nrmse_["s1"]
+    assert favoured.reconstruction_nrmse_["s1"] < 0.2 < 0.9 < favoured.reconstruction_nrmse_["s0"]
+    # The weights change what is kept, not the units: concat is the weighted columns and decodes to H.
+    concat = EmbeddingFusion(sources, method="concat", source_weight="balanced").fit(H)
+    np.testing.assert_allclose(concat.transform(H), concat.scaler_.transform(H) * scale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(concat.inverse_transform(concat.transform(H)), H, rtol=1e-4, atol=1e-4)
+    assert (concat.reconstruction_nrmse_ == 0).all()
 
 
 def test_columns_may_be_any_selection_in_any_order():
@@ -567,7 +606,7 @@ def test_real_sources_fuse_from_one_image_set(shared_data):
 _FUSIONS = [
     EmbeddingFusion({"first": [0], "rest": slice(1, None)}, method=method, epochs=2, early_stopping=None, random_state=0)
     for method in ("concat", "pca", "autoencoder")
-]
+] + [EmbeddingFusion({"first": [0], "rest": slice(1, None)}, method="pca", source_weight="balanced", random_state=0)]
 
 
 @parametrize_with_checks(_FUSIONS)
