@@ -315,8 +315,9 @@ class EmbeddingFusion(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         count the same whatever its dimension, as ``class_weight="balanced"`` does for classes;
         a mapping gives every source (each name of ``sources``) its relative share. On the
         embeddings of 9,700 faces by MobileFaceNet (128-d), mini-Xception (128-d) and O-Net
-        (256-d), "balanced" reconstructed the two 128-d sources better and O-Net worse (the
-        Fusion page gives the numbers).
+        (256-d), "balanced" lowered the auto-encoder's mean held-out NRMSE over three seeds
+        (0.405 against 0.421), the two 128-d sources reconstructed better and O-Net worse; the
+        Fusion page compares the codes with the best single source.
     hidden_layer_sizes : "geometric" or tuple of int, default="geometric"
         Widths of the encoder's hidden layers (the decoder mirrors them). "geometric" is the
         paper's shape: two hidden layers whose widths fall geometrically from the concatenation's
