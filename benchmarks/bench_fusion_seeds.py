@@ -59,15 +59,16 @@ def main(argv=None):
         return run(args)
 
 
-def scores(args, embeddings, target_sets):
-    """Long frame (embedding, target, score, metric) of the satellites on each embedding, and BT's rows."""
+def scores(args, embeddings, target_sets, target_h):
+    """Long frame (embedding, target, score) of the satellites on each embedding, and BT's rows (the
+    best single source of ``target_h``, each data set's source embeddings)."""
     rows, best = [], []
     for dataset, (_, labels) in target_sets.items():
         tasks, task_types, scoring = bench_fusion.task_frame(dataset, labels, args.cv)
         common = dict(task_types=task_types, scoring=scoring, cv=args.cv, random_state=_bench.SEED)
         fused = {name: by_dataset[dataset] for name, by_dataset in embeddings.items()}
         matrix = task_relationship_matrix(fused, None, tasks, **common)
-        bt, _ = best_transfer(args.target_h[dataset], tasks, **common)
+        bt, _ = best_transfer(target_h[dataset], tasks, **common)
         for task in matrix.columns:
             metric = matrix.attrs["metric"][task]
             shown, unit = bench_fusion.shown_score(task, bt.loc[task, "score"], metric)
@@ -86,10 +87,10 @@ def run(args):
     nets = bench_fusion.networks(args.data_root)
     pool_h = {name: bench_fusion.embeddings(nets, f"pool-{name}", images, args.cache) for name, images in pool.items()}
     pool_h = {source: np.vstack([h[source] for h in pool_h.values()]) for source in bench_fusion.SOURCES}
-    args.target_h = {name: bench_fusion.embeddings(nets, f"target-{name}", images, args.cache)
+    target_h = {name: bench_fusion.embeddings(nets, f"target-{name}", images, args.cache)
                      for name, (images, _) in target_sets.items()}
     H_pool, columns = bench_fusion.side_by_side(pool_h)
-    targets = {name: bench_fusion.side_by_side(h)[0] for name, h in args.target_h.items()}
+    targets = {name: bench_fusion.side_by_side(h)[0] for name, h in target_h.items()}
 
     fits, embeddings = [], {}
     for weight in args.source_weights:
@@ -107,7 +108,7 @@ def run(args):
                 print(f"{name}: {fits[-1]['epochs']} epochs, NRMSE {fits[-1]['nrmse']:.3f}, "
                       f"{fits[-1]['fit_s']:.0f} s", flush=True)
     fits = pd.DataFrame(fits)
-    long, bt = scores(args, embeddings, target_sets)
+    long, bt = scores(args, embeddings, target_sets, target_h)
     long = long.merge(fits, on="embedding").merge(bt, left_on="target", right_index=True)
     # +1 where higher is better (accuracy), -1 for errors: the auto-encoder is at least BT where sign * (score - BT) >= 0.
     sign = np.where(bt["metric"] == "accuracy %", 1.0, -1.0)
