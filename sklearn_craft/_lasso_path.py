@@ -216,9 +216,30 @@ def _solve_paths(parts, grids, tol=None):
             n_samples = np.array([parts[k]["n_samples"] for k in same])
             grid = np.stack([grids[k] for k in same])
             multitask_tol = MULTITASK_TOL if tol is None else tol
-            for k, coefs in zip(same, _multitask_paths(Cs, n_samples, n_features, grid, multitask_tol)):
-                paths[k] = coefs
+            Cs, bases = _target_range(Cs, n_features)
+            for k, basis, coefs in zip(same, bases, _multitask_paths(Cs, n_samples, n_features, grid, multitask_tol)):
+                paths[k] = np.einsum("tr,rja->tja", basis, coefs)
     return [coefs / stats["x_scale"][None, :, None] for stats, coefs in zip(parts, paths)]
+
+
+def _target_range(Cs, n_features):
+    """Cross-products ``Cs`` with the targets expressed in an orthonormal basis of their range,
+    and those bases (targets × rank), one per problem.
+
+    The multi-task LASSO's fit and penalty are both invariant under an orthogonal change of
+    the targets' basis, and its solution has no part outside the targets' range, so the paths
+    of the reduced problems, rotated back, are the paths of the original ones. Centred one-hot
+    classes have one dimension fewer than classes: 7 classes are solved as 6 targets.
+    """
+    eigenvalues, vectors = np.linalg.eigh(Cs[:, n_features:, n_features:])
+    rank = max(1, int(np.max(np.sum(eigenvalues > 1e-12 * eigenvalues[:, -1:], axis=1))))
+    bases = vectors[:, :, -rank:]
+    reduced = np.empty((len(Cs), n_features + rank, n_features + rank))
+    reduced[:, :n_features, :n_features] = Cs[:, :n_features, :n_features]
+    reduced[:, :n_features, n_features:] = Cs[:, :n_features, n_features:] @ bases
+    reduced[:, n_features:, :n_features] = np.swapaxes(reduced[:, :n_features, n_features:], 1, 2)
+    reduced[:, n_features:, n_features:] = np.swapaxes(bases, 1, 2) @ Cs[:, n_features:, n_features:] @ bases
+    return reduced, bases
 
 
 def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
@@ -286,9 +307,16 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
                         ConvergenceWarning,
                     )
                 if i + 1 < len(grid) and i >= 1 and grid[i] != grid[i - 1]:
-                    # The path is smooth in log α between changes of support.
-                    ratio = np.log(grid[i + 1] / grid[i]) / np.log(grid[i] / grid[i - 1])
-                    W[k] = W[k] + ratio * (W[k] - coefs[live[k], :, :, i - 1].T)
+                    # The path is smooth in log α between changes of support: the next α starts
+                    # from the line through the last two solutions, or from the parabola through
+                    # the last three where they share a support (a tenth fewer Newton steps on
+                    # MobileFaceNet's 7-class target).
+                    known = [coefs[live[k], :, :, i - 1].T, W[k]]
+                    if i >= 2 and grid[i - 1] != grid[i - 2]:
+                        earlier = coefs[live[k], :, :, i - 2].T
+                        if np.array_equal(earlier != 0, W[k] != 0) and np.array_equal(known[0] != 0, W[k] != 0):
+                            known.insert(0, earlier)
+                    W[k] = _extrapolate(np.log(grid[i + 1 - len(known) : i + 2]), known)
                 V[k], momentum[k], n_iter[k], position[k] = W[k], 1.0, 0, i + 1
             on = position < grids.shape[1]
             support, since_newton = support[on], since_newton[on]
@@ -333,6 +361,17 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
                 W[k] = V[k] = polished
                 momentum[k] = 1.0
     return coefs
+
+
+def _extrapolate(log_alphas, solutions):
+    """Value at ``log_alphas[-1]`` of the polynomial in log α through ``solutions`` at the
+    others (Lagrange's form)."""
+    knots, target = log_alphas[:-1], log_alphas[-1]
+    value = 0.0
+    for j, solution in enumerate(solutions):
+        others = np.delete(knots, j)
+        value = value + np.prod((target - others) / (knots[j] - others)) * solution
+    return value
 
 
 def _newton_steps(gram, xy, yy, W, penalty, gap, tol, max_steps=4):

@@ -284,6 +284,26 @@ def test_multitask_path_equals_sklearn_multitask_lasso():
     np.testing.assert_allclose(coefs, path, rtol=0, atol=1e-6)
 
 
+def test_multitask_path_of_one_hot_classes_equals_sklearn_multitask_lasso():
+    # Centred one-hot classes span one dimension fewer than classes: the path is solved on
+    # that range (4 classes as 3 targets) and rotated back, the same coefficients as the
+    # 4-target problem's.
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(240, 12)) @ rng.normal(size=(12, 12)) * 0.3 + rng.normal(size=(240, 12))
+    Y = np.eye(4)[np.argmax(X[:, :4] + rng.normal(size=(240, 4)), axis=1)]
+    x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
+    Z = np.hstack([X - x_mean, Y - y_mean])
+    C = Z.T @ Z
+    reduced, bases = sklearn_craft._lasso_path._target_range(C[None], 12)
+    assert reduced.shape == (1, 15, 15) and bases.shape == (1, 4, 3)
+    stats = sklearn_craft._lasso_path._moments(C, 240, x_mean, 12, False)
+    grid = sklearn_craft._lasso_path._alpha_grid(stats, 30, 1e-3)
+    coefs = sklearn_craft._lasso_path._solve_path(stats, grid, tol=1e-12)
+    _, path, _ = lasso_path(X - x_mean, Y - y_mean, alphas=grid, tol=1e-12, max_iter=100_000)
+    np.testing.assert_allclose(coefs, path, rtol=0, atol=1e-6)
+    assert np.count_nonzero(np.any(coefs[:, :, -1] != 0, axis=0)) > 6
+
+
 def _dense_collinear_problem(seed=3, n=60, p=90, n_targets=5):
     """More filters than samples, nearly collinear (rank ~8 plus noise): a dense, ill-conditioned path."""
     rng = np.random.default_rng(seed)
@@ -370,6 +390,21 @@ def test_newton_step_retries_without_the_groups_its_full_step_carries_through_ze
     assert np.all(polished[1] == 0)
     objective = sklearn_craft._lasso_path._objective
     assert objective(gram, xy, polished, penalty) < objective(gram, xy, without_retry, penalty)
+
+
+def test_path_start_is_the_polynomial_in_log_alpha_through_the_last_solutions():
+    # Each alpha starts from the line (two solutions) or parabola (three, sharing a support) in
+    # log alpha through the last solutions: exact on a path that is such a polynomial.
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(size=(3, 4, 2))
+    log_alphas = np.log([1.0, 0.8, 0.5, 0.45])
+    exact = [a + b * t + c * t**2 for t in log_alphas]
+    extrapolate = sklearn_craft._lasso_path._extrapolate
+    np.testing.assert_allclose(extrapolate(log_alphas, exact[:3]), exact[3], rtol=1e-12)
+    line = [a + b * t for t in log_alphas]
+    np.testing.assert_allclose(extrapolate(log_alphas[1:], line[1:3]), line[3], rtol=1e-12)
+    # Two knots cannot follow the parabola's curvature.
+    assert not np.allclose(extrapolate(log_alphas[1:], exact[1:3]), exact[3])
 
 
 def test_newton_steps_follow_each_other_while_they_halve_the_gap(monkeypatch):
