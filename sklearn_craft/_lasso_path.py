@@ -216,30 +216,9 @@ def _solve_paths(parts, grids, tol=None):
             n_samples = np.array([parts[k]["n_samples"] for k in same])
             grid = np.stack([grids[k] for k in same])
             multitask_tol = MULTITASK_TOL if tol is None else tol
-            Cs, bases = _target_range(Cs, n_features)
-            for k, basis, coefs in zip(same, bases, _multitask_paths(Cs, n_samples, n_features, grid, multitask_tol)):
-                paths[k] = np.einsum("tr,rja->tja", basis, coefs)
+            for k, coefs in zip(same, _multitask_paths(Cs, n_samples, n_features, grid, multitask_tol)):
+                paths[k] = coefs
     return [coefs / stats["x_scale"][None, :, None] for stats, coefs in zip(parts, paths)]
-
-
-def _target_range(Cs, n_features):
-    """Cross-products ``Cs`` with the targets expressed in an orthonormal basis of their range,
-    and those bases (targets × rank), one per problem.
-
-    The multi-task LASSO's fit and penalty are both invariant under an orthogonal change of
-    the targets' basis, and its solution has no part outside the targets' range, so the paths
-    of the reduced problems, rotated back, are the paths of the original ones. Centred one-hot
-    classes have one dimension fewer than classes: 7 classes are solved as 6 targets.
-    """
-    eigenvalues, vectors = np.linalg.eigh(Cs[:, n_features:, n_features:])
-    rank = max(1, int(np.max(np.sum(eigenvalues > 1e-12 * eigenvalues[:, -1:], axis=1))))
-    bases = vectors[:, :, -rank:]
-    reduced = np.empty((len(Cs), n_features + rank, n_features + rank))
-    reduced[:, :n_features, :n_features] = Cs[:, :n_features, :n_features]
-    reduced[:, :n_features, n_features:] = Cs[:, :n_features, n_features:] @ bases
-    reduced[:, n_features:, :n_features] = np.swapaxes(reduced[:, :n_features, n_features:], 1, 2)
-    reduced[:, n_features:, n_features:] = np.swapaxes(bases, 1, 2) @ Cs[:, n_features:, n_features:] @ bases
-    return reduced, bases
 
 
 def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):

@@ -285,18 +285,13 @@ def test_multitask_path_equals_sklearn_multitask_lasso():
 
 
 def test_multitask_path_of_one_hot_classes_equals_sklearn_multitask_lasso():
-    # Centred one-hot classes span one dimension fewer than classes: the path is solved on
-    # that range (4 classes as 3 targets) and rotated back, the same coefficients as the
-    # 4-target problem's.
+    # Centred one-hot classes span one dimension fewer than classes: a singular target block.
     rng = np.random.default_rng(2)
     X = rng.normal(size=(240, 12)) @ rng.normal(size=(12, 12)) * 0.3 + rng.normal(size=(240, 12))
     Y = np.eye(4)[np.argmax(X[:, :4] + rng.normal(size=(240, 4)), axis=1)]
     x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
     Z = np.hstack([X - x_mean, Y - y_mean])
-    C = Z.T @ Z
-    reduced, bases = sklearn_craft._lasso_path._target_range(C[None], 12)
-    assert reduced.shape == (1, 15, 15) and bases.shape == (1, 4, 3)
-    stats = sklearn_craft._lasso_path._moments(C, 240, x_mean, 12, False)
+    stats = sklearn_craft._lasso_path._moments(Z.T @ Z, 240, x_mean, 12, False)
     grid = sklearn_craft._lasso_path._alpha_grid(stats, 30, 1e-3)
     coefs = sklearn_craft._lasso_path._solve_path(stats, grid, tol=1e-12)
     _, path, _ = lasso_path(X - x_mean, Y - y_mean, alphas=grid, tol=1e-12, max_iter=100_000)
