@@ -195,7 +195,7 @@ def test_path_equals_sklearn_lasso_path():
     alpha_max = np.max(np.abs(Xc.T @ yc)) / len(y)
     np.testing.assert_allclose(curve["alpha"], np.geomspace(alpha_max, alpha_max * 1e-4, 100), rtol=1e-12)
 
-    _, expected, _ = lasso_path(Xc, yc, alphas=curve["alpha"].to_numpy())
+    _, expected, _ = lasso_path(Xc, yc, alphas=curve["alpha"].to_numpy(), tol=1e-12, max_iter=100_000)
     np.testing.assert_allclose(coefs, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
     np.testing.assert_array_equal(curve["n_selected"], np.count_nonzero(expected, axis=0))
 
@@ -205,7 +205,9 @@ def test_standardized_path_is_lasso_path_on_scaled_features_in_original_scale():
     X[:, 3] *= 1000.0
     curve, coefs = characteristic_curve(X, y, alphas=30, random_state=0)
     scaler = StandardScaler().fit(X)
-    _, expected, _ = lasso_path(scaler.transform(X), y - y.mean(), alphas=curve["alpha"].to_numpy())
+    _, expected, _ = lasso_path(
+        scaler.transform(X), y - y.mean(), alphas=curve["alpha"].to_numpy(), tol=1e-12, max_iter=100_000
+    )
     np.testing.assert_allclose(coefs, expected / scaler.scale_[:, None], rtol=0, atol=1e-9 * np.abs(expected).max())
 
 
@@ -214,7 +216,9 @@ def test_held_out_rmse_of_the_training_part_path():
     curve, _ = characteristic_curve(X, y, alphas=20, validation_fraction=0.3, random_state=3)
     train, test = train_test_split(np.arange(len(y)), test_size=0.3, random_state=3)
     scaler = StandardScaler().fit(X[train])
-    _, coefs, _ = lasso_path(scaler.transform(X[train]), y[train] - y[train].mean(), alphas=curve["alpha"].to_numpy())
+    _, coefs, _ = lasso_path(
+        scaler.transform(X[train]), y[train] - y[train].mean(), alphas=curve["alpha"].to_numpy(), tol=1e-12, max_iter=100_000
+    )
     predictions = scaler.transform(X[test]) @ coefs + y[train].mean()
     expected = np.sqrt(np.mean((predictions - y[test][:, None]) ** 2, axis=0))
     np.testing.assert_allclose(curve["rmse"], expected, rtol=1e-7)
@@ -227,7 +231,9 @@ def test_cv_rmse_is_the_mean_over_folds():
     expected = []
     for train, test in folds.split(X):
         x_mean, y_mean = X[train].mean(axis=0), y[train].mean()
-        _, coefs, _ = lasso_path(X[train] - x_mean, y[train] - y_mean, alphas=curve["alpha"].to_numpy())
+        _, coefs, _ = lasso_path(
+            X[train] - x_mean, y[train] - y_mean, alphas=curve["alpha"].to_numpy(), tol=1e-12, max_iter=100_000
+        )
         predictions = (X[test] - x_mean) @ coefs + y_mean
         expected.append(np.sqrt(np.mean((predictions - y[test][:, None]) ** 2, axis=0)))
     np.testing.assert_allclose(curve["rmse"], np.mean(expected, axis=0), rtol=1e-7)
@@ -254,6 +260,44 @@ def _multitask_gap(X, Y, W, alpha):
     primal = 0.5 * np.sum(R**2) + penalty * np.sum(np.linalg.norm(W, axis=0))
     dual = -0.5 * scale**2 * np.sum(R**2) + scale * np.sum(R * Yc)
     return primal - dual
+
+
+def test_single_target_path_meets_the_tolerance_where_filters_outnumber_samples():
+    # Nearly collinear filters, more of them than samples: LARS drops and re-adds filters along
+    # the path; every alpha's solution still meets the duality-gap tolerance.
+    X, Y, stats, grid = _dense_collinear_problem(n_targets=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        coefs = sklearn_craft._lasso_path._solve_path(stats, grid, tol=1e-8)
+    total = np.sum((Y - Y.mean(axis=0)) ** 2)
+    for i, alpha in enumerate(grid):
+        assert _multitask_gap(X, Y, coefs[:, :, i], alpha) <= 1e-8 * total
+    assert np.count_nonzero(coefs[0, :, -1]) > len(X) // 3
+
+
+def test_single_target_path_closes_the_gaps_lars_leaves_with_newton_steps(monkeypatch):
+    # LARS's points moved off the path (every coefficient 2 % too large): Newton steps on their
+    # supports bring each alpha back within the tolerance.
+    X, y = _regression()
+    lars_path_gram = sklearn_craft._lasso_path.lars_path_gram
+
+    def inexact_lars_path_gram(*args, **kwargs):
+        alphas, active, coefs = lars_path_gram(*args, **kwargs)
+        return alphas, active, 1.02 * coefs
+
+    monkeypatch.setattr(sklearn_craft._lasso_path, "lars_path_gram", inexact_lars_path_gram)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        curve, coefs = characteristic_curve(X, y, standardize=False, random_state=0)
+    Xc, yc = X - X.mean(axis=0), y - y.mean()
+    _, expected, _ = lasso_path(Xc, yc, alphas=curve["alpha"].to_numpy(), tol=1e-12, max_iter=100_000)
+    np.testing.assert_array_equal(coefs != 0, expected != 0)
+    for i, alpha in enumerate(curve["alpha"]):
+        assert _multitask_gap(X, y[:, None], coefs[:, i][None], alpha) <= 1e-4 * np.sum(yc**2)
+    # Without the Newton steps those gaps stay open, and say so.
+    monkeypatch.setattr(sklearn_craft._lasso_path, "_newton_step", lambda *args: None)
+    with pytest.warns(ConvergenceWarning, match="did not reach its duality-gap tolerance"):
+        characteristic_curve(X, y, standardize=False, random_state=0)
 
 
 def test_multitask_path_meets_sklearn_stopping_rule():
@@ -575,11 +619,13 @@ def test_n_jobs_gives_identical_results():
 def test_memory_recomputes_only_the_knee(tmp_path, monkeypatch):
     calls = []
 
-    def counting_lasso_path(*args, **kwargs):
-        calls.append(1)
-        return lasso_path(*args, **kwargs)
+    lars_path_gram = sklearn_craft._lasso_path.lars_path_gram
 
-    monkeypatch.setattr(sklearn_craft._lasso_path, "lasso_path", counting_lasso_path)
+    def counting_lars_path_gram(*args, **kwargs):
+        calls.append(1)
+        return lars_path_gram(*args, **kwargs)
+
+    monkeypatch.setattr(sklearn_craft._lasso_path, "lars_path_gram", counting_lars_path_gram)
     X, y = _regression(p=9)
     groups = np.repeat([0, 1, 2], 3)
     memory = joblib.Memory(str(tmp_path), verbose=0)
@@ -706,15 +752,17 @@ def test_pandas_pipeline_groups_by_layer(planted):
     assert [c for c in selected.columns if c.startswith("features.0:")] == channels
 
 
-def test_solver_convergence_warnings_are_folded_into_one_per_fit():
-    # Nearly collinear responses (ReLU of 3 factors): coordinate descent stops early at small alphas.
+def test_solver_convergence_warnings_are_folded_into_one_per_fit(monkeypatch):
+    # Nearly collinear responses (ReLU of 3 factors), two targets: without its Newton steps the
+    # proximal gradient stops at its iteration limit at small alphas.
+    monkeypatch.setattr(sklearn_craft._lasso_path, "_newton_step", lambda *args: None)
     rng = np.random.default_rng(0)
     factors = rng.normal(size=(200, 3))
     X = np.maximum(factors @ rng.normal(size=(3, 150)), 0) + 1e-3 * rng.normal(size=(200, 150))
-    y = factors[:, 0] + 0.5 * rng.normal(size=200)
+    Y = factors[:, :2] + 0.5 * rng.normal(size=(200, 2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        LassoFilterSelector(gamma=0.01, groups=np.repeat(["a", "b"], 75), random_state=0).fit(X, y)
+        LassoFilterSelector(gamma=0.01, groups=np.repeat(["a", "b"], 75), random_state=0).fit(X, Y)
     assert len(caught) == 1 and issubclass(caught[0].category, ConvergenceWarning)
     assert re.search(r"at \d+ of 400 \(path, alpha\) fits", str(caught[0].message))
 
