@@ -51,6 +51,10 @@ gradients do), recorded as other rows (column calibrate_head, head_temperature).
 --device runs every forward pass and fine-tuning there (``CraftPruner(device=...)``, e.g. ``cuda``; the
 selection itself runs on the CPU), recorded as other rows.
 On a GPU the script turns TF32 off, so that float32 sums differ from the CPU's by their order only.
+--epochs 0 fits without fine-tuning: a row's selection, FLOPs and head layer, and the score of the
+network before any training (its satellite head fitted on every training image, not only on those that
+fine-tuning would leave it), recorded as other rows (epochs 0): a cheap check of what a library version
+selects against the recorded rows.
 --jobs N runs N fits at a time, each in its own process of this script with --threads threads (for a
 machine with many cores, or a GPU that one fit leaves idle): a matched row starts once the row it
 follows has ended, and each fit's record is merged into the records when it ends. --deadline S (with
@@ -170,7 +174,8 @@ def fit_row(task, row, gamma, seed, lr, monitor, calibrate, device, data, budget
     and return its record."""
     X_train, X_test, y_train, y_test = data
     kind = _bench.TASKS[task][2]
-    finetune = {**_bench.finetune_settings(*budget), "lr": lr, "monitor": monitor}
+    settings = _bench.finetune_settings(*budget)
+    finetune = None if settings is None else {**settings, "lr": lr, "monitor": monitor}
     params = {"gamma": gamma, **row_params(row, reference)}
     pruner = CraftPruner(
         net, head="satellite", preprocess=input_preset.preprocess, random_state=seed, progress=False,
@@ -181,7 +186,8 @@ def fit_row(task, row, gamma, seed, lr, monitor, calibrate, device, data, budget
     pruner.fit(X_train, y_train)
     seconds = time.perf_counter() - start
     flops = pruner.report_.loc["flops"]
-    history = pruner.history_
+    # --epochs 0: no fine-tuning, the untrained network is epoch 0 of 0 (its head fitted on every training image).
+    history = pruner.history_ if pruner.history_ is not None else pd.DataFrame({"epoch": [0], "kept": [True]})
     return dict(
         task=task, row=row, gamma=gamma, random_state=seed, n_train=len(y_train), epochs=budget[0],
         patience=budget[1], lr=lr, monitor=monitor, calibrate_head=calibrate, device=device,
@@ -192,7 +198,7 @@ def fit_row(task, row, gamma, seed, lr, monitor, calibrate, device, data, budget
         score_before_ft=_bench.task_score(kind, y_test, pruner.predict_before_finetune(X_test)),
         score=_bench.task_score(kind, y_test, pruner.predict(X_test)),
         best_epoch=int(history.loc[history["kept"], "epoch"].iloc[0]), epochs_run=int(history["epoch"].max()),
-        val_loss=" ".join(f"{v:.4g}" for v in history["val_loss"]),
+        val_loss=" ".join(f"{v:.4g}" for v in history.get("val_loss", [])),
         val_accuracy=" ".join(f"{v:.4g}" for v in history.get("val_accuracy", [])),
         fit_s=round(seconds, 1), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -159,6 +159,17 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     # A matched row without its reference is refused before any fit.
     completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "l1@sequential")
     assert completed.returncode != 0 and "needs a recorded sequential row" in completed.stderr
+    # --epochs 0 fits without fine-tuning, recorded beside the others: the selection of the fine-tuned row of the
+    # same seed, scored once (the untrained network is what it keeps).
+    _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "--epochs", "0")
+    fifth = pd.read_csv(results.with_suffix(".csv"))
+    pd.testing.assert_frame_equal(fifth.iloc[: len(fourth)], fourth)
+    untrained, trained = fifth.iloc[len(fourth):], fourth.iloc[1]
+    assert untrained["row"].tolist() == ["one-shot"] and untrained["epochs"].tolist() == [0]
+    selection = ["filters", "flops_share", "head_layer", "random_state"]
+    assert untrained.iloc[0][selection].tolist() == trained[selection].tolist() and trained["epochs"] == 1
+    assert untrained.iloc[0]["score"] == untrained.iloc[0]["score_before_ft"]
+    assert untrained.iloc[0][["best_epoch", "epochs_run"]].tolist() == [0, 0]
 
 
 @pytest.mark.realdata
