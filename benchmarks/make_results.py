@@ -9,7 +9,7 @@ Usage: ``python benchmarks/make_results.py``
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["pooler", "selection", "pruner", "pruner_runtimes", "etl_table", "etl_full", "etl_full_heldout_head", "gamma_tradeoff", "yaw_filters", "task_relationships"]
+ORDER = ["pooler", "selection", "pruner", "pruner_runtimes", "etl_table", "etl_full", "etl_full_heldout_head", "etl_full_lars", "gamma_tradeoff", "yaw_filters", "task_relationships"]
 
 
 def main():
