@@ -5,8 +5,9 @@ scaled), computed once with a single matrix product; the cross-products of every
 are those of all samples minus those of its held-out rows. One target goes to scikit-learn's
 LARS on the Gram matrix (:func:`~sklearn.linear_model.lars_path_gram`), exact between its
 changes of support; several targets (outputs or one-hot classes) give the multi-task (L2,1)
-path, which selects filters jointly for all of them, solved by an accelerated proximal gradient on the Gram matrix with scikit-learn's duality-gap
-stopping rule (``lasso_path`` with 2-D ``y`` ignores the Gram matrix and is many times slower).
+path, which selects filters jointly for all of them, solved by an accelerated proximal
+gradient on the Gram matrix with scikit-learn's duality-gap stopping rule (``lasso_path``
+with 2-D ``y`` ignores the Gram matrix and is many times slower).
 
 Sample weights enter through the cross-products alone: with weighted means, ``C = Σ_i w_i z_i z_iᵀ``
 and ``Σ_i w_i`` in place of the number of samples, a sample of weight 2 counts exactly as the same
