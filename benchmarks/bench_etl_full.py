@@ -29,7 +29,10 @@ training images and budget) is not fitted again: a run of many hours can be spli
 invocations, and the matched rows read their reference's FLOPs and head layer from the records: from a
 recorded row of the reference with the same task, gamma, seed, training images and device, whatever its
 fine-tuning (budget, --lr, --monitor, --calibrate-head), since both come from the selection alone (rows
-that would serve must agree, else the script stops).
+that would serve must agree, else the script stops). Invocations that ran at the same time, each on its
+own records file, are gathered with ``--merge FILE [FILE ...]``: the records of those files that the
+records lack are added to them (before any fit), so ``--merge`` with ``--rows`` and no row only merges
+and writes the table.
 The table (benchmarks/results/etl_full.md, or --results) is written from all the records of the
 run's settings.
 
@@ -138,6 +141,15 @@ def read_records(path):
         if column not in records:
             records.insert(KEY.index(column), column, default)
     return records
+
+
+def merge_records(records_path, sources):
+    """Add to the records at ``records_path`` the records of the files ``sources`` that it lacks: of the
+    records with one KEY, the first read (``records_path``'s, then in the order of ``sources``) is kept."""
+    frames = [frame for frame in map(read_records, [records_path, *sources]) if not frame.empty]
+    if frames:
+        merged = pd.concat(frames, ignore_index=True)
+        merged.drop_duplicates(subset=KEY, keep="first").to_csv(records_path, index=False)
 
 
 def recorded(records, key, columns=KEY):
@@ -282,8 +294,7 @@ def run_parallel(args, config, records_path):
                 print(f"[{time.monotonic() - start:.0f} s] {' '.join(map(str, fit))}: exit {process.returncode}\n"
                       f"{log.read()}", end="", flush=True)
                 log.close()
-                merged = pd.concat([read_records(records_path), read_records(_fit_records(work, fit))])
-                merged.drop_duplicates(subset=KEY, keep="first").to_csv(records_path, index=False)
+                merge_records(records_path, [_fit_records(work, fit)])
             if args.deadline is not None and time.monotonic() - start > args.deadline:
                 for fit, (process, _) in running.items():
                     process.kill()
@@ -361,6 +372,8 @@ def _options(parser):
     parser.add_argument("--calibrate-head", action="store_true",
                         help="calibrate the satellite head of gender and emotion (CraftPruner(calibrate_head=True))")
     parser.add_argument("--device", default="cpu", help="where forward passes and fine-tuning run (e.g. cuda)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="RECORDS",
+                        help="record files whose records the records lack are added to them before any fit")
     parser.add_argument("--jobs", type=int, default=1,
                         help="fits run at the same time, each in its own process of this script (see above)")
     parser.add_argument("--deadline", type=float, default=None,
@@ -374,6 +387,11 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     results = args.results or _bench.RESULTS / "etl_full.md"
     records_path = results.with_suffix(".csv") if args.records is None else Path(args.records)
+    missing = [str(path) for path in args.merge if not path.is_file()]
+    if missing:
+        raise SystemExit(f"--merge: no record file at {', '.join(missing)}")
+    if args.merge:
+        merge_records(records_path, args.merge)
     failed = []
     if args.jobs > 1:
         failed = run_parallel(args, config, records_path)

@@ -170,6 +170,19 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     assert untrained.iloc[0][selection].tolist() == trained[selection].tolist() and trained["epochs"] == 1
     assert untrained.iloc[0]["score"] == untrained.iloc[0]["score_before_ft"]
     assert untrained.iloc[0][["best_epoch", "epochs_run"]].tolist() == [0, 0]
+    # --merge adds the records of other files that the records lack (a fit recorded in both keeps its
+    # record); with no row it only merges and writes the table. A missing file is refused.
+    other = tmp_path / "other.csv"
+    elsewhere = fifth.iloc[[0, len(fifth) - 1]].assign(random_state=[5, 0], score=[1.0, 2.0])
+    elsewhere.to_csv(other, index=False)
+    _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "--merge", str(other))
+    merged = pd.read_csv(results.with_suffix(".csv"))
+    pd.testing.assert_frame_equal(merged, pd.concat([fifth, elsewhere.iloc[:1]], ignore_index=True))
+    assert "| yaw | unpruned | 0 | 5 |" in text
+    completed = _launch("etl_full", tmp_path, "--data-root", str(shared_data), *options, "--rows", "--merge",
+                        str(tmp_path / "absent.csv"))
+    assert completed.returncode != 0 and "--merge: no record file at" in completed.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), merged)
 
 
 @pytest.mark.realdata
