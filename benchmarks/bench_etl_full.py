@@ -229,9 +229,11 @@ def fits(rows, gammas, seeds):
 
 
 def run(args, config, records_path):
+    if not args.rows:
+        return  # only the table (and --merge): no network or data to load
     input_preset = preset("mobilefacenet")
     net = mobilefacenet(weights=args.data_root / _bench.WEIGHTS["mobilefacenet"])
-    for task in args.tasks if args.rows else []:
+    for task in args.tasks:
         data = task_data(task, args.data_root, config["n"], input_preset)
         budget = (config["epochs"], args.patience) if config["epochs"] is not None else BUDGETS[task]
         if args.quick:
