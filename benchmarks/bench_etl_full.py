@@ -22,6 +22,9 @@ sequential-l1      the same with ``selection="sequential"``: every layer's count
 l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1
                    ``filter_rule="l1_norm"`` or ``"random"`` with ``compensate=True``, at the FLOPs and
                    the head layer of the row they name (``flops_target`` needs a fixed head layer).
+lasso_rank@sequential
+                   ``filter_rule="lasso_rank"`` the same way: L1-norm's allocation (one keep ratio for
+                   every layer) with CRAFT's choice within each layer (entry in its LASSO path).
 
 Every fit appends its row to the records (``--records``, a CSV, default
 benchmarks/results/etl_full.csv) as soon as it ends, and a row already there (same task, row, gamma, seed,
@@ -98,6 +101,7 @@ MATCHED = {
     "l1@sequential": ("l1_norm", "sequential"),
     "random@sequential": ("random", "sequential"),
     "l1@sequential-l1": ("l1_norm", "sequential-l1"),
+    "lasso_rank@sequential": ("lasso_rank", "sequential"),
 }
 ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
 KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "lr", "monitor", "calibrate_head",
