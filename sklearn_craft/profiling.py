@@ -29,8 +29,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .inspection import _check_model, _evaluating, _input_dtype, _leaves, _runs_on
+from .surgery import channel_readers, coupled_groups
 
-__all__ = ["compare_models", "count_flops", "count_parameters", "measure_latency", "model_size_bytes"]
+__all__ = ["compare_models", "count_flops", "count_parameters", "filter_flops", "measure_latency", "model_size_bytes"]
 
 
 def _check_int(value, name, minimum=1):
@@ -257,6 +258,60 @@ def count_flops(model, input_shape, by_layer=False):
     if by_layer:
         return pd.DataFrame(rows, columns=["layer", "type", "output_shape", "flops"]).astype({"flops": "int64"})
     return sum(row[3] for row in rows)
+
+
+def filter_flops(model, input_shape):
+    """FLOPs one filter (output channel) of every convolution costs: what removing it saves.
+
+    A filter of a convolution costs its own multiplications (its share of :func:`count_flops`'s
+    for the layer), those of the depthwise convolutions that follow it (coupled to it, they lose
+    the channel too, see :func:`~sklearn_craft.surgery.coupled_groups`) and, per input channel, those
+    of the convolutions that read it (:func:`~sklearn_craft.surgery.channel_readers`), all at the
+    network's present widths. A Linear layer reading a channel is not counted. A filter of a
+    residual stream is only removed when every convolution of the stream drops it; each is priced
+    as if alone. ``CraftPruner(knee="flops")`` prices the filters of its layers with it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (not modified).
+    input_shape : tuple of int
+        Shape of one example without the batch dimension, e.g. ``(3, 112, 112)``.
+
+    Returns
+    -------
+    flops : pandas.Series
+        Convolution name -> FLOPs of one of its filters (float), every ``nn.Conv2d`` that runs
+        on the input, in forward order.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from sklearn_craft.profiling import filter_flops
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    >>> filter_flops(net, (3, 4, 4)).tolist()  # 3 x 3 x 3 x 16 + 4 x 16, then 8 x 16
+    [496.0, 128.0]
+    """
+    _check_model(model)
+    input_shape = _check_input_shape(input_shape)
+    flops = count_flops(model, input_shape, by_layer=True).groupby("layer", sort=False)["flops"].sum()
+    device = next((t.device for t in chain(model.parameters(), model.buffers())), torch.device("cpu"))
+    example = torch.zeros((1, *input_shape), dtype=_input_dtype(model), device=device)
+    groups, followers = coupled_groups(model, example, return_followers=True)
+    readers = channel_readers(model, example)
+    convs = {name: model.get_submodule(name) for name in readers}
+    per_filter = {name: flops.get(name, 0) / conv.out_channels for name, conv in convs.items()}
+    per_input = {name: flops.get(name, 0) / conv.in_channels for name, conv in convs.items()}
+    cost = {}
+    for group in groups:
+        following = [name for name in group if name in followers]
+        for name in group:
+            cost[name] = (
+                per_filter[name]
+                + sum(per_filter[other] for other in following if other != name)
+                + sum(per_input[reader] for reader in readers[name])
+            )
+    return pd.Series({name: float(cost[name]) for name in readers}, name="flops")
 
 
 @contextmanager

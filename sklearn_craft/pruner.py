@@ -49,7 +49,7 @@ from .inspection import (
     _select_convs,
 )
 from .pooling import ActivationPooler
-from .profiling import compare_models, count_flops
+from .profiling import compare_models, count_flops, filter_flops
 from ._lasso_path import _add_sums, _cross_sums
 from .rules import RULES, FilterRule, _check_scores, check_filter_rule, top_filters
 from .satellites import (
@@ -67,7 +67,7 @@ from .targets import CLASSIFICATION_KINDS, encode_target
 #: Share of the samples held out to score each layer's satellite (``satellite_scores_``).
 _SCORE_FRACTION = 0.25
 #: LassoFilterSelector parameters the pruner sets itself.
-_RESERVED_SELECTOR_PARAMS = ("gamma", "groups", "memory", "progress")
+_RESERVED_SELECTOR_PARAMS = ("gamma", "groups", "memory", "progress", "knee", "group_costs")
 #: Largest distance between ``flops_target`` and the FLOPs share of the network it gives.
 _FLOPS_TOLERANCE = 0.005
 
@@ -104,6 +104,8 @@ class _FitData:
     seeds: np.ndarray
     rule: FilterRule
     rule_random_state: np.random.RandomState
+    #: Layer -> the price of one of its filters in the knees (``knee="flops"``), else None.
+    group_costs: dict = None
 
 
 @dataclass
@@ -350,6 +352,16 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         satellite's class scores are under-confident logits; calibrated, they change no
         prediction, but fine-tuning starts from (and early stopping on the loss compares with)
         an untrained network whose loss is that of its predictions.
+    knee : {"tolerance", "flops"}, default="tolerance"
+        How every layer's knee is found: the papers' rule, the fewest filters within ``gamma`` of
+        the curve's lowest held-out RMSE, whatever a filter costs; or priced by FLOPs
+        (:func:`~sklearn_craft.selection.find_knee` with a cost): the point that minimises the
+        curve's normalised RMSE plus ``gamma`` times the FLOPs of the filters kept
+        (:func:`~sklearn_craft.profiling.filter_flops` in the network the head cuts, before any
+        cut) over the mean FLOPs of a whole layer. The paper's rule spends the cut where curves
+        are flat, which on MobileFaceNet is mostly in the 7x7 layers, where a filter costs a
+        fiftieth of a 56x56 layer's; priced by FLOPs, a layer gives up a filter unless it lowers
+        the normalised RMSE by at least ``gamma`` times the filter's share of a layer's FLOPs.
 
     Attributes
     ----------
@@ -480,6 +492,7 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         "flops_target": [Interval(Real, 0, 1, closed="right"), None],
         "compensate": ["boolean"],
         "calibrate_head": ["boolean"],
+        "knee": [StrOptions({"tolerance", "flops"})],
     }
 
     def __init__(
@@ -507,6 +520,7 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         flops_target=None,
         compensate=False,
         calibrate_head=False,
+        knee="tolerance",
     ):
         self.model = model
         self.gamma = gamma
@@ -531,6 +545,7 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         self.flops_target = flops_target
         self.compensate = compensate
         self.calibrate_head = calibrate_head
+        self.knee = knee
 
     def _check_options(self):
         """Validate what ``_parameter_constraints`` cannot express; return the fine-tuning settings."""
@@ -565,10 +580,12 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
                 )
             if self.selection != "one-shot":
                 raise ValueError(f"flops_target needs selection='one-shot', got selection={self.selection!r}")
-            if self.criterion != "task":
-                raise ValueError(
-                    f"criterion={self.criterion!r} has no effect with flops_target (no LASSO is fitted): use criterion='task'"
-                )
+            for name, default in (("criterion", "task"), ("knee", "tolerance")):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} has no effect with flops_target (no LASSO is fitted): "
+                        f"use {name}={default!r}"
+                    )
             if self.head_layer == "best":
                 raise ValueError(
                     "flops_target needs head_layer='last' or a layer name: the FLOPs are those of the network cut "
@@ -671,6 +688,8 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         pooler = self._pooler(self.model, self.layers, None if self.streaming else self.memory).fit(X)
         # The head layer when it is known before the selection: layers after it are cut off.
         head_layer = None if self.head_layer == "best" else self._resolve_head_layer(pooler.layers_, None)
+        if self.knee == "flops":
+            data.group_costs = self._filter_prices(data.example, head_layer or pooler.layers_[-1], pooler)
         if self.streaming:
             selection = self._select_streaming(data, pooler, clock)
         elif self.selection == "one-shot":
@@ -789,6 +808,28 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         # Surgery runs on the CPU, where ``example`` is, whatever device holds the model.
         source = _on_device(self.model, "cpu")
         return truncate(source, head_layer, example) if self.head == "satellite" else source
+
+    def _filter_prices(self, example, head_layer, pooler):
+        """Layer -> the FLOPs of one of its filters in the network cut after ``head_layer``
+        (:func:`~sklearn_craft.profiling.filter_flops`; 0 for the layers cut off), over the mean
+        FLOPs of all the filters of a pooled layer: the ``group_costs`` of ``knee="flops"``."""
+        flops = filter_flops(self._work_network(example, head_layer), tuple(example.shape[1:]))
+        per_filter = {layer: flops.get(layer, 0.0) for layer in pooler.layers_}
+        mean = np.mean([per_filter[layer] * pooler.n_channels_[layer] for layer in pooler.layers_])
+        return {layer: float(cost / mean) if mean > 0 else 0.0 for layer, cost in per_filter.items()}
+
+    def _selector(self, data, groups, progress):
+        """The LassoFilterSelector of a set of layers (``groups`` labels its columns by layer)."""
+        return LassoFilterSelector(
+            gamma=self.gamma,
+            groups=groups,
+            memory=self.memory,
+            random_state=data.seeds[0],
+            progress=progress,
+            knee="tolerance" if data.group_costs is None else "cost",
+            group_costs=data.group_costs,
+            **(self.selector_params or {}),
+        )
 
     def _select_one_shot(self, data, pooler, head_layer, clock):
         """Every layer selected at once on the pooled responses of the original network."""
@@ -986,14 +1027,8 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         selected, selectors, scale = {}, {}, {} if self.scale_filters else None
         for target, members in batches.values():
             widths = [len(columns[layer]) for layer in members]
-            selector = LassoFilterSelector(
-                gamma=self.gamma,
-                groups=np.repeat(np.asarray(members, dtype=object), widths),
-                memory=self.memory,
-                random_state=data.seeds[0],
-                progress=self.progress if progress is None else progress,
-                **(self.selector_params or {}),
-            ).fit(
+            groups = np.repeat(np.asarray(members, dtype=object), widths)
+            selector = self._selector(data, groups, self.progress if progress is None else progress).fit(
                 features[:, np.concatenate([columns[layer] for layer in members])],
                 data.y if target is None else target,
                 sample_weight=data.sample_weight,
@@ -1079,14 +1114,7 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         layers = pooler.layers_
         widths = [pooler.n_channels_[layer] for layer in layers]
         columns = _columns(layers, widths)
-        selector = LassoFilterSelector(
-            gamma=self.gamma,
-            groups=np.repeat(np.asarray(layers, dtype=object), widths),
-            memory=self.memory,
-            random_state=data.seeds[0],
-            progress=self.progress,
-            **(self.selector_params or {}),
-        )
+        selector = self._selector(data, np.repeat(np.asarray(layers, dtype=object), widths), self.progress)
         labels, begin = np.asarray(data.y), 0
         for batch in pooler.iter_transform(data.X):
             rows = slice(begin, begin + len(batch))

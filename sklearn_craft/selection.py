@@ -48,8 +48,8 @@ _PATH_CONSTRAINTS = {
 }
 
 
-def find_knee(curve, gamma):
-    """Position of the knee of a characteristic curve (ETL equation 4).
+def find_knee(curve, gamma, cost=None):
+    """Position of the knee of a characteristic curve (ETL equation 4, or its price on filters).
 
     Among the points whose RMSE − min(RMSE) ≤ γ·(max(RMSE) − min(RMSE)), the knee is the one
     with the fewest non-zero coefficients; ties go to the lower RMSE, then to the earlier point.
@@ -58,6 +58,13 @@ def find_knee(curve, gamma):
     tolerance (an unpredictable target, where the empty model has the lowest held-out error),
     the knee is the one with the lowest RMSE, so the number of filters still never grows with γ.
     Only a curve without any non-empty point returns an empty point.
+
+    With a ``cost``, the knee is instead the non-empty point that minimises the normalised RMSE
+    (0 at the curve's minimum, 1 at its maximum) plus ``γ·cost·n_selected`` (same ties): every
+    filter must lower the normalised RMSE by at least ``γ·cost`` to be kept, so a layer whose filters
+    are dear keeps fewer than a cheap one with the same curve (the allocation that minimises the sum
+    of the layers' normalised RMSE under a budget on their total cost, in Lagrangian form). The
+    number of filters never grows with γ either.
 
     ``gamma=0`` gives the point with the lowest RMSE. :class:`LassoFilterSelector` treats
     ``gamma=0`` as the papers' "unpruned" setting instead and keeps every filter.
@@ -68,7 +75,10 @@ def find_knee(curve, gamma):
         The characteristic curve in path order (decreasing α), with columns ``n_selected`` and
         ``rmse``, as returned by :func:`characteristic_curve`.
     gamma : float in [0, 1]
-        Largest allowed increase in RMSE, as a fraction of the curve's RMSE range.
+        Largest allowed increase in RMSE, as a fraction of the curve's RMSE range; with ``cost``,
+        the price of one unit of cost in normalised RMSE.
+    cost : float >= 0 or None, default=None
+        None for the tolerance rule, or the cost of one filter of this curve's layer.
 
     Returns
     -------
@@ -82,11 +92,22 @@ def find_knee(curve, gamma):
     >>> curve = pd.DataFrame({"n_selected": [0, 1, 3, 8], "rmse": [10.0, 4.0, 2.05, 2.0]})
     >>> find_knee(curve, 0.01), find_knee(curve, 0.5)
     (2, 1)
+
+    At a price of 0.1 a filter, the two filters from 1 to 3 (each worth 0.12 of the range) are
+    kept, the five from 3 to 8 (together 0.006) are not; at twice the price neither are:
+
+    >>> find_knee(curve, 0.1, cost=1.0), find_knee(curve, 0.2, cost=1.0)
+    (2, 1)
     """
     if isinstance(gamma, bool) or not isinstance(gamma, Real):
         raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    if cost is not None:
+        if isinstance(cost, bool) or not isinstance(cost, Real):
+            raise TypeError(f"cost must be a real number or None, got {type(cost).__name__}")
+        if not (math.isfinite(cost) and cost >= 0):
+            raise ValueError(f"cost must be finite and >= 0, got {cost!r}")
     if not all(column in curve for column in ("n_selected", "rmse")):
         raise ValueError(f"curve must have columns 'n_selected' and 'rmse', got {list(curve)}")
     n_selected = np.asarray(curve["n_selected"], dtype=np.int64)
@@ -99,9 +120,16 @@ def find_knee(curve, gamma):
     if not np.isfinite(rmse).all():
         raise ValueError("curve rmse must be finite, got NaN or infinite values")
 
-    within = rmse - rmse.min() <= gamma * (rmse.max() - rmse.min())
     non_empty = n_selected >= 1
-    candidates = np.flatnonzero(within & non_empty)
+    if cost is not None:
+        spread = rmse.max() - rmse.min()
+        objective = (rmse - rmse.min()) / spread if spread > 0 else np.zeros_like(rmse)
+        objective += gamma * cost * n_selected
+        points = np.flatnonzero(non_empty) if non_empty.any() else np.arange(len(rmse))
+        candidates = points[objective[points] == objective[points].min()]
+    else:
+        within = rmse - rmse.min() <= gamma * (rmse.max() - rmse.min())
+        candidates = np.flatnonzero(within & non_empty)
     if candidates.size == 0:
         best = rmse[non_empty].min() if non_empty.any() else rmse.min()
         candidates = np.flatnonzero((non_empty | ~non_empty.any()) & (rmse == best))
@@ -195,7 +223,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
 
     For each group of features (one conv layer's pooled filter responses) the LASSO path and its
     characteristic curve are computed by :func:`characteristic_curve`; the knee (see
-    :func:`find_knee`) picks the α, and the features with a non-zero coefficient in the LASSO
+    :func:`find_knee`, by its tolerance or with a price on every group's features) picks the α, and the features with a non-zero coefficient in the LASSO
     fitted on all samples at that α are selected. At least one feature per group is kept: when
     no α of the path gives a non-zero coefficient (a group of constant features, or explicit
     ``alphas`` above α_max), the feature that would enter the path first (largest
@@ -239,6 +267,18 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         pickles: a corrupt or tampered entry is recomputed, never executed.
     progress : bool, default=False
         Show a tqdm progress bar (on stderr) counting the groups whose paths are solved.
+    knee : {"tolerance", "cost"}, default="tolerance"
+        How a knee is found (:func:`find_knee`): the fewest features within ``gamma`` of the
+        curve's lowest RMSE (the papers' rule), or the point that minimises the normalised RMSE
+        plus ``gamma`` times the cost of the features kept (``group_costs``), so that dear groups
+        give up more features than cheap ones.
+    group_costs : dict or None, default=None
+        With ``knee="cost"``: group label -> the cost of one of its features (a finite number
+        >= 0; labels of other groups are ignored). None prices every feature at one over the mean
+        number of features of a group, so that keeping a whole group of average width costs
+        ``gamma``. :class:`~sklearn_craft.pruner.CraftPruner` with ``knee="flops"`` passes every
+        layer's FLOPs per filter (:func:`~sklearn_craft.profiling.filter_flops`) over the mean
+        FLOPs of a whole layer's filters.
 
     Attributes
     ----------
@@ -288,6 +328,8 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         "random_state": ["random_state"],
         "memory": [None, str, HasMethods(["cache"])],
         "progress": ["boolean"],
+        "knee": [StrOptions({"tolerance", "cost"})],
+        "group_costs": [dict, None],
     }
 
     def __init__(
@@ -303,6 +345,8 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         random_state=None,
         memory=None,
         progress=False,
+        knee="tolerance",
+        group_costs=None,
     ):
         self.gamma = gamma
         self.alphas = alphas
@@ -315,6 +359,8 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         self.random_state = random_state
         self.memory = memory
         self.progress = progress
+        self.knee = knee
+        self.group_costs = group_costs
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
@@ -358,6 +404,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
                     )
 
         labels_in_order, columns, batches = _group_layout(groups)
+        self._knee_costs(labels_in_order, columns, X.shape[1])
 
         def solve(batch):
             blocks = [X[:, columns[g]] for g in batch]
@@ -398,7 +445,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         The selection (``support_``, ``coef_``, ``curves_``, ``knees_``) is computed from the
         cross-products when one of them is first read after new data (``transform`` and
         ``get_support`` read ``support_``), with the parameters of that moment (``gamma``,
-        ``alphas``, ``eps``, ``standardize``, ``n_jobs``, ``memory``); it equals the selection
+        ``knee``, ``group_costs``, ``alphas``, ``eps``, ``standardize``, ``n_jobs``, ``memory``); it equals the selection
         :meth:`fit` makes on the concatenated chunks with the same validation split, up to
         rounding. ``memory`` caches the paths under a digest of the cross-products.
 
@@ -568,6 +615,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
 
         ``first_to_enter(g)`` is the feature group ``g`` keeps when its path is empty.
         """
+        costs = self._knee_costs(labels, columns, n_features)
         support = np.zeros(n_features, dtype=bool)
         coef = np.zeros((paths[0][1].shape[0], n_features))
         curves, knees = [], []
@@ -576,7 +624,7 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
                 knee = len(curve) - 1
                 keep = np.ones(coefs.shape[1], dtype=bool)
             else:
-                knee = find_knee(curve, self.gamma)
+                knee = find_knee(curve, self.gamma, costs[g])
                 keep = np.any(coefs[:, :, knee] != 0, axis=0)
                 if not keep.any():
                     keep[first_to_enter(g)] = True
@@ -591,6 +639,24 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
             "curves_": pd.concat(curves, ignore_index=True)[["group", "alpha", "n_selected", "rmse"]],
             "knees_": pd.DataFrame(knees, columns=["group", "alpha", "n_selected", "rmse"]),
         }
+
+    def _knee_costs(self, labels, columns, n_features):
+        """The ``cost`` of :func:`find_knee` for every group: None for the tolerance rule."""
+        if self.knee == "tolerance":
+            if self.group_costs is not None:
+                raise ValueError("group_costs needs knee='cost', got knee='tolerance'")
+            return [None] * len(labels)
+        if self.group_costs is None:
+            widths = [np.arange(n_features)[cols].size for cols in columns]
+            return [1 / np.mean(widths)] * len(labels)
+        missing = [label for label in labels if label not in self.group_costs]
+        if missing:
+            raise ValueError(f"group_costs must hold the cost of every group, missing {len(missing)}: {missing[:5]}")
+        costs = [self.group_costs[label] for label in labels]
+        for label, cost in zip(labels, costs):
+            if isinstance(cost, bool) or not isinstance(cost, Real) or not (math.isfinite(cost) and cost >= 0):
+                raise ValueError(f"group_costs must hold finite numbers >= 0, got {cost!r} for group {label!r}")
+        return [float(cost) for cost in costs]
 
     def _feature_groups(self, n_features, names):
         """Group label of every column, from ``groups`` or the ``"<layer>:<channel>"`` names."""

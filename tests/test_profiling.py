@@ -11,6 +11,7 @@ from sklearn_craft.profiling import (
     compare_models,
     count_flops,
     count_parameters,
+    filter_flops,
     measure_latency,
     model_size_bytes,
 )
@@ -241,3 +242,54 @@ class _FunctionalConv(nn.Module):
 
     def forward(self, x):
         return F.relu(F.conv2d(x, self.weight))
+
+
+class _ResidualDepthwise(nn.Module):
+    """An expand convolution with its depthwise follower, a projection added to a 1x1 shortcut, a reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.project = nn.Conv2d(8, 4, 1)
+        self.shortcut = nn.Conv2d(3, 4, 1)
+        self.out = nn.Conv2d(4, 6, 1, stride=2)
+
+    def forward(self, x):
+        stream = self.project(self.depthwise(F.relu(self.expand(x)))) + self.shortcut(x)
+        return self.out(F.relu(stream))
+
+
+def test_filter_flops_counts_own_followers_and_readers():
+    model = _ResidualDepthwise().train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    flops = filter_flops(model, (3, 8, 8))
+    # Per filter at 8x8: expand 3x3x3x64 = 1728, depthwise 3x3x64 = 576, project 8x64 = 512, shortcut 3x64 = 192;
+    # per input channel: project 4x64 = 256, out (4x4 output) 6x16 = 96; out's own filters 4x16 = 64.
+    assert flops.to_dict() == {
+        "expand": 1728 + 576 + 256,
+        "depthwise": 576 + 256,
+        "project": 512 + 96,
+        "shortcut": 192 + 96,
+        "out": 64.0,
+    }
+    # What the filters cost adds up to the convolutions' FLOPs counted once per filter and reader.
+    assert count_flops(model, (3, 8, 8)) == 8 * 1728 + 8 * 576 + 4 * 512 + 4 * 192 + 6 * 64
+    assert model.training and all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_filter_flops_equal_what_removing_a_filter_saves_in_a_chain():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 3, stride=2), nn.ReLU(), nn.Conv2d(5, 2, 1))
+    flops = filter_flops(model, (3, 17, 17))
+    for index, name in [(0, "0"), (2, "2")]:
+        smaller = nn.Sequential(*[
+            nn.Conv2d(m.in_channels - (i == index + 2), m.out_channels - (i == index), m.kernel_size, m.stride)
+            if isinstance(m, nn.Conv2d) else m
+            for i, m in enumerate(model)
+        ])
+        assert flops[name] == count_flops(model, (3, 17, 17)) - count_flops(smaller, (3, 17, 17))
+
+
+def test_filter_flops_rejects_a_bad_input_shape():
+    with pytest.raises(TypeError, match="input_shape must be a non-empty tuple"):
+        filter_flops(nn.Conv2d(3, 4, 3), 32)

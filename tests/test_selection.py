@@ -185,6 +185,106 @@ def test_knee_rejects(curve, gamma, error, match):
         find_knee(curve, gamma)
 
 
+def test_priced_knee_minimises_normalised_rmse_plus_price_of_filters():
+    curve = pd.DataFrame({"n_selected": [0, 1, 3, 8], "rmse": [10.0, 4.0, 2.05, 2.0]})
+    normalised = (curve["rmse"] - 2.0) / 8.0
+    for gamma, cost in [(0.1, 1.0), (0.2, 1.0), (0.01, 0.5), (0.5, 0.001), (1.0, 3.0)]:
+        objective = normalised + gamma * cost * curve["n_selected"]
+        # The empty point is never the knee.
+        assert find_knee(curve, gamma, cost=cost) == 1 + int(np.argmin(objective.to_numpy()[1:]))
+    # A free filter, or gamma=0: the lowest RMSE, as the tolerance rule at gamma=0.
+    assert find_knee(curve, 0.3, cost=0.0) == find_knee(curve, 0.0, cost=2.0) == find_knee(curve, 0.0) == 3
+    # Equal objectives (0.5 + 0.25 x 1 = 0 + 0.25 x 3): the fewer filters.
+    assert find_knee({"n_selected": [0, 1, 3], "rmse": [5.0, 3.0, 1.0]}, 0.25, cost=1.0) == 1
+    assert find_knee({"n_selected": [0, 1, 3], "rmse": [5.0, 3.0, 1.0]}, 0.24, cost=1.0) == 2
+    # A flat curve keeps its sparsest non-empty point at any price.
+    assert find_knee({"n_selected": [0, 2, 5], "rmse": [1.0, 1.0, 1.0]}, 0.01, cost=0.0) == 1
+
+
+def test_priced_knee_is_monotone_in_gamma_and_in_cost():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        curve = pd.DataFrame({"n_selected": rng.integers(0, 30, 50), "rmse": rng.uniform(1, 2, 50)})
+        sizes = [curve["n_selected"].iloc[find_knee(curve, gamma, cost=0.05)] for gamma in np.linspace(0, 1, 11)]
+        assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+        sizes = [curve["n_selected"].iloc[find_knee(curve, 0.1, cost=cost)] for cost in np.linspace(0, 1, 11)]
+        assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+
+
+@pytest.mark.parametrize(
+    "cost, error, match",
+    [(-0.1, ValueError, "cost must be finite and >= 0, got -0.1"), (np.inf, ValueError, "cost must be finite"),
+     ("1", TypeError, "cost must be a real number or None"), (True, TypeError, "cost must be a real number")],
+)
+def test_priced_knee_rejects(cost, error, match):
+    with pytest.raises(error, match=match):
+        find_knee({"n_selected": [0, 1], "rmse": [1.0, 0.5]}, 0.1, cost=cost)
+
+
+def _two_copies(seed=0):
+    """The same eight features twice (groups 0 and 1), the target weighing them 1, 1/2, 1/4, ..."""
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(400, 8))
+    y = Z @ (2.0 ** -np.arange(8)) + 0.05 * rng.normal(size=400)
+    return np.hstack([Z, Z]), y, [0] * 8 + [1] * 8
+
+
+def test_priced_selector_knees_are_find_knee_with_each_group_cost():
+    X, y, groups = _two_copies()
+    costs = {0: 0.01, 1: 0.2, "unused": 5.0}
+    selector = LassoFilterSelector(groups=groups, gamma=0.2, knee="cost", group_costs=costs, random_state=0).fit(X, y)
+    for group, knee in selector.knees_.set_index("group").iterrows():
+        curve = selector.curves_[selector.curves_["group"] == group].reset_index(drop=True)
+        assert knee["alpha"] == curve["alpha"].iloc[find_knee(curve, 0.2, cost=costs[group])]
+    # Identical curves: the dear copy keeps fewer features than the cheap one.
+    cheap, dear = selector.knees_["n_selected"]
+    assert dear < cheap
+    assert selector.support_[:8].sum() == cheap and selector.support_[8:].sum() == dear
+
+
+def test_priced_selector_prices_features_at_one_over_the_mean_width_by_default():
+    X, y, groups = _two_copies()
+    X = X[:, :12]  # groups of 8 and 4 features: the mean width is 6
+    groups = groups[:12]
+    default = LassoFilterSelector(groups=groups, gamma=0.1, knee="cost", random_state=0).fit(X, y)
+    explicit = LassoFilterSelector(groups=groups, gamma=0.1, knee="cost", group_costs={0: 1 / 6, 1: 1 / 6},
+                                   random_state=0).fit(X, y)
+    np.testing.assert_array_equal(default.support_, explicit.support_)
+    pd.testing.assert_frame_equal(default.knees_, explicit.knees_)
+    # gamma=0 keeps every feature, priced or not.
+    assert LassoFilterSelector(groups=groups, gamma=0, knee="cost", random_state=0).fit(X, y).support_.all()
+
+
+def test_priced_selector_streams_as_it_fits():
+    X, y, groups = _two_copies()
+    params = dict(groups=groups, gamma=0.2, knee="cost", group_costs={0: 0.01, 1: 0.2}, random_state=0)
+    streamed = LassoFilterSelector(**params)
+    for start in range(0, len(X), 100):
+        streamed.partial_fit(X[start : start + 100], y[start : start + 100])
+    # The split is drawn per sample when streaming: compare the knees with a fit on that split.
+    assert streamed.knees_["n_selected"].iloc[1] < streamed.knees_["n_selected"].iloc[0]
+    for group, knee in streamed.knees_.set_index("group").iterrows():
+        curve = streamed.curves_[streamed.curves_["group"] == group].reset_index(drop=True)
+        assert knee["alpha"] == curve["alpha"].iloc[find_knee(curve, 0.2, cost=params["group_costs"][group])]
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(group_costs={0: 1.0, 1: 1.0}), "group_costs needs knee='cost', got knee='tolerance'"),
+        (dict(knee="cost", group_costs={0: 1.0}), r"group_costs must hold the cost of every group, missing 1: \[1\]"),
+        (dict(knee="cost", group_costs={0: 1.0, 1: -2.0}), "finite numbers >= 0, got -2.0 for group 1"),
+        (dict(knee="cost", group_costs={0: 1.0, 1: "a"}), "finite numbers >= 0, got 'a' for group 1"),
+    ],
+)
+def test_priced_selector_rejects_bad_costs_before_fitting(params, match):
+    X, y, groups = _two_copies()
+    selector = LassoFilterSelector(groups=groups, random_state=0, **params)
+    with pytest.raises(ValueError, match=match):
+        selector.fit(X, y)
+    assert not hasattr(selector, "support_") and not hasattr(selector, "n_features_in_")
+
+
 # --------------------------------------------------------------------------- characteristic curve
 
 

@@ -11,10 +11,10 @@ import sklearn_craft._prefix
 import sklearn_craft.pruner
 from sklearn_craft.finetune import recalibrate_batchnorm
 from sklearn_craft.pooling import ActivationPooler
-from sklearn_craft.profiling import count_flops
+from sklearn_craft.profiling import count_flops, filter_flops
 from sklearn_craft.pruner import CraftPruner
 from sklearn_craft.rules import FilterRule, L1NormRule, LassoRankRule, RandomRule, check_filter_rule, top_filters
-from sklearn_craft.selection import LassoFilterSelector
+from sklearn_craft.selection import LassoFilterSelector, find_knee
 from sklearn_craft.surgery import channel_readers, coupled_groups, prune_channels, truncate
 
 from conftest import ARCHITECTURES, conv_chain
@@ -223,6 +223,23 @@ def test_flops_target_with_a_satellite_head_counts_the_head(data):
     assert abs(share - 0.5) <= sklearn_craft.pruner._FLOPS_TOLERANCE or f"{share:.4f}" in missed[0]
 
 
+@pytest.mark.parametrize("selection", ["one-shot", "sequential"])
+def test_flops_knee_prices_each_layer_by_the_flops_of_its_filters(data, selection):
+    X, y = data
+    pruner = CraftPruner(conv_chain(), gamma=GAMMA, knee="flops", selection=selection, random_state=0).fit(X, y)
+    # FLOPs per filter over the mean FLOPs of a whole layer (8, 16 and 12 filters), in every stage alike.
+    flops = filter_flops(conv_chain(), X.shape[1:])
+    mean = np.mean([flops["0"] * 8, flops["4"] * 16, flops["6"] * 12])
+    costs = {layer: flops[layer] / mean for layer in ["0", "4", "6"]}
+    for layer, selector in pruner.selectors_.items():
+        assert selector.knee == "cost" and selector.group_costs.keys() == costs.keys()
+        np.testing.assert_allclose([selector.group_costs[name] for name in costs], list(costs.values()), rtol=1e-12)
+        curve = pruner.curves_[pruner.curves_["group"] == layer].reset_index(drop=True)
+        knee = pruner.knees_.set_index("group").loc[layer]
+        assert knee["alpha"] == curve["alpha"].iloc[find_knee(curve, GAMMA, cost=selector.group_costs[layer])]
+        assert knee["n_selected"] == len(pruner.selected_[layer])
+
+
 def test_lasso_rank_rule_orders_filters_by_their_entry_in_the_path():
     rng = np.random.default_rng(3)
     responses = rng.normal(size=(300, 6)) * [1.0, 5.0, 0.2, 1.0, 3.0, 1.0]
@@ -310,6 +327,9 @@ def test_score_before_finetune_is_the_score_without_finetuning(data):
         ({"flops_target": 0.5, "filter_rule": "random", "selection": "sequential"}, ValueError, "flops_target needs selection"),
         ({"flops_target": 0.5, "filter_rule": "random", "criterion": "both"}, ValueError, "criterion='both' has no effect"),
         ({"flops_target": 0.5, "filter_rule": "random", "head_layer": "best"}, ValueError, "flops_target needs head_layer"),
+        ({"flops_target": 0.5, "filter_rule": "random", "knee": "flops"}, ValueError, "knee='flops' has no effect"),
+        ({"knee": "cheap"}, ValueError, "knee"),
+        ({"selector_params": {"group_costs": {}}}, ValueError, "selector_params must not set"),
         ({"scale_filters": True, "filter_rule": "l1_norm"}, ValueError, "scale_filters=True needs filter_rule='lasso'"),
         ({"scale_filters": True, "criterion": "reconstruction"}, ValueError, "scale_filters=True needs"),
     ],
