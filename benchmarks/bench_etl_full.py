@@ -19,7 +19,10 @@ one-shot-l1        one-shot's per-layer counts (LASSO's knees), the filters of e
                    the cut over the layers with magnitude's choice within each.
 sequential-l1      the same with ``selection="sequential"``: every layer's count is LASSO's knee on
                    the network already cut (by L1 norm) at the layers before it.
-l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1
+sequential-flops   sequential with its knees priced by FLOPs (``knee="flops"``): a layer keeps a
+                   filter when it lowers the normalised curve by gamma times its FLOPs' share of a layer's.
+l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1, l1@sequential-flops,
+random@sequential-flops
                    ``filter_rule="l1_norm"`` or ``"random"`` with ``compensate=True``, at the FLOPs and
                    the head layer of the row they name (``flops_target`` needs a fixed head layer).
 lasso_rank@sequential
@@ -102,8 +105,10 @@ MATCHED = {
     "random@sequential": ("random", "sequential"),
     "l1@sequential-l1": ("l1_norm", "sequential-l1"),
     "lasso_rank@sequential": ("lasso_rank", "sequential"),
+    "l1@sequential-flops": ("l1_norm", "sequential-flops"),
+    "random@sequential-flops": ("random", "sequential-flops"),
 }
-ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", *MATCHED]
+ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", "sequential-flops", *MATCHED]
 KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "lr", "monitor", "calibrate_head",
        "device"]
 #: The columns of KEY that determine a fit's selection (its FLOPs and head layer): the rest is fine-tuning.
@@ -128,6 +133,8 @@ def row_params(row, reference):
         return dict(selection=row, head_layer="best", compensate=True)
     if row in ("one-shot-l1", "sequential-l1"):
         return dict(selection=row.removesuffix("-l1"), filter_rule="l1_norm", head_layer="best", compensate=True)
+    if row == "sequential-flops":
+        return dict(selection="sequential", knee="flops", head_layer="best", compensate=True)
     rule, _ = MATCHED[row]
     return dict(filter_rule=rule, flops_target=float(reference["flops_share"]), head_layer=reference["head_layer"],
                 compensate=True)
