@@ -359,9 +359,10 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         curve's normalised RMSE plus ``gamma`` times the FLOPs of the filters kept
         (:func:`~sklearn_craft.profiling.filter_flops` in the network the head cuts, before any
         cut) over the mean FLOPs of a whole layer. The paper's rule spends the cut where curves
-        are flat, which on MobileFaceNet is mostly in the 7x7 layers, where a filter costs a
-        fiftieth of a 56x56 layer's; priced by FLOPs, a layer gives up a filter unless it lowers
-        the normalised RMSE by at least ``gamma`` times the filter's share of a layer's FLOPs.
+        are flat, which on MobileFaceNet is mostly in the 7x7 layers, whose filters cost 20 to 80
+        times fewer FLOPs than those at 56x56; priced by FLOPs, a layer gives up a filter unless it
+        lowers the normalised RMSE by at least ``gamma`` times the filter's FLOPs over the mean
+        FLOPs of a whole layer.
 
     Attributes
     ----------
