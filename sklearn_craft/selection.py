@@ -223,8 +223,9 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
 
     For each group of features (one conv layer's pooled filter responses) the LASSO path and its
     characteristic curve are computed by :func:`characteristic_curve`; the knee (see
-    :func:`find_knee`, by its tolerance or with a price on every group's features) picks the α, and the features with a non-zero coefficient in the LASSO
-    fitted on all samples at that α are selected. At least one feature per group is kept: when
+    :func:`find_knee`, by its tolerance or with a price on every group's features) picks the α,
+    and the features with a non-zero coefficient in the LASSO fitted on all samples at that α are
+    selected. At least one feature per group is kept: when
     no α of the path gives a non-zero coefficient (a group of constant features, or explicit
     ``alphas`` above α_max), the feature that would enter the path first (largest
     ``‖X_jᵀY‖₂``) is kept.
@@ -445,9 +446,9 @@ class LassoFilterSelector(SelectorMixin, BaseEstimator):
         The selection (``support_``, ``coef_``, ``curves_``, ``knees_``) is computed from the
         cross-products when one of them is first read after new data (``transform`` and
         ``get_support`` read ``support_``), with the parameters of that moment (``gamma``,
-        ``knee``, ``group_costs``, ``alphas``, ``eps``, ``standardize``, ``n_jobs``, ``memory``); it equals the selection
-        :meth:`fit` makes on the concatenated chunks with the same validation split, up to
-        rounding. ``memory`` caches the paths under a digest of the cross-products.
+        ``knee``, ``group_costs``, ``alphas``, ``eps``, ``standardize``, ``n_jobs``, ``memory``);
+        it equals the selection :meth:`fit` makes on the concatenated chunks with the same
+        validation split, up to rounding. ``memory`` caches the paths under a digest of the cross-products.
 
         The validation split is drawn per sample, so that chunks can be of any size: the
         ``i``-th sample streamed in (counting from 0 over all calls) is held out when a hash of
