@@ -20,7 +20,8 @@ one-shot-l1        one-shot's per-layer counts (LASSO's knees), the filters of e
 sequential-l1      the same with ``selection="sequential"``: every layer's count is LASSO's knee on
                    the network already cut (by L1 norm) at the layers before it.
 sequential-flops   sequential with its knees priced by FLOPs (``knee="flops"``): a layer keeps a
-                   filter when it lowers the normalised curve by gamma times its FLOPs' share of a layer's.
+                   filter when it lowers the normalised curve by gamma times the filter's FLOPs over the
+                   mean FLOPs of a whole layer.
 l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1, l1@sequential-flops,
 random@sequential-flops
                    ``filter_rule="l1_norm"`` or ``"random"`` with ``compensate=True``, at the FLOPs and
