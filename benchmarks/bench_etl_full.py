@@ -22,8 +22,11 @@ sequential-l1      the same with ``selection="sequential"``: every layer's count
 sequential-flops   sequential with its knees priced by FLOPs (``knee="flops"``): a layer keeps a
                    filter when it lowers the normalised curve by gamma times the filter's FLOPs over the
                    mean FLOPs of a whole layer.
+sequential-flops-l1
+                   the priced knee's counts with L1-norm's filters (``knee="flops"``,
+                   ``filter_rule="l1_norm"``): the FLOPs-priced allocation, magnitude's choice.
 l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1, l1@sequential-flops,
-random@sequential-flops
+random@sequential-flops, l1@sequential-flops-l1
                    ``filter_rule="l1_norm"`` or ``"random"`` with ``compensate=True``, at the FLOPs and
                    the head layer of the row they name (``flops_target`` needs a fixed head layer).
 lasso_rank@sequential
@@ -108,8 +111,10 @@ MATCHED = {
     "lasso_rank@sequential": ("lasso_rank", "sequential"),
     "l1@sequential-flops": ("l1_norm", "sequential-flops"),
     "random@sequential-flops": ("random", "sequential-flops"),
+    "l1@sequential-flops-l1": ("l1_norm", "sequential-flops-l1"),
 }
-ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", "sequential-flops", *MATCHED]
+ROWS = ["unpruned", "one-shot", "sequential", "one-shot-l1", "sequential-l1", "sequential-flops", "sequential-flops-l1",
+        *MATCHED]
 KEY = ["task", "row", "gamma", "random_state", "n_train", "epochs", "patience", "lr", "monitor", "calibrate_head",
        "device"]
 #: The columns of KEY that determine a fit's selection (its FLOPs and head layer): the rest is fine-tuning.
@@ -134,8 +139,9 @@ def row_params(row, reference):
         return dict(selection=row, head_layer="best", compensate=True)
     if row in ("one-shot-l1", "sequential-l1"):
         return dict(selection=row.removesuffix("-l1"), filter_rule="l1_norm", head_layer="best", compensate=True)
-    if row == "sequential-flops":
-        return dict(selection="sequential", knee="flops", head_layer="best", compensate=True)
+    if row in ("sequential-flops", "sequential-flops-l1"):
+        rule = "l1_norm" if row.endswith("-l1") else "lasso"
+        return dict(selection="sequential", knee="flops", filter_rule=rule, head_layer="best", compensate=True)
     rule, _ = MATCHED[row]
     return dict(filter_rule=rule, flops_target=float(reference["flops_share"]), head_layer=reference["head_layer"],
                 compensate=True)
