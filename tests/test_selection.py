@@ -9,6 +9,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.linalg
 import torch
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import MultiTaskLasso, RidgeCV, lasso_path
@@ -468,6 +469,54 @@ def test_multitask_path_closes_a_tight_gap_on_a_dense_collinear_problem(monkeypa
     monkeypatch.setattr(sklearn_craft._lasso_path, "_newton_step", lambda *args: None)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         sklearn_craft._lasso_path._solve_path(stats, grid, tol=tolerance)
+
+
+def test_newton_direction_solves_the_newton_system_in_either_precision():
+    # The Woodbury solution against the Hessian written out (rows of W raveled):
+    # G_AA ⊗ I + ⊕_j d_j (I − u_j u_jᵀ), d_j = penalty / ‖W_j‖.
+    rng = np.random.default_rng(0)
+    n_support, n_targets, penalty = 6, 3, 2.0
+    X = rng.normal(size=(20, n_support))
+    gram, W, gradient = X.T @ X, rng.normal(size=(n_support, n_targets)), rng.normal(size=(n_support, n_targets))
+    norms = np.linalg.norm(W, axis=1)
+    U, curvature = W / norms[:, None], penalty / norms
+    hessian = np.kron(gram, np.eye(n_targets)) + scipy.linalg.block_diag(
+        *(d * (np.eye(n_targets) - np.outer(u, u)) for d, u in zip(curvature, U))
+    )
+    expected = -np.linalg.solve(hessian, gradient.ravel()).reshape(W.shape)
+    for dtype, rtol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        direction = sklearn_craft._lasso_path._newton_direction(gram, U, curvature, gradient, dtype)
+        assert direction.dtype == np.float64
+        np.testing.assert_allclose(direction, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+def test_newton_steps_solve_in_float32_from_the_support_size_and_fall_back_to_float64(monkeypatch):
+    # Supports of FLOAT32_SUPPORT filters or more try float32 first; where its factorisation fails
+    # the step is solved in float64, and the path still closes a tight gap.
+    X, Y, stats, grid = _dense_collinear_problem()
+    newton_direction, calls = sklearn_craft._lasso_path._newton_direction, []
+
+    def float32_failing(gram_a, U, curvature, gradient, dtype):
+        calls.append((len(U), dtype))
+        if dtype == np.float32:
+            raise np.linalg.LinAlgError("not positive definite")
+        return newton_direction(gram_a, U, curvature, gradient, dtype)
+
+    monkeypatch.setattr(sklearn_craft._lasso_path, "_newton_direction", float32_failing)
+    monkeypatch.setattr(sklearn_craft._lasso_path, "FLOAT32_SUPPORT", 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        coefs = sklearn_craft._lasso_path._solve_path(stats, grid, tol=1e-10)
+    sizes = {size for size, _ in calls}
+    assert min(sizes) < 20 <= max(sizes)
+    for (size, dtype), (next_size, next_dtype) in itertools.pairwise(calls):
+        if dtype == np.float32:
+            assert (next_size, next_dtype) == (size, np.float64)
+    first_tries = [call for call, previous in zip(calls, [None, *calls]) if previous is None or previous[1] != np.float32]
+    assert all((dtype == np.float32) == (size >= 20) for size, dtype in first_tries)
+    total = np.sum((Y - Y.mean(axis=0)) ** 2)
+    for i, alpha in enumerate(grid):
+        assert _multitask_gap(X, Y, coefs[:, :, i], alpha) <= 1e-10 * total
 
 
 def test_newton_steps_converge_quadratically_from_a_point_with_the_right_support(monkeypatch):
