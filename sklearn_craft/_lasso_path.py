@@ -280,7 +280,8 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
     with the Newton steps it is reached only where a Newton step finds no descent (a Gram matrix
     so close to singular that the quadratic model fails, as in a first layer of 64 nearly
     collinear filters). The Newton steps are most of a fit's time (on MobileFaceNet's 7-class
-    case about 19,000 steps, 28 of 42 CPU seconds, 16 of them in LAPACK's factorisations); conjugate
+    case, before :data:`FLOAT32_SUPPORT`, about 19,000 steps, 28 of 42 CPU seconds under a profiler,
+    16 of them in LAPACK's factorisations); conjugate
     gradients preconditioned by the last step's factors on the same support replaced a fifth of
     them but needed about 5 iterations each: 37.9 against 38.6 s per fit (one each), inside the
     machine's noise.
@@ -497,8 +498,8 @@ def _row_norms(W):
 
 #: Supports of at least this many filters solve the Newton system in float32 (float64 where the
 #: float32 factorisation fails). The direction need not be exact: the line search and the duality
-#: gap, in float64, judge the step. On MobileFaceNet's 7-class case LAPACK's share of the fit fell
-#: by about a third and the knees stayed those of the paths solved to 1e-8 and 1e-10.
+#: gap, in float64, judge the step. On MobileFaceNet's 7-class case a fit took 31.4 s against 39.4 s
+#: in float64 (medians of three) and the knees stayed those of the paths solved to 1e-8 and 1e-10.
 FLOAT32_SUPPORT = 64
 
 
@@ -508,9 +509,9 @@ def _newton_direction(gram_a, U, curvature, gradient, dtype):
     factorisation fails (not numerically positive definite)."""
     potrf, potri, potrs = scipy.linalg.lapack.get_lapack_funcs(("potrf", "potri", "potrs"), dtype=dtype)
     syrk, symm = scipy.linalg.blas.get_blas_funcs(("syrk", "symm"), dtype=dtype)
-    U_d = U.astype(dtype)
+    U_d = U.astype(dtype, copy=False)
     # potrf/potri read and write the upper triangle only, without scipy.linalg's copies and checks.
-    factor, info = potrf((gram_a + np.diag(curvature)).astype(dtype), lower=False, clean=False, overwrite_a=True)
+    factor, info = potrf((gram_a + np.diag(curvature)).astype(dtype, copy=False), lower=False, clean=False, overwrite_a=True)
     if info == 0:
         inverse, info = potri(factor, lower=False, overwrite_c=True)
     if info != 0:
@@ -525,7 +526,7 @@ def _newton_direction(gram_a, U, curvature, gradient, dtype):
     if info != 0:
         raise np.linalg.LinAlgError(f"Newton system not positive definite (LAPACK info {info})")
     z = potrs(schur_factor, np.einsum("ij,ij->i", U_d, x), lower=False)[0]
-    return -(x + symm(1.0, inverse, np.asfortranarray(z[:, None] * U_d), side=0, lower=0)).astype(np.float64)
+    return -(x + symm(1.0, inverse, np.asfortranarray(z[:, None] * U_d), side=0, lower=0)).astype(np.float64, copy=False)
 
 
 def _multitask_gaps(W, grams, xy, yy, penalties):
