@@ -280,11 +280,10 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
     with the Newton steps it is reached only where a Newton step finds no descent (a Gram matrix
     so close to singular that the quadratic model fails, as in a first layer of 64 nearly
     collinear filters). The Newton steps are most of a fit's time (on MobileFaceNet's 7-class
-    case, before :data:`FLOAT32_SUPPORT`, about 19,000 steps, 28 of 42 CPU seconds under a profiler,
-    16 of them in LAPACK's factorisations); conjugate
-    gradients preconditioned by the last step's factors on the same support replaced a fifth of
-    them but needed about 5 iterations each: 37.9 against 38.6 s per fit (one each), inside the
-    machine's noise.
+    case, before :data:`FLOAT32_SUPPORT`, about 19,000 steps, 28 of 42 CPU seconds under a
+    profiler, 16 of them in LAPACK's factorisations); conjugate gradients preconditioned by the
+    last step's factors on the same support replaced a fifth of them but needed about 5
+    iterations each: 37.9 against 38.6 s per fit (one each), inside the machine's noise.
 
     The problems (the all-sample path and the training part of every split, of every group
     of one width) advance side by side, each at its own α with its own iterate, momentum,
@@ -511,7 +510,8 @@ def _newton_direction(gram_a, U, curvature, gradient, dtype):
     syrk, symm = scipy.linalg.blas.get_blas_funcs(("syrk", "symm"), dtype=dtype)
     U_d = U.astype(dtype, copy=False)
     # potrf/potri read and write the upper triangle only, without scipy.linalg's copies and checks.
-    factor, info = potrf((gram_a + np.diag(curvature)).astype(dtype, copy=False), lower=False, clean=False, overwrite_a=True)
+    matrix = (gram_a + np.diag(curvature)).astype(dtype, copy=False)
+    factor, info = potrf(matrix, lower=False, clean=False, overwrite_a=True)
     if info == 0:
         inverse, info = potri(factor, lower=False, overwrite_c=True)
     if info != 0:
@@ -526,7 +526,8 @@ def _newton_direction(gram_a, U, curvature, gradient, dtype):
     if info != 0:
         raise np.linalg.LinAlgError(f"Newton system not positive definite (LAPACK info {info})")
     z = potrs(schur_factor, np.einsum("ij,ij->i", U_d, x), lower=False)[0]
-    return -(x + symm(1.0, inverse, np.asfortranarray(z[:, None] * U_d), side=0, lower=0)).astype(np.float64, copy=False)
+    direction = -(x + symm(1.0, inverse, np.asfortranarray(z[:, None] * U_d), side=0, lower=0))
+    return direction.astype(np.float64, copy=False)
 
 
 def _multitask_gaps(W, grams, xy, yy, penalties):

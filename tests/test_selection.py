@@ -512,7 +512,9 @@ def test_newton_steps_solve_in_float32_from_the_support_size_and_fall_back_to_fl
     for (size, dtype), (next_size, next_dtype) in itertools.pairwise(calls):
         if dtype == np.float32:
             assert (next_size, next_dtype) == (size, np.float64)
-    first_tries = [call for call, previous in zip(calls, [None, *calls]) if previous is None or previous[1] != np.float32]
+    first_tries = [
+        call for call, previous in zip(calls, [None, *calls]) if previous is None or previous[1] != np.float32
+    ]
     assert all((dtype == np.float32) == (size >= 20) for size, dtype in first_tries)
     total = np.sum((Y - Y.mean(axis=0)) ** 2)
     for i, alpha in enumerate(grid):
