@@ -265,25 +265,32 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
     ``grids[k]``. Each path minimises ``‖Y − XW‖²/2 + nα·Σ_j ‖W_j‖₂`` (n times scikit-learn's
     objective) along its grid with FISTA and gradient-based adaptive restart: one product by the
     Gram matrix (level-3 BLAS, vectorised over the features and outputs) and a group
-    soft-threshold per iteration. Each α starts from the previous solutions extrapolated along the path, and stops on
-    scikit-learn's rule for 2-D ``y``: a duality gap (its formulation) at most ``tol·‖Y‖²``,
-    checked every 5 iterations, or ``max_iter`` iterations. The proximal gradient finds the
-    support quickly but closes the gap slowly where the path is dense and the filters nearly
-    collinear (the gap needs the residual far more accurately than the objective does: on
-    MobileFaceNet's 512-filter layers it took 1 000 to 3 600 iterations per α). So once a
-    problem's support is the same at two consecutive gap checks, damped Newton steps on that
-    support (:func:`_newton_step`) follow, in a row while each at least halves the gap
-    (:func:`_newton_steps`), which closes it in one to three steps. On dense
+    soft-threshold per iteration. Each α starts from the previous solutions extrapolated along
+    the path, and stops on scikit-learn's rule for 2-D ``y``: a duality gap (its formulation) at
+    most ``tol·‖Y‖²``, or ``max_iter`` iterations. The proximal gradient finds the support quickly
+    but closes the gap slowly where the path is dense and the filters nearly collinear (the gap
+    needs the residual far more accurately than the objective does: on MobileFaceNet's 512-filter
+    layers it took 1 000 to 3 600 iterations per α). So every α begins with damped Newton steps
+    from the extrapolated start, each on the support of the proximal-gradient point of the last
+    (:func:`_newton_steps`, :func:`_newton_step`), in a row while each at least halves the gap,
+    which closes it in one to three steps where the support stays. Where they stall (filters
+    entering or leaving, filters near zero), FISTA iterations follow, the gap checked every 5,
+    and Newton steps again once the support is the same at two consecutive checks. (Against
+    Newton steps from the iterate itself and only after such checks, 5 to 10 iterations into
+    every α, a fit of MobileFaceNet's 7-class case took 20-22 s instead of 24-26 s, the two
+    versions run in turn on one machine.) On dense
     paths of correlated filters, block coordinate descent (scikit-learn's compiled one, run on a
     square root of ``C``) took 5-10 times longer in our measurements, and stopped at its
-    iteration limit where filters were nearly collinear. ``max_iter`` is scikit-learn's default for its LASSO solvers;
-    with the Newton steps it is reached only where a Newton step finds no descent (a Gram matrix
-    so close to singular that the quadratic model fails, as in a first layer of 64 nearly
-    collinear filters). The Newton steps are most of a fit's time (on MobileFaceNet's 7-class
-    case, before :data:`FLOAT32_SUPPORT`, about 19,000 steps, 28 of 42 CPU seconds under a
-    profiler, 16 of them in LAPACK's factorisations); conjugate gradients preconditioned by the
-    last step's factors on the same support replaced a fifth of them but needed about 5
-    iterations each: 37.9 against 38.6 s per fit (one each), inside the machine's noise.
+    iteration limit where filters were nearly collinear. ``max_iter`` is scikit-learn's default
+    for its LASSO solvers; with the Newton steps it is reached only where a Newton step finds no
+    descent (a Gram matrix so close to singular that the quadratic model fails, as in a first
+    layer of 64 nearly collinear filters). The Newton steps are most of a fit's time (on
+    MobileFaceNet's 7-class case about 18,900 steps, half of 22 CPU seconds under a profiler in
+    their factorisations); conjugate gradients preconditioned by the last step's factors on the
+    same support replaced a fifth of them but needed about 5 iterations each (no gain measured),
+    and PyTorch's Cholesky factor and inverse (MKL) for supports of 256 or more filters were
+    faster alone (3.5 against 4.8 ms at 490 filters) but not over a fit (20.0-21.7 against
+    20.0-21.2 s).
 
     The problems (the all-sample path and the training part of every split, of every group
     of one width) advance side by side, each at its own α with its own iterate, momentum,
@@ -343,11 +350,22 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
             grams, grams32, xy, yy, lipschitz = grams[on], grams32[on], xy[on], yy[on], lipschitz[on]
             n_samples, grids, gaps, restarted = n_samples[on], grids[on], gaps[on], stopped[on]
             penalties = grids[np.arange(len(live)), position] * n_samples
+            gram_w = np.zeros_like(W)
+            gram_w[restarted] = np.matmul(grams[restarted], W[restarted])
             gaps[restarted] = _multitask_gaps(
-                W[restarted], grams[restarted], xy[restarted], yy[restarted], penalties[restarted]
+                W[restarted], grams[restarted], xy[restarted], yy[restarted], penalties[restarted], gram_w[restarted]
             )
+            # Newton steps straight from the extrapolated start: where the support stays, they
+            # solve the new α without the proximal-gradient iterations that settled it before.
+            for k in np.flatnonzero(restarted & (gaps > tol * yy) & np.any(W != 0, axis=(1, 2))):
+                polished, gaps[k] = _newton_steps(
+                    grams[k], xy[k], yy[k], W[k], penalties[k], gaps[k], tol, lipschitz[k], gram_w[k]
+                )
+                if polished is not None:
+                    W[k] = V[k] = polished
+                    since_newton[k] = 0
             continue
-        threshold = (penalties / lipschitz)[:, None]
+        threshold = (penalties / lipschitz)[:, None, None]
         single = gaps > 1e-5 * yy
         for _ in range(5):
             if single.all():
@@ -356,10 +374,7 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
                 gradient = np.empty_like(V)
                 gradient[single] = np.matmul(grams32[single], V[single].astype(np.float32))
                 gradient[~single] = np.matmul(grams[~single], V[~single])
-            step = V - (gradient - xy) / lipschitz[:, None, None]
-            norms = np.sqrt(np.einsum("kij,kij->ki", step, step))
-            shrink = np.maximum(1 - threshold / np.maximum(norms, np.finfo(float).tiny), 0)
-            W_next = step * shrink[:, :, None]
+            W_next = _group_soft_threshold(V - (gradient - xy) / lipschitz[:, None, None], threshold)
             next_momentum = (1 + np.sqrt(1 + 4 * momentum**2)) / 2
             change = W_next - W
             restart = np.einsum("kij,kij->k", V - W_next, change) > 0
@@ -369,13 +384,16 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
             W, momentum = W_next, next_momentum
         n_iter += 5
         since_newton += 5
-        gaps = _multitask_gaps(W, grams, xy, yy, penalties)
+        gram_w = np.matmul(grams, W)
+        gaps = _multitask_gaps(W, grams, xy, yy, penalties, gram_w)
         active = np.any(W != 0, axis=2)
         settled = np.all(active == support, axis=1) & active.any(axis=1) & (since_newton >= 5) & (gaps > tol * yy)
         support = active
         since_newton[settled] = 0
         for k in np.flatnonzero(settled):
-            polished, gaps[k] = _newton_steps(grams[k], xy[k], yy[k], W[k], penalties[k], gaps[k], tol)
+            polished, gaps[k] = _newton_steps(
+                grams[k], xy[k], yy[k], W[k], penalties[k], gaps[k], tol, lipschitz[k], gram_w[k]
+            )
             if polished is not None:
                 W[k] = V[k] = polished
                 momentum[k] = 1.0
@@ -393,23 +411,58 @@ def _extrapolate(log_alphas, solutions):
     return value
 
 
-def _newton_steps(gram, xy, yy, W, penalty, gap, tol, max_steps=4):
+def _newton_steps(gram, xy, yy, W, penalty, gap, tol, lipschitz=None, gram_w=None, max_steps=4):
     """Newton steps in a row on one multi-task LASSO problem, while each at least halves the
     duality gap and leaves it above ``tol·yy``: the point reached (None if no step was taken) and
     its gap. Going on with Newton steps saves the proximal-gradient iterations in between where
     the support is right; a gap that stops falling says that the support is not, or that the step
     is too far from the solution for the quadratic model (filters near zero), which proximal-gradient
-    iterations settle first."""
-    polished = None
+    iterations settle first.
+
+    With ``lipschitz`` (the Gram matrix's largest eigenvalue; ``gram_w``: ``gram @ W`` where
+    known), every step starts from the proximal-gradient point of the current one, of step
+    ``t =`` :data:`NEWTON_PROX_STEP` / ``lipschitz``: the Newton step there is the semi-smooth
+    Newton step on the fixed-point equation ``W = prox(W − t∇f(W))`` (its system is that of
+    :func:`_newton_step` on the prox point's support, with the prox point's norms and
+    directions), so filters that the gradient calls in enter the support, and filters on their
+    way out leave it, in the same step. Without it (LARS points, exact on their support) the
+    steps start from ``W`` itself.
+    """
+    polished, point = None, W
+    if lipschitz is not None:
+        step_size = NEWTON_PROX_STEP / lipschitz
+        gram_point = gram @ W if gram_w is None else gram_w
     for _ in range(max_steps):
-        step = _newton_step(gram, xy, W if polished is None else polished, penalty)
+        if lipschitz is not None:
+            point = _group_soft_threshold(point - step_size * (gram_point - xy), step_size * penalty)
+            if not point.any():
+                break
+        step = _newton_step(gram, xy, point, penalty)
         if step is None:
             break
-        polished, previous = step, gap
-        gap = _multitask_gaps(polished[None], gram[None], xy[None], np.array([yy]), np.array([penalty]))[0]
+        # The gap's product by the Gram matrix is also the next prox point's.
+        polished, point, gram_point, previous = step, step, gram @ step, gap
+        gap = _multitask_gaps(
+            step[None], gram[None], xy[None], np.array([yy]), np.array([penalty]), gram_point[None]
+        )[0]
         if gap <= tol * yy or gap > previous / 2:
             break
     return polished, gap
+
+
+#: Step, in units of 1/L, to the proximal-gradient point every Newton step of
+#: :func:`_newton_steps` starts from. A step longer than the descent-safe 1/L moves more filters
+#: in and out of the support per Newton step. On MobileFaceNet's 7-class case (Newton steps at
+#: every α's start) 1, 10, 20 and 30 took 21,265, 18,881, 18,105 and 26,661 Newton steps (30:
+#: one 128-filter layer's paths stalled, thousands more steps): 10 keeps a margin.
+NEWTON_PROX_STEP = 10.0
+
+
+def _group_soft_threshold(W, threshold):
+    """Proximal map of ``threshold·Σ_j ‖W_j‖₂`` (rows of the last two axes): every row shrunk
+    towards zero by ``threshold`` (broadcast against ``W``'s rows), zero where shorter."""
+    norms = np.sqrt(np.einsum("...ij,...ij->...i", W, W))[..., None]
+    return W * np.maximum(1 - threshold / np.maximum(norms, np.finfo(float).tiny), 0)
 
 
 def _newton_step(gram, xy, W, penalty, retries=1):
@@ -530,10 +583,11 @@ def _newton_direction(gram_a, U, curvature, gradient, dtype):
     return direction.astype(np.float64, copy=False)
 
 
-def _multitask_gaps(W, grams, xy, yy, penalties):
+def _multitask_gaps(W, grams, xy, yy, penalties, gram_w=None):
     """Duality gaps of multi-task LASSO problems, scikit-learn's formulation, from the
-    cross-products; one problem per leading index of every argument."""
-    gram_w = np.matmul(grams, W)
+    cross-products; one problem per leading index of every argument (``gram_w``: the products
+    ``grams @ W`` where known)."""
+    gram_w = np.matmul(grams, W) if gram_w is None else gram_w
     residual_x = xy - gram_w
     w_xy = np.einsum("kij,kij->k", W, xy)
     residual_norm2 = yy - 2 * w_xy + np.einsum("kij,kij->k", W, gram_w)

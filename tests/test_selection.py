@@ -599,25 +599,48 @@ def test_path_start_is_the_polynomial_in_log_alpha_through_the_last_solutions():
 
 def test_newton_steps_follow_each_other_while_they_halve_the_gap(monkeypatch):
     # Where one Newton step leaves the gap above the tolerance but has at least halved it, the
-    # next starts from its result, without proximal-gradient iterations in between.
+    # next starts from the proximal-gradient point of its result (step NEWTON_PROX_STEP / L),
+    # without proximal-gradient iterations in between.
     X, Y, stats, grid = _dense_collinear_problem()
-    calls, newton_step = [], sklearn_craft._lasso_path._newton_step
+    lasso_path = sklearn_craft._lasso_path
+    calls, newton_step = [], lasso_path._newton_step
 
     def recording_newton_step(gram, xy, W, penalty, retries=1):
         polished = newton_step(gram, xy, W, penalty, retries)
-        calls.append((W, polished))
+        calls.append((gram, xy, penalty, W, polished))
         return polished
 
-    monkeypatch.setattr(sklearn_craft._lasso_path, "_newton_step", recording_newton_step)
-    coefs = sklearn_craft._lasso_path._solve_path(stats, grid, tol=1e-10)
-    chained = [
-        previous_out is not None and np.array_equal(W, previous_out)
-        for (_, previous_out), (W, _) in itertools.pairwise(calls)
-    ]
-    assert sum(chained) >= 5
+    monkeypatch.setattr(lasso_path, "_newton_step", recording_newton_step)
+    coefs = lasso_path._solve_path(stats, grid, tol=1e-10)
+    chained = 0
+    for (*_, previous_out), (gram, xy, penalty, W, _) in itertools.pairwise(calls):
+        if previous_out is None:
+            continue
+        step = lasso_path.NEWTON_PROX_STEP / np.linalg.eigvalsh(gram)[-1]
+        prox = lasso_path._group_soft_threshold(previous_out - step * (gram @ previous_out - xy), step * penalty)
+        chained += np.array_equal(W != 0, prox != 0) and np.allclose(W, prox, rtol=1e-9, atol=0)
+    assert chained >= 5
     total = np.sum((Y - Y.mean(axis=0)) ** 2)
     for i, alpha in enumerate(grid):
         assert _multitask_gap(X, Y, coefs[:, :, i], alpha) <= 1e-10 * total
+
+
+def test_newton_steps_from_the_prox_point_bring_a_missing_filter_in():
+    # Orthonormal features: the solution is the group soft-threshold of X^T Y, both features
+    # non-zero. From the solution without feature 1, Newton steps on that support cannot bring
+    # it in; from the proximal-gradient point (step 10 here) feature 1 enters on the ray of its
+    # solution, where the problem is quadratic, so one Newton step is exact.
+    gram, xy, yy, penalty = np.eye(2), np.array([[3.0, 4.0], [1.2, 1.6]]), 30.0, 1.0
+    solution = np.array([[2.4, 3.2], [0.6, 0.8]])
+    start = np.array([[2.4, 3.2], [0.0, 0.0]])
+    lasso_path = sklearn_craft._lasso_path
+    gap = lasso_path._multitask_gaps(start[None], gram[None], xy[None], np.array([yy]), np.array([penalty]))[0]
+    assert gap > 1e-6 * yy
+    on_support, support_gap = lasso_path._newton_steps(gram, xy, yy, start, penalty, gap, 1e-10)
+    assert support_gap > 1e-6 * yy and (on_support is None or np.all(on_support[1] == 0))
+    polished, polished_gap = lasso_path._newton_steps(gram, xy, yy, start, penalty, gap, 1e-10, lipschitz=1.0)
+    np.testing.assert_allclose(polished, solution, atol=1e-12)
+    assert polished_gap <= 1e-10 * yy
 
 
 # --------------------------------------------------------------------------- the selector
