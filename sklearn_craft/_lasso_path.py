@@ -563,7 +563,8 @@ def _newton_direction(gram_a, U, curvature, gradient, dtype):
     syrk, symm = scipy.linalg.blas.get_blas_funcs(("syrk", "symm"), dtype=dtype)
     U_d = U.astype(dtype, copy=False)
     # potrf/potri read and write the upper triangle only, without scipy.linalg's copies and checks.
-    matrix = (gram_a + np.diag(curvature)).astype(dtype, copy=False)
+    matrix = gram_a.astype(dtype)  # a copy: potrf overwrites it
+    matrix.flat[:: len(U) + 1] += curvature
     factor, info = potrf(matrix, lower=False, clean=False, overwrite_a=True)
     if info == 0:
         inverse, info = potri(factor, lower=False, overwrite_c=True)
