@@ -628,7 +628,7 @@ def test_newton_steps_follow_each_other_while_they_halve_the_gap(monkeypatch):
 def test_newton_steps_from_the_prox_point_bring_a_missing_filter_in():
     # Orthonormal features: the solution is the group soft-threshold of X^T Y, both features
     # non-zero. From the solution without feature 1, Newton steps on that support cannot bring
-    # it in; from the proximal-gradient point (step 10 here) feature 1 enters on the ray of its
+    # it in; from the proximal-gradient point (of any step) feature 1 enters on the ray of its
     # solution, where the problem is quadratic, so one Newton step is exact.
     gram, xy, yy, penalty = np.eye(2), np.array([[3.0, 4.0], [1.2, 1.6]]), 30.0, 1.0
     solution = np.array([[2.4, 3.2], [0.6, 0.8]])
@@ -641,6 +641,38 @@ def test_newton_steps_from_the_prox_point_bring_a_missing_filter_in():
     polished, polished_gap = lasso_path._newton_steps(gram, xy, yy, start, penalty, gap, 1e-10, lipschitz=1.0)
     np.testing.assert_allclose(polished, solution, atol=1e-12)
     assert polished_gap <= 1e-10 * yy
+
+
+def test_multitask_path_solves_each_alpha_by_newton_steps_from_its_start(monkeypatch):
+    # Orthonormal features: every solution is the group soft-threshold of X^T Y, on the rays of
+    # X^T Y, where the problem is quadratic and the Newton steps from each alpha's start are exact.
+    # After the first alphas (from zero, where the Newton steps have no support to start from), no
+    # alpha takes a proximal-gradient iteration.
+    rng = np.random.default_rng(0)
+    n, p = 40, 6
+    Z = rng.normal(size=(n, p))
+    X = np.linalg.qr(Z - Z.mean(axis=0))[0]
+    Y = X @ (rng.normal(size=(p, 3)) * np.linspace(3, 0.2, p)[:, None]) + 0.3 * rng.normal(size=(n, 3))
+    Yc = Y - Y.mean(axis=0)
+    lasso_path = sklearn_craft._lasso_path
+    stats = lasso_path._moments(np.hstack([X, Yc]).T @ np.hstack([X, Yc]), n, X.mean(axis=0), p, False)
+    grid = lasso_path._alpha_grid(stats, 20, 1e-2)
+    thresholds, soft_threshold = [], lasso_path._group_soft_threshold
+
+    def recording_soft_threshold(W, threshold):
+        if W.ndim == 3:  # a proximal-gradient iteration (Newton's prox points are 2-D)
+            thresholds.append(float(np.ravel(threshold)[0]))
+        return soft_threshold(W, threshold)
+
+    monkeypatch.setattr(lasso_path, "_group_soft_threshold", recording_soft_threshold)
+    coefs = lasso_path._solve_path(stats, grid, tol=1e-12)
+    xy = X.T @ Yc
+    for i, alpha in enumerate(grid):
+        exact = xy * np.maximum(1 - n * alpha / np.linalg.norm(xy, axis=1), 0)[:, None]
+        np.testing.assert_allclose(coefs[:, :, i].T, exact, atol=1e-9)
+    # The penalty n*alpha over L = 1 is each iteration's threshold: which alpha it belongs to.
+    iterated = {int(np.argmin(np.abs(n * grid - t))) for t in thresholds}
+    assert iterated and max(iterated) <= 2
 
 
 # --------------------------------------------------------------------------- the selector
