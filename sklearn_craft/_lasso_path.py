@@ -461,7 +461,7 @@ NEWTON_PROX_STEP = 10.0
 def _group_soft_threshold(W, threshold):
     """Proximal map of ``threshold·Σ_j ‖W_j‖₂`` (rows of the last two axes): every row shrunk
     towards zero by ``threshold`` (broadcast against ``W``'s rows), zero where shorter."""
-    norms = np.sqrt(np.einsum("...ij,...ij->...i", W, W))[..., None]
+    norms = _row_norms(W)[..., None]
     return W * np.maximum(1 - threshold / np.maximum(norms, np.finfo(float).tiny), 0)
 
 
@@ -544,8 +544,9 @@ def _objective(gram, xy, W, penalty):
 
 
 def _row_norms(W):
-    """Euclidean norm of every row of ``W`` (every feature's coefficients over the targets)."""
-    return np.sqrt(np.einsum("ij,ij->i", W, W))
+    """Euclidean norm of every row of ``W`` (every feature's coefficients over the targets; the
+    last two axes, so also of a stack of problems)."""
+    return np.sqrt(np.einsum("...ij,...ij->...i", W, W))
 
 
 #: Supports of at least this many filters solve the Newton system in float32 (float64 where the
@@ -595,7 +596,7 @@ def _multitask_gaps(W, grams, xy, yy, penalties, gram_w=None):
     residual_y = yy - w_xy
     dual_norm = np.sqrt(np.max(np.einsum("kij,kij->ki", residual_x, residual_x), axis=1))
     scale = np.minimum(1.0, penalties / np.maximum(dual_norm, np.finfo(float).tiny))
-    primal = 0.5 * residual_norm2 + penalties * np.sum(np.sqrt(np.einsum("kij,kij->ki", W, W)), axis=1)
+    primal = 0.5 * residual_norm2 + penalties * np.sum(_row_norms(W), axis=1)
     dual = -0.5 * scale**2 * residual_norm2 + scale * residual_y
     return primal - dual
 
