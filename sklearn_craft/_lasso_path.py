@@ -239,9 +239,8 @@ def _lars_path(stats, grid, tol):
             max_iter=100 * n_features,
         )
     coefs = np.array([np.interp(penalties, knots[::-1], row[::-1], left=row[-1], right=0.0) for row in breakpoints])
-    stack = (len(grid),)
     gaps = _multitask_gaps(
-        coefs.T[:, :, None], np.broadcast_to(gram, stack + gram.shape), np.broadcast_to(xy, stack + xy.shape),
+        coefs.T[:, :, None], (gram @ coefs).T[:, :, None], np.broadcast_to(xy, (len(grid),) + xy.shape),
         np.full(len(grid), yy), penalties,
     )
     for i in np.flatnonzero(gaps > tol * yy):
@@ -315,7 +314,7 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
     W = np.zeros((len(live), n_features, n_targets))
     V, momentum, n_iter = W, np.ones(len(live)), np.zeros(len(live), dtype=int)
     penalties = grids[:, 0] * n_samples
-    gaps = _multitask_gaps(W, grams, xy, yy, penalties)
+    gaps = _multitask_gaps(W, np.zeros_like(W), xy, yy, penalties)
     # The support at the last gap check, and the iterations since the last Newton step.
     support, since_newton = np.zeros((len(live), n_features), dtype=bool), np.zeros(len(live), dtype=int)
     while len(live):
@@ -345,19 +344,24 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
                     W[k] = _extrapolate(np.log(grid[i + 1 - len(known) : i + 2]), known)
                 V[k], momentum[k], n_iter[k], position[k] = W[k], 1.0, 0, i + 1
             on = position < grids.shape[1]
-            support, since_newton = support[on], since_newton[on]
-            live, position, W, V, momentum, n_iter = live[on], position[on], W[on], V[on], momentum[on], n_iter[on]
-            grams, grams32, xy, yy, lipschitz = grams[on], grams32[on], xy[on], yy[on], lipschitz[on]
-            n_samples, grids, gaps, restarted = n_samples[on], grids[on], gaps[on], stopped[on]
+            if not on.all():
+                # Copies (of every Gram matrix): only where a path has ended.
+                support, since_newton, stopped = support[on], since_newton[on], stopped[on]
+                live, position, W, V, momentum, n_iter = live[on], position[on], W[on], V[on], momentum[on], n_iter[on]
+                grams, grams32, xy, yy, lipschitz = grams[on], grams32[on], xy[on], yy[on], lipschitz[on]
+                n_samples, grids, gaps = n_samples[on], grids[on], gaps[on]
+            restarted = np.flatnonzero(stopped)
             penalties = grids[np.arange(len(live)), position] * n_samples
+            # One product per restarted problem: fancy-indexing the stack would copy its Gram matrices.
             gram_w = np.zeros_like(W)
-            gram_w[restarted] = np.matmul(grams[restarted], W[restarted])
+            for k in restarted:
+                gram_w[k] = grams[k] @ W[k]
             gaps[restarted] = _multitask_gaps(
-                W[restarted], grams[restarted], xy[restarted], yy[restarted], penalties[restarted], gram_w[restarted]
+                W[restarted], gram_w[restarted], xy[restarted], yy[restarted], penalties[restarted]
             )
             # Newton steps straight from the extrapolated start: where the support stays, they
             # solve the new α without the proximal-gradient iterations that settled it before.
-            for k in np.flatnonzero(restarted & (gaps > tol * yy) & np.any(W != 0, axis=(1, 2))):
+            for k in restarted[(gaps[restarted] > tol * yy[restarted]) & np.any(W[restarted] != 0, axis=(1, 2))]:
                 polished, gaps[k] = _newton_steps(
                     grams[k], xy[k], yy[k], W[k], penalties[k], gaps[k], tol, lipschitz[k], gram_w[k]
                 )
@@ -385,7 +389,7 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
         n_iter += 5
         since_newton += 5
         gram_w = np.matmul(grams, W)
-        gaps = _multitask_gaps(W, grams, xy, yy, penalties, gram_w)
+        gaps = _multitask_gaps(W, gram_w, xy, yy, penalties)
         active = np.any(W != 0, axis=2)
         settled = np.all(active == support, axis=1) & active.any(axis=1) & (since_newton >= 5) & (gaps > tol * yy)
         support = active
@@ -442,9 +446,7 @@ def _newton_steps(gram, xy, yy, W, penalty, gap, tol, lipschitz=None, gram_w=Non
             break
         # The gap's product by the Gram matrix is also the next prox point's.
         polished, point, gram_point, previous = step, step, gram @ step, gap
-        gap = _multitask_gaps(
-            step[None], gram[None], xy[None], np.array([yy]), np.array([penalty]), gram_point[None]
-        )[0]
+        gap = _multitask_gaps(step[None], gram_point[None], xy[None], np.array([yy]), np.array([penalty]))[0]
         if gap <= tol * yy or gap > previous / 2:
             break
     return polished, gap
@@ -585,11 +587,10 @@ def _newton_direction(gram_a, U, curvature, gradient, dtype):
     return direction.astype(np.float64, copy=False)
 
 
-def _multitask_gaps(W, grams, xy, yy, penalties, gram_w=None):
+def _multitask_gaps(W, gram_w, xy, yy, penalties):
     """Duality gaps of multi-task LASSO problems, scikit-learn's formulation, from the
-    cross-products; one problem per leading index of every argument (``gram_w``: the products
-    ``grams @ W`` where known)."""
-    gram_w = np.matmul(grams, W) if gram_w is None else gram_w
+    cross-products and the products ``gram_w`` of the Gram matrices by ``W``; one problem per
+    leading index of every argument."""
     residual_x = xy - gram_w
     w_xy = np.einsum("kij,kij->k", W, xy)
     residual_norm2 = yy - 2 * w_xy + np.einsum("kij,kij->k", W, gram_w)

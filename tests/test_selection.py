@@ -634,7 +634,7 @@ def test_newton_steps_from_the_prox_point_bring_a_missing_filter_in():
     solution = np.array([[2.4, 3.2], [0.6, 0.8]])
     start = np.array([[2.4, 3.2], [0.0, 0.0]])
     lasso_path = sklearn_craft._lasso_path
-    gap = lasso_path._multitask_gaps(start[None], gram[None], xy[None], np.array([yy]), np.array([penalty]))[0]
+    gap = lasso_path._multitask_gaps(start[None], (gram @ start)[None], xy[None], np.array([yy]), np.array([penalty]))[0]
     assert gap > 1e-6 * yy
     on_support, support_gap = lasso_path._newton_steps(gram, xy, yy, start, penalty, gap, 1e-10)
     assert support_gap > 1e-6 * yy and (on_support is None or np.all(on_support[1] == 0))
