@@ -14,6 +14,7 @@ and ``Σ_i w_i`` in place of the number of samples, a sample of weight 2 counts 
 sample twice, in every fit and in the held-out errors.
 """
 
+import math
 import warnings
 
 import numpy as np
@@ -407,11 +408,12 @@ def _multitask_paths(Cs, n_samples, n_features, grids, tol, max_iter=1_000):
 def _extrapolate(log_alphas, solutions):
     """Value at ``log_alphas[-1]`` of the polynomial in log α through ``solutions`` at the
     others (Lagrange's form)."""
-    knots, target = log_alphas[:-1], log_alphas[-1]
+    *knots, target = log_alphas.tolist()
     value = 0.0
     for j, solution in enumerate(solutions):
-        others = np.delete(knots, j)
-        value = value + np.prod((target - others) / (knots[j] - others)) * solution
+        # Python floats: two or three knots, where NumPy's per-call overhead is the whole cost.
+        weight = math.prod((target - other) / (knots[j] - other) for i, other in enumerate(knots) if i != j)
+        value = value + weight * solution
     return value
 
 
