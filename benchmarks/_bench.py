@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from sklearn.metrics import accuracy_score, mean_absolute_error
 from sklearn.model_selection import train_test_split
 
+import sklearn_craft
 from sklearn_craft.datasets import load_aflw2000, load_celeba, load_fer2013, load_utkface
 from sklearn_craft.targets import CLASSIFICATION_KINDS
 
@@ -177,6 +179,24 @@ def machine():
         f"{platform.platform()}, {os.cpu_count()} CPUs (shared){gpu}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), scikit-learn {sklearn.__version__}, numpy {np.__version__}"
     )
+
+
+def library_commit():
+    """The git commit of the sklearn_craft checkout that runs, ``-dirty`` when its package differs from
+    that commit, or ``"unknown"`` outside a git checkout (an installed copy).
+
+    Records fitted by different versions of the library can disagree without error (a solver change
+    moves a knee): the commit says which version wrote each.
+    """
+    root = Path(sklearn_craft.__file__).resolve().parents[1]
+    try:
+        head, changes = (
+            subprocess.run(["git", "-C", str(root), *argv], capture_output=True, text=True, check=True).stdout.strip()
+            for argv in (["rev-parse", "--short=7", "HEAD"], ["status", "--porcelain", "--", "sklearn_craft"])
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + "-dirty" * bool(changes)
 
 
 def now():

@@ -34,8 +34,9 @@ lasso_rank@sequential
                    every layer) with CRAFT's choice within each layer (entry in its LASSO path).
 
 Every fit appends its row to the records (``--records``, a CSV, default
-benchmarks/results/etl_full.csv) as soon as it ends, and a row already there (same task, row, gamma, seed,
-training images and budget) is not fitted again: a run of many hours can be split over several
+benchmarks/results/etl_full.csv; column commit: the library's git commit that fitted it) as soon as it
+ends, and a row already there (same task, row, gamma, seed, training images and budget) is not fitted
+again: a run of many hours can be split over several
 invocations, and the matched rows read their reference's FLOPs and head layer from the records: from a
 recorded row of the reference with the same task, gamma, seed, training images and device, whatever its
 fine-tuning (budget, --lr, --monitor, --calibrate-head), since both come from the selection alone (rows
@@ -153,7 +154,8 @@ def read_records(path):
     uncalibrated head, on the CPU)."""
     if not path.exists():
         return pd.DataFrame(columns=KEY)
-    records = pd.read_csv(path)
+    # A short commit such as 4e19422 would be read as a number.
+    records = pd.read_csv(path, dtype={"commit": str})
     for column, default in (("random_state", _bench.SEED), ("lr", 1e-3), ("monitor", "loss"), ("calibrate_head", False),
                             ("device", "cpu")):
         if column not in records:
@@ -231,6 +233,7 @@ def fit_row(task, row, gamma, seed, lr, monitor, calibrate, device, data, budget
         val_loss=" ".join(f"{v:.4g}" for v in history.get("val_loss", [])),
         val_accuracy=" ".join(f"{v:.4g}" for v in history.get("val_accuracy", [])),
         fit_s=round(seconds, 1), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=_bench.library_commit(),
     )
 
 
@@ -350,10 +353,12 @@ def _fit_records(work, fit):
 def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
-    shown = shown.assign(flops_pct=100 * shown["flops_share"])
+    # Records from before the commit column (2026-12-06) name no library version.
+    shown = shown.assign(flops_pct=100 * shown["flops_share"],
+                         commit=shown["commit"].fillna("") if "commit" in shown else "")
     shown = shown.set_index(["task", "row", "gamma", "random_state", "lr", "monitor", "calibrate_head", "device"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
-         "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date"]
+         "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date", "commit"]
     ]
     intro = (
         "ETL Table 1 on all images (MobileFaceNet, CASIA-WebFace weights): every row has the satellite head at its "
@@ -369,7 +374,9 @@ def write_table(args, config, records_path, results):
         "--tasks / --rows / --seed / --lr / --monitor / --calibrate-head / --device). calibrate_head: the "
         "satellite head divided by the temperature fitted on its images before fine-tuning. lr: Adam's learning "
         "rate. device: where the forward passes and fine-tuning ran (the machine below is the one that wrote "
-        "the table; the rows on a GPU name theirs on the Reproducing page)."
+        "the table; the rows on a GPU name theirs on the Reproducing page). commit: the library's git commit "
+        "that fitted the row (-dirty: with uncommitted changes; blank: recorded before 2026-12-06), since rows "
+        "fitted by different versions can disagree (a solver change moves knees)."
     )
     title = "ETL Table 1 on all images (MobileFaceNet)"
     if records_path.name != "etl_full.csv":

@@ -101,6 +101,14 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     one_shot, l1 = first.iloc[1], first.iloc[2]
     assert abs(l1["flops_share"] - one_shot["flops_share"]) <= 0.01 and l1["head_layer"] == one_shot["head_layer"]
     assert (first.loc[1:, "flops_share"] < first.loc[0, "flops_share"]).all()
+    # Every record names the library commit that fitted it (-dirty with uncommitted package changes).
+    # Read as text: a short commit such as 4e19422 parses as a number.
+    (commit,) = pd.read_csv(results.with_suffix(".csv"), dtype={"commit": str})["commit"].unique()
+    head = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode:  # not a git checkout
+        assert commit == "unknown"
+    else:
+        assert len(commit.removesuffix("-dirty")) >= 7 and head.stdout.startswith(commit.removesuffix("-dirty"))
     # A second invocation fits only what is not recorded, and a matched row reads its reference from the records.
     _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "random@one-shot",
                                 "one-shot-l1", "sequential-l1", "l1@sequential-l1")
@@ -118,17 +126,20 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     # No row: the table is written from the records alone; records from before --seed have the default seed.
     assert (second["random_state"] == 0).all()
     (tmp_path / "etl_full.md").unlink()
-    second.drop(columns="random_state").to_csv(results.with_suffix(".csv"), index=False)
+    old = second.drop(columns=["random_state", "commit"])
+    old.to_csv(results.with_suffix(".csv"), index=False)
     _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows")
-    pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), second.drop(columns="random_state"))
+    pd.testing.assert_frame_equal(pd.read_csv(results.with_suffix(".csv")), old)
     assert "| yaw | random@one-shot | 0.01 | 0 |" in text and "| yaw | one-shot-l1 | 0.01 | 0 |" in text
+    assert text.count(" UTC |  |\n") == len(old)  # no commit recorded
     assert "## ETL Table 1 on all images (MobileFaceNet)\n" in text
     # Another seed is a repeated fit beside the recorded ones; its matched row follows the row of its seed,
     # also when the fits run in processes of their own (--jobs), where it waits for that row to end.
     _, text = _run_on_real_data("etl_full", shared_data, tmp_path, *options, "--rows", "one-shot", "l1@one-shot",
                                 "--seed", "1", "--jobs", "2")
     third = pd.read_csv(results.with_suffix(".csv"))
-    pd.testing.assert_frame_equal(third.iloc[: len(second)], second)
+    pd.testing.assert_frame_equal(third.iloc[: len(second)].drop(columns="commit"), second.drop(columns="commit"))
+    assert third["commit"].iloc[: len(second)].isna().all() and third["commit"].iloc[len(second):].notna().all()
     repeat = third.iloc[len(second):]
     assert repeat["row"].tolist() == ["one-shot", "l1@one-shot"] and (repeat["random_state"] == 1).all()
     assert abs(repeat.iloc[1]["flops_share"] - repeat.iloc[0]["flops_share"]) <= 0.01
