@@ -45,7 +45,10 @@ own records file, are gathered with ``--merge FILE [FILE ...]``: the records of 
 records lack are added to them (before any fit), so ``--merge`` with ``--rows`` and no row only merges
 and writes the table.
 The table (benchmarks/results/etl_full.md, or --results) is written from all the records of the
-run's settings.
+run's settings, followed by the matched comparisons: every L1-norm or random row beside the CRAFT row whose
+FLOPs it took (same seed and fine-tuning), the CRAFT row's lead before and after fine-tuning, and per task,
+CRAFT row and rule a summary of the fine-tuned ones (how many ahead and behind, the mean lead and its
+standard error).
 
 Fine-tuning budgets (Adam, lr 1e-3, batch 32, 20 % of the training images for early stopping with the
 given patience, the best weights kept): gender at most 6 epochs, patience 2; yaw 20 and 6; age and
@@ -350,9 +353,50 @@ def _fit_records(work, fit):
     return Path(work) / ("_".join(map(str, fit)).replace("@", "-") + ".csv")
 
 
+def matched_comparisons(records):
+    """Every recorded L1-norm or random row beside the row whose FLOPs and head layer it took, fitted with the
+    same budget and seed: the CRAFT row's lead over it before and after fine-tuning, positive where the CRAFT
+    row is better (accuracy in points, MAE in the task's unit)."""
+    fine_tuning = [column for column in KEY if column != "row"]
+    rules = {row: rule for row, (rule, _) in MATCHED.items() if rule in ("l1_norm", "random")}
+    baselines = records[records["row"].isin(list(rules))]
+    baselines = baselines.assign(reference=baselines["row"].map(lambda row: MATCHED[row][1]),
+                                 baseline=baselines["row"].map(rules))
+    pairs = baselines.merge(records, left_on=[*fine_tuning, "reference"], right_on=[*fine_tuning, "row"],
+                            suffixes=("_baseline", ""))
+    pairs = pairs.sort_values(["task", "reference", "baseline", "gamma", "random_state", "epochs", "lr", "monitor"],
+                              kind="stable", ignore_index=True)
+    sign = pairs["metric"].map({"accuracy": 100.0, "MAE": -1.0})
+    return pd.DataFrame({
+        **{column: pairs[column] for column in ["task", "reference", "baseline", "gamma", "random_state", "epochs",
+                                                "lr", "monitor"]},
+        "flops_pct": 100 * pairs["flops_share"],
+        "baseline_flops_pct": 100 * pairs["flops_share_baseline"],
+        "lead_before_ft": sign * (pairs["score_before_ft"] - pairs["score_before_ft_baseline"]),
+        "lead_after_ft": sign * (pairs["score"] - pairs["score_baseline"]),
+    })
+
+
+def comparison_summary(pairs):
+    """Per task, CRAFT row and baseline rule, over the fine-tuned comparisons of :func:`matched_comparisons`:
+    how many, on how many the CRAFT row ends ahead and behind, and its mean lead before and after fine-tuning
+    with the standard error of the mean (nan for a single comparison)."""
+    tuned = pairs[pairs["epochs"] > 0]
+    grouped = tuned.groupby(["task", "reference", "baseline"])
+    return pd.DataFrame({
+        "comparisons": grouped.size(),
+        "ahead_after_ft": grouped["lead_after_ft"].apply(lambda lead: int((lead > 0).sum())),
+        "behind_after_ft": grouped["lead_after_ft"].apply(lambda lead: int((lead < 0).sum())),
+        "mean_lead_before_ft": grouped["lead_before_ft"].mean(),
+        "mean_lead_after_ft": grouped["lead_after_ft"].mean(),
+        "se_after_ft": grouped["lead_after_ft"].sem(),
+    })
+
+
 def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
+    pairs = matched_comparisons(shown)
     # Records from before the commit column (2026-12-06) name no library version.
     shown = shown.assign(flops_pct=100 * shown["flops_share"],
                          commit=shown["commit"].fillna("") if "commit" in shown else "")
@@ -382,7 +426,21 @@ def write_table(args, config, records_path, results):
     if records_path.name != "etl_full.csv":
         # Several record files end up in RESULTS.md: each section names its own.
         title += f", records {records_path.name}"
-    _bench.write_section(results, title, intro, [_bench.table(shown)], args.quick)
+    blocks = [_bench.table(shown)]
+    if len(pairs):
+        summary = comparison_summary(pairs)
+        blocks += [
+            "", "### Matched comparisons", "",
+            "Every L1-norm (l1_norm) or random row beside the CRAFT row (reference) whose FLOPs and head layer it "
+            "took, with the same seed and fine-tuning: lead = the CRAFT row's score minus the baseline's, "
+            "positive where CRAFT is better (accuracy in points; MAE in degrees for yaw, years for age, sign "
+            "reversed). The summary pools the fine-tuned comparisons of every gamma, seed and budget: ahead / "
+            "behind count them by the sign of the lead after fine-tuning, se is the standard error of the mean "
+            "lead after it.", "",
+            *([_bench.table(summary), ""] if len(summary) else []),
+            _bench.table(pairs.set_index(["task", "reference", "baseline"])),
+        ]
+    _bench.write_section(results, title, intro, blocks, args.quick)
 
 
 def _options(parser):

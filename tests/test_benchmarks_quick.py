@@ -123,6 +123,14 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
     assert abs(matched["flops_share"] - sequential_l1["flops_share"]) <= 0.01
     assert matched["head_layer"] == sequential_l1["head_layer"]
     assert "| yaw | random@one-shot | 0.01 |" in text and "| yaw | unpruned | 0 |" in text
+    # The matched comparisons: each baseline beside its CRAFT row, the lead positive where CRAFT is better
+    # (for an MAE the baseline's minus CRAFT's), before and after fine-tuning, and their summary.
+    for rule, row in (("l1_norm", "l1@one-shot"), ("random", "random@one-shot")):
+        craft, baseline = (second[second["row"] == name].iloc[0] for name in ("one-shot", row))
+        lead = [baseline[score] - craft[score] for score in ("score_before_ft", "score")]
+        (line,) = [line for line in text.splitlines() if line.startswith(f"| yaw | one-shot | {rule} | 0.01 | 0 |")]
+        assert line.endswith(" | " + " | ".join(format(value, ".4g") for value in lead) + " |")
+        assert f"| yaw | one-shot | {rule} | 1 | {int(lead[1] > 0)} | {int(lead[1] < 0)} | " in text
     # No row: the table is written from the records alone; records from before --seed have the default seed.
     assert (second["random_state"] == 0).all()
     (tmp_path / "etl_full.md").unlink()
