@@ -82,7 +82,6 @@ Run: python benchmarks/bench_etl_full.py --tasks yaw --rows sequential l1@sequen
      ``--rows`` with no row fits nothing and writes the table of the tasks' records.
 """
 
-import datetime
 import os
 import shutil
 import subprocess
@@ -154,7 +153,7 @@ def row_params(row, reference):
 def read_records(path):
     """The records at ``path``; those written before ``--seed`` (``--lr``, ``--monitor``, ``--calibrate-head``,
     ``--device``) existed were fitted with the default seed (lr 1e-3, early stopping on the validation loss, an
-    uncalibrated head, on the CPU)."""
+    uncalibrated head, on the CPU); those written before the commit column (2026-12-06) name no commit."""
     if not path.exists():
         return pd.DataFrame(columns=KEY)
     # A short commit such as 4e19422 would be read as a number.
@@ -163,6 +162,8 @@ def read_records(path):
                             ("device", "cpu")):
         if column not in records:
             records.insert(KEY.index(column), column, default)
+    if "commit" not in records:
+        records["commit"] = None
     return records
 
 
@@ -235,7 +236,7 @@ def fit_row(task, row, gamma, seed, lr, monitor, calibrate, device, data, budget
         best_epoch=int(history.loc[history["kept"], "epoch"].iloc[0]), epochs_run=int(history["epoch"].max()),
         val_loss=" ".join(f"{v:.4g}" for v in history.get("val_loss", [])),
         val_accuracy=" ".join(f"{v:.4g}" for v in history.get("val_accuracy", [])),
-        fit_s=round(seconds, 1), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        fit_s=round(seconds, 1), date=_bench.now(),
         commit=_bench.library_commit(),
     )
 
@@ -397,9 +398,7 @@ def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
     pairs = matched_comparisons(shown)
-    # Records from before the commit column (2026-12-06) name no library version.
-    shown = shown.assign(flops_pct=100 * shown["flops_share"],
-                         commit=shown["commit"].fillna("") if "commit" in shown else "")
+    shown = shown.assign(flops_pct=100 * shown["flops_share"], commit=shown["commit"].fillna(""))
     shown = shown.set_index(["task", "row", "gamma", "random_state", "lr", "monitor", "calibrate_head", "device"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
          "epochs_run", "epochs", "patience", "parameters", "filters", "fit_s", "date", "commit"]
