@@ -354,20 +354,32 @@ def _fit_records(work, fit):
     return Path(work) / ("_".join(map(str, fit)).replace("@", "-") + ".csv")
 
 
+#: The columns of KEY that a matched row shares with the row whose FLOPs it took.
+FINE_TUNING = [column for column in KEY if column != "row"]
+
+
+def _lead_sign(metric):
+    """Per record, the factor that turns a score difference into a lead: accuracy in points, MAE reversed."""
+    return metric.map({"accuracy": 100.0, "MAE": -1.0})
+
+
+def _baseline_records(records):
+    """The recorded L1-norm and random rows, with the row whose FLOPs they took (reference) and their rule."""
+    rules = {row: rule for row, (rule, _) in MATCHED.items() if rule in ("l1_norm", "random")}
+    baselines = records[records["row"].isin(list(rules))]
+    return baselines.assign(reference=baselines["row"].map(lambda row: MATCHED[row][1]),
+                            baseline=baselines["row"].map(rules))
+
+
 def matched_comparisons(records):
     """Every recorded L1-norm or random row beside the row whose FLOPs and head layer it took, fitted with the
     same budget and seed: the CRAFT row's lead over it before and after fine-tuning, positive where the CRAFT
     row is better (accuracy in points, MAE in the task's unit)."""
-    fine_tuning = [column for column in KEY if column != "row"]
-    rules = {row: rule for row, (rule, _) in MATCHED.items() if rule in ("l1_norm", "random")}
-    baselines = records[records["row"].isin(list(rules))]
-    baselines = baselines.assign(reference=baselines["row"].map(lambda row: MATCHED[row][1]),
-                                 baseline=baselines["row"].map(rules))
-    pairs = baselines.merge(records, left_on=[*fine_tuning, "reference"], right_on=[*fine_tuning, "row"],
-                            suffixes=("_baseline", ""))
+    pairs = _baseline_records(records).merge(records, left_on=[*FINE_TUNING, "reference"],
+                                             right_on=[*FINE_TUNING, "row"], suffixes=("_baseline", ""))
     pairs = pairs.sort_values(["task", "reference", "baseline", "gamma", "random_state", "epochs", "lr", "monitor"],
                               kind="stable", ignore_index=True)
-    sign = pairs["metric"].map({"accuracy": 100.0, "MAE": -1.0})
+    sign = _lead_sign(pairs["metric"])
     return pd.DataFrame({
         **{column: pairs[column] for column in ["task", "reference", "baseline", "gamma", "random_state", "epochs",
                                                 "lr", "monitor"]},
@@ -394,10 +406,37 @@ def comparison_summary(pairs):
     })
 
 
+def baseline_gap(records):
+    """Per task, random filters against L1-norm at the FLOPs and head layer of the same row, with the same seed
+    and fine-tuning: over the fine-tuned pairs, how many each rule ends ahead in, and random filters' mean lead
+    over L1-norm before and after fine-tuning with its standard error (positive where random filters are
+    better). How much of a difference of filters fine-tuning leaves, with no CRAFT row involved."""
+    baselines = _baseline_records(records)
+    tuned = baselines[baselines["epochs"] > 0]
+    both = tuned[tuned["baseline"] == "l1_norm"].merge(
+        tuned[tuned["baseline"] == "random"], on=[*FINE_TUNING, "reference"], suffixes=("_l1", "_random"))
+    sign = _lead_sign(both["metric_l1"])
+    gap = pd.DataFrame({
+        "task": both["task"],
+        "before": sign * (both["score_before_ft_random"] - both["score_before_ft_l1"]),
+        "after": sign * (both["score_random"] - both["score_l1"]),
+    })
+    grouped = gap.groupby("task")
+    return pd.DataFrame({
+        "pairs": grouped.size(),
+        "random_ahead_after_ft": grouped["after"].apply(lambda lead: int((lead > 0).sum())),
+        "l1_ahead_after_ft": grouped["after"].apply(lambda lead: int((lead < 0).sum())),
+        "mean_lead_before_ft": grouped["before"].mean(),
+        "se_before_ft": grouped["before"].sem(),
+        "mean_lead_after_ft": grouped["after"].mean(),
+        "se_after_ft": grouped["after"].sem(),
+    })
+
+
 def write_table(args, config, records_path, results):
     records = read_records(records_path)
     shown = records[records["task"].isin(args.tasks) & records["gamma"].isin([*config["gammas"], 0.0])]
-    pairs = matched_comparisons(shown)
+    pairs, gap = matched_comparisons(shown), baseline_gap(shown)
     shown = shown.assign(flops_pct=100 * shown["flops_share"], commit=shown["commit"].fillna(""))
     shown = shown.set_index(["task", "row", "gamma", "random_state", "lr", "monitor", "calibrate_head", "device"])[
         ["metric", "n_train", "n_test", "head_layer", "flops_pct", "score_before_ft", "score", "best_epoch",
@@ -439,6 +478,14 @@ def write_table(args, config, records_path, results):
             *([_bench.table(summary), ""] if len(summary) else []),
             _bench.table(pairs.set_index(["task", "reference", "baseline"])),
         ]
+        if len(gap):
+            blocks += [
+                "", "Random filters against L1-norm at the FLOPs of the same row (same seed and fine-tuning): "
+                "random filters' lead over L1-norm, positive where random filters are better, over the "
+                "fine-tuned pairs. How much of a difference of filters within one keep ratio fine-tuning leaves, "
+                "with no CRAFT row involved.", "",
+                _bench.table(gap),
+            ]
     _bench.write_section(results, title, intro, blocks, args.quick)
 
 

@@ -131,6 +131,11 @@ def test_etl_full_records_each_fit_once_and_matches_its_reference(shared_data, t
         (line,) = [line for line in text.splitlines() if line.startswith(f"| yaw | one-shot | {rule} | 0.01 | 0 |")]
         assert line.endswith(" | " + " | ".join(format(value, ".4g") for value in lead) + " |")
         assert f"| yaw | one-shot | {rule} | 1 | {int(lead[1] > 0)} | {int(lead[1] < 0)} | " in text
+    # Random filters against L1-norm at the same row's FLOPs: one pair, random's lead (an MAE: L1's minus random's).
+    l1, random = (second[second["row"] == name].iloc[0] for name in ("l1@one-shot", "random@one-shot"))
+    gap = [l1[score] - random[score] for score in ("score_before_ft", "score")]
+    assert (f"| yaw | 1 | {int(gap[1] > 0)} | {int(gap[1] < 0)} | {gap[0]:.4g} | nan | {gap[1]:.4g} | nan |"
+            in text.splitlines())
     # No row: the table is written from the records alone; records from before --seed have the default seed.
     assert (second["random_state"] == 0).all()
     (tmp_path / "etl_full.md").unlink()
@@ -341,12 +346,19 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
 
 @pytest.mark.realdata
 def test_fusion_seeds_compare_each_autoencoder_seed_and_weighting_with_bt(shared_data, tmp_path):
-    results, text = _run_on_real_data("fusion_seeds", shared_data, tmp_path)
+    results, text = _run_on_real_data("fusion_seeds", shared_data, tmp_path, "--pool-fractions", "0.5", "1")
     frame = pd.read_csv(results.with_suffix(".csv"))
     targets = ["age", "gender", "race", "attributes", "emotion"]
-    # One row per auto-encoder, weighting, seed (0 1 in --quick) and target.
-    assert len(frame) == 2 * 2 * 2 * len(targets) and set(frame["target"]) == set(targets)
+    # One row per pool size, auto-encoder, weighting, seed (0 1 in --quick) and target.
+    assert len(frame) == 2 * 2 * 2 * 2 * len(targets) and set(frame["target"]) == set(targets)
     assert set(frame["source_weight"]) == {"none", "balanced"} and set(frame["seed"]) == {0, 1}
+    small, whole = sorted(frame["pool_images"].unique())
+    assert small == round(whole / 2)
+    # The same auto-encoder fitted on half the pool is another auto-encoder.
+    by_pool = frame[(frame["method"] == "AE") & (frame["source_weight"] == "none") & (frame["seed"] == 0)]
+    by_pool = by_pool.pivot(index="target", columns="pool_images", values="score")
+    assert (by_pool[small] != by_pool[whole]).any()
+    assert f"| AE | none | {small} |" in text and f"| AE | none | {whole} |" in text
     assert _finite(frame, ["score", "BT", "nrmse"])
     # BT is one number per target, whatever the auto-encoder; at_least_BT follows the metric's direction.
     assert (frame.groupby("target")["BT"].nunique() == 1).all()
@@ -354,10 +366,13 @@ def test_fusion_seeds_compare_each_autoencoder_seed_and_weighting_with_bt(shared
     expected = np.where(higher, frame["score"] >= frame["BT"], frame["score"] <= frame["BT"])
     assert (frame["at_least_BT"] == expected).all()
     # Different seeds give different auto-encoders.
-    ae = frame[(frame["method"] == "AE") & (frame["source_weight"] == "none")].pivot(index="target", columns="seed",
-                                                                                     values="score")
+    ae = frame[(frame["method"] == "AE") & (frame["source_weight"] == "none") & (frame["pool_images"] == whole)]
+    ae = ae.pivot(index="target", columns="seed", values="score")
     assert (ae[0] != ae[1]).any()
     assert "| AE | balanced |" in text and "targets>=BT per seed" in text
+    # A share of the pool outside (0, 1] is refused before anything is loaded.
+    completed = _launch("fusion_seeds", tmp_path, "--pool-fractions", "0", "1")
+    assert completed.returncode == 2 and "--pool-fractions must be in (0, 1], got [0.0, 1.0]" in completed.stderr
 
 
 @pytest.mark.realdata
