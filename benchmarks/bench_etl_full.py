@@ -48,7 +48,8 @@ The table (benchmarks/results/etl_full.md, or --results) is written from all the
 run's settings, followed by the matched comparisons: every L1-norm or random row beside the CRAFT row whose
 FLOPs it took (same seed and fine-tuning), the CRAFT row's lead before and after fine-tuning, and per task,
 CRAFT row and rule a summary of the fine-tuned ones (how many ahead and behind, the mean lead and its
-standard error).
+standard error), then per task random filters against L1-norm at the FLOPs of the same row (random's lead
+before and after fine-tuning): how much of a difference of filters fine-tuning leaves.
 
 Fine-tuning budgets (Adam, lr 1e-3, batch 32, 20 % of the training images for early stopping with the
 given patience, the best weights kept): gender at most 6 epochs, patience 2; yaw 20 and 6; age and

@@ -14,7 +14,8 @@ every target's score averaged over the seeds, how many seeds put the auto-encode
 the mean held-out reconstruction NRMSE (Table 5's measure, in standardised units whatever the weights).
 
 --pool-fractions F [F ...] fits every auto-encoder on a seeded share F of the unlabelled pool too
-(nested: the smaller pools are the first images of one permutation; default: the whole pool), everything
+(nested: the smaller pools are the first images of one permutation, kept in the pool's order; default: the whole
+pool, as in bench_fusion.py), everything
 else equal: how the auto-encoders' distance to BT moves with the size of the pool. The paper fits its
 fusion on 4.12 million faces; the pool here has under 10,000.
 
@@ -102,7 +103,8 @@ def run(args):
     H_pool, columns = bench_fusion.side_by_side(pool_h)
     targets = {name: bench_fusion.side_by_side(h)[0] for name, h in target_h.items()}
 
-    # Nested pools: each smaller one is the start of the same permutation of the pool.
+    # Nested pools: each smaller one is the start of the same permutation of the pool, in the pool's order (the
+    # whole pool is then the pool itself, as in bench_fusion.py).
     permutation = np.random.RandomState(_bench.SEED).permutation(len(H_pool))
     fits, embeddings = [], {}
     for fraction in args.pool_fractions:
@@ -114,7 +116,7 @@ def run(args):
                     fusion = EmbeddingFusion(columns, epochs=args.ae_epochs, random_state=seed,
                                              source_weight=None if weight == "none" else weight,
                                              noise=args.dae_noise if label == "DAE" else 0.0)
-                    fusion.fit(H_pool[permutation[:pool_images]])
+                    fusion.fit(H_pool[np.sort(permutation[:pool_images])])
                     name = f"{label} {weight} {seed} {pool_images}"
                     embeddings[name] = {dataset: fusion.transform(H) for dataset, H in targets.items()}
                     fits.append({"embedding": name, "method": label, "source_weight": weight, "seed": seed,
@@ -159,8 +161,10 @@ def run(args):
         f"Fit times: {fits['fit_s'].sum():.0f} s for {len(fits)} auto-encoders "
         f"({fits['fit_s'].min():.0f} to {fits['fit_s'].max():.0f} s each).",
     ]
-    _bench.write_section(results, "Fusion: auto-encoders against BT over seeds and source weightings", intro,
-                         blocks, args.quick)
+    title = "Fusion: auto-encoders against BT over seeds and source weightings"
+    if fits["pool_images"].nunique() > 1:
+        title = "Fusion: auto-encoders against BT over seeds, source weightings and pool sizes"
+    _bench.write_section(results, title, intro, blocks, args.quick)
     return summary
 
 

@@ -346,19 +346,13 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
 
 @pytest.mark.realdata
 def test_fusion_seeds_compare_each_autoencoder_seed_and_weighting_with_bt(shared_data, tmp_path):
-    results, text = _run_on_real_data("fusion_seeds", shared_data, tmp_path, "--pool-fractions", "0.5", "1")
+    results, text = _run_on_real_data("fusion_seeds", shared_data, tmp_path)
     frame = pd.read_csv(results.with_suffix(".csv"))
     targets = ["age", "gender", "race", "attributes", "emotion"]
-    # One row per pool size, auto-encoder, weighting, seed (0 1 in --quick) and target.
-    assert len(frame) == 2 * 2 * 2 * 2 * len(targets) and set(frame["target"]) == set(targets)
+    # One row per auto-encoder, weighting, seed (0 1 in --quick) and target, on the whole pool.
+    assert len(frame) == 2 * 2 * 2 * len(targets) and set(frame["target"]) == set(targets)
     assert set(frame["source_weight"]) == {"none", "balanced"} and set(frame["seed"]) == {0, 1}
-    small, whole = sorted(frame["pool_images"].unique())
-    assert small == round(whole / 2)
-    # The same auto-encoder fitted on half the pool is another auto-encoder.
-    by_pool = frame[(frame["method"] == "AE") & (frame["source_weight"] == "none") & (frame["seed"] == 0)]
-    by_pool = by_pool.pivot(index="target", columns="pool_images", values="score")
-    assert (by_pool[small] != by_pool[whole]).any()
-    assert f"| AE | none | {small} |" in text and f"| AE | none | {whole} |" in text
+    assert frame["pool_images"].nunique() == 1
     assert _finite(frame, ["score", "BT", "nrmse"])
     # BT is one number per target, whatever the auto-encoder; at_least_BT follows the metric's direction.
     assert (frame.groupby("target")["BT"].nunique() == 1).all()
@@ -366,10 +360,26 @@ def test_fusion_seeds_compare_each_autoencoder_seed_and_weighting_with_bt(shared
     expected = np.where(higher, frame["score"] >= frame["BT"], frame["score"] <= frame["BT"])
     assert (frame["at_least_BT"] == expected).all()
     # Different seeds give different auto-encoders.
-    ae = frame[(frame["method"] == "AE") & (frame["source_weight"] == "none") & (frame["pool_images"] == whole)]
+    ae = frame[(frame["method"] == "AE") & (frame["source_weight"] == "none")]
     ae = ae.pivot(index="target", columns="seed", values="score")
     assert (ae[0] != ae[1]).any()
     assert "| AE | balanced |" in text and "targets>=BT per seed" in text
+
+    # Half of the pool as well: another auto-encoder; the whole pool gives the same ones as above.
+    options = ("--pool-fractions", "0.5", "1", "--source-weights", "none", "--seeds", "0")
+    results, text = _run_on_real_data("fusion_seeds", shared_data, tmp_path, *options)
+    pools = pd.read_csv(results.with_suffix(".csv"))
+    assert len(pools) == 2 * 2 * len(targets)
+    small, whole = sorted(pools["pool_images"].unique())
+    assert whole == frame["pool_images"].iloc[0] and small == round(whole / 2)
+    by_pool = pools[pools["method"] == "AE"].pivot(index="target", columns="pool_images", values="score")
+    assert (by_pool[small] != by_pool[whole]).any()
+    key = ["method", "source_weight", "seed", "pool_images", "target"]
+    again = frame.merge(pools[pools["pool_images"] == whole], on=key, suffixes=("", "_again"))
+    assert len(again) == 2 * len(targets)
+    np.testing.assert_array_equal(again["score_again"], again["score"])
+    assert f"| AE | none | {small} |" in text and f"| AE | none | {whole} |" in text
+    assert "## Fusion: auto-encoders against BT over seeds, source weightings and pool sizes" in text
     # A share of the pool outside (0, 1] is refused before anything is loaded.
     completed = _launch("fusion_seeds", tmp_path, "--pool-fractions", "0", "1")
     assert completed.returncode == 2 and "--pool-fractions must be in (0, 1], got [0.0, 1.0]" in completed.stderr
