@@ -14,10 +14,10 @@ every target's score averaged over the seeds, how many seeds put the auto-encode
 the mean held-out reconstruction NRMSE (Table 5's measure, in standardised units whatever the weights).
 
 --pool-fractions F [F ...] fits every auto-encoder on a seeded share F of the unlabelled pool too
-(nested: the smaller pools are the first images of one permutation, kept in the pool's order; default: the whole
-pool, as in bench_fusion.py), everything
-else equal: how the auto-encoders' distance to BT moves with the size of the pool. The paper fits its
-fusion on 4.12 million faces; the pool here has under 10,000.
+(nested: the smaller pools are the first images of one permutation, kept in the pool's order; default:
+the whole pool, as in bench_fusion.py), everything else equal: how the auto-encoders' distance to BT
+moves with the size of the pool. The paper fits its fusion on 4.12 million faces; the pool here has
+under 10,000.
 
 Full size: every image, 5 folds, auto-encoders of at most 400 epochs (early stopping, patience 10),
 seeds 0 1 2: twelve auto-encoder fits of 1 to 4 minutes each on one CPU thread (source embeddings
