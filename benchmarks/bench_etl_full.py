@@ -29,7 +29,7 @@ l1@one-shot, random@one-shot, l1@sequential, random@sequential, l1@sequential-l1
 random@sequential-flops, l1@sequential-flops-l1
                    ``filter_rule="l1_norm"`` or ``"random"`` with ``compensate=True``, at the FLOPs and
                    the head layer of the row they name (``flops_target`` needs a fixed head layer).
-lasso_rank@sequential
+lasso_rank@sequential, lasso_rank@sequential-flops
                    ``filter_rule="lasso_rank"`` the same way: L1-norm's allocation (one keep ratio for
                    every layer) with CRAFT's choice within each layer (entry in its LASSO path).
 
@@ -113,6 +113,7 @@ MATCHED = {
     "random@sequential": ("random", "sequential"),
     "l1@sequential-l1": ("l1_norm", "sequential-l1"),
     "lasso_rank@sequential": ("lasso_rank", "sequential"),
+    "lasso_rank@sequential-flops": ("lasso_rank", "sequential-flops"),
     "l1@sequential-flops": ("l1_norm", "sequential-flops"),
     "random@sequential-flops": ("random", "sequential-flops"),
     "l1@sequential-flops-l1": ("l1_norm", "sequential-flops-l1"),
