@@ -392,47 +392,46 @@ def matched_comparisons(records):
     })
 
 
-def comparison_summary(pairs):
-    """Per task, CRAFT row and baseline rule, over the fine-tuned comparisons of :func:`matched_comparisons`:
-    how many, on how many the CRAFT row ends ahead and behind, and its mean lead before and after fine-tuning
-    with the standard error of the mean (nan for a single comparison)."""
-    tuned = pairs[pairs["epochs"] > 0]
-    grouped = tuned.groupby(["task", "reference", "baseline"])
+def _lead_summary(leads, by, count, ahead, behind):
+    """Per group of ``leads`` (columns lead_before_ft and lead_after_ft): how many (column ``count``), how
+    many end ahead and behind after fine-tuning, and the mean lead before and after it with the standard error
+    of each mean (nan for a single one)."""
+    grouped = leads.groupby(by)
     return pd.DataFrame({
-        "comparisons": grouped.size(),
-        "ahead_after_ft": grouped["lead_after_ft"].apply(lambda lead: int((lead > 0).sum())),
-        "behind_after_ft": grouped["lead_after_ft"].apply(lambda lead: int((lead < 0).sum())),
+        count: grouped.size(),
+        ahead: grouped["lead_after_ft"].apply(lambda lead: int((lead > 0).sum())),
+        behind: grouped["lead_after_ft"].apply(lambda lead: int((lead < 0).sum())),
         "mean_lead_before_ft": grouped["lead_before_ft"].mean(),
+        "se_before_ft": grouped["lead_before_ft"].sem(),
         "mean_lead_after_ft": grouped["lead_after_ft"].mean(),
         "se_after_ft": grouped["lead_after_ft"].sem(),
     })
 
 
+def comparison_summary(pairs):
+    """Per task, CRAFT row and baseline rule, over the fine-tuned comparisons of :func:`matched_comparisons`:
+    how many, on how many the CRAFT row ends ahead and behind, and its mean lead before and after fine-tuning
+    with their standard errors."""
+    return _lead_summary(pairs[pairs["epochs"] > 0], ["task", "reference", "baseline"], "comparisons",
+                         "ahead_after_ft", "behind_after_ft")
+
+
 def baseline_gap(records):
     """Per task, random filters against L1-norm at the FLOPs and head layer of the same row, with the same seed
     and fine-tuning: over the fine-tuned pairs, how many each rule ends ahead in, and random filters' mean lead
-    over L1-norm before and after fine-tuning with its standard error (positive where random filters are
+    over L1-norm before and after fine-tuning with their standard errors (positive where random filters are
     better). How much of a difference of filters fine-tuning leaves, with no CRAFT row involved."""
     baselines = _baseline_records(records)
     tuned = baselines[baselines["epochs"] > 0]
     both = tuned[tuned["baseline"] == "l1_norm"].merge(
         tuned[tuned["baseline"] == "random"], on=[*FINE_TUNING, "reference"], suffixes=("_l1", "_random"))
     sign = _lead_sign(both["metric_l1"])
-    gap = pd.DataFrame({
+    leads = pd.DataFrame({
         "task": both["task"],
-        "before": sign * (both["score_before_ft_random"] - both["score_before_ft_l1"]),
-        "after": sign * (both["score_random"] - both["score_l1"]),
+        "lead_before_ft": sign * (both["score_before_ft_random"] - both["score_before_ft_l1"]),
+        "lead_after_ft": sign * (both["score_random"] - both["score_l1"]),
     })
-    grouped = gap.groupby("task")
-    return pd.DataFrame({
-        "pairs": grouped.size(),
-        "random_ahead_after_ft": grouped["after"].apply(lambda lead: int((lead > 0).sum())),
-        "l1_ahead_after_ft": grouped["after"].apply(lambda lead: int((lead < 0).sum())),
-        "mean_lead_before_ft": grouped["before"].mean(),
-        "se_before_ft": grouped["before"].sem(),
-        "mean_lead_after_ft": grouped["after"].mean(),
-        "se_after_ft": grouped["after"].sem(),
-    })
+    return _lead_summary(leads, "task", "pairs", "random_ahead_after_ft", "l1_ahead_after_ft")
 
 
 def write_table(args, config, records_path, results):
@@ -475,8 +474,8 @@ def write_table(args, config, records_path, results):
             "took, with the same seed and fine-tuning: lead = the CRAFT row's score minus the baseline's, "
             "positive where CRAFT is better (accuracy in points; MAE in degrees for yaw, years for age, sign "
             "reversed). The summary pools the fine-tuned comparisons of every gamma, seed and budget: ahead / "
-            "behind count them by the sign of the lead after fine-tuning, se is the standard error of the mean "
-            "lead after it.", "",
+            "behind count them by the sign of the lead after fine-tuning, se the standard error of the mean "
+            "lead before or after it.", "",
             *([_bench.table(summary), ""] if len(summary) else []),
             _bench.table(pairs.set_index(["task", "reference", "baseline"])),
         ]
