@@ -17,14 +17,15 @@ the mean held-out reconstruction NRMSE (Table 5's measure, in standardised units
 (nested: the smaller pools are the first images of one permutation, kept in the pool's order; default:
 the whole pool, as in bench_fusion.py), everything else equal: how the auto-encoders' distance to BT
 moves with the size of the pool. The paper fits its fusion on 4.12 million faces; the pool here has
-under 10,000.
+under 10,000. --mirror-pool adds every pool image's mirror image (flipped left to right) to the pool,
+before the shares are drawn: twice the images, of the same faces, with nothing downloaded.
 
 Full size: every image, 5 folds, auto-encoders of at most 400 epochs (early stopping, patience 10),
 seeds 0 1 2: twelve auto-encoder fits of 1 to 4 minutes each on one CPU thread (source embeddings
 cached with --cache, shared with bench_fusion.py).
 --quick: 100 images per data set, 3 folds, 2 epochs, seeds 0 1.
 Run: python benchmarks/bench_fusion_seeds.py [--quick] [--cache DIR] [--seeds 0 1 2] [--source-weights none balanced]
-     [--pool-fractions 0.25 0.5 1]
+     [--pool-fractions 0.25 0.5 1] [--mirror-pool]
 Writes benchmarks/results/fusion_seeds.md and fusion_seeds.csv.
 """
 
@@ -53,6 +54,8 @@ def parse(argv):
                    help="EmbeddingFusion source_weight values to compare (default both)")
     p.add_argument("--pool-fractions", type=float, nargs="+", default=[1.0],
                    help="shares of the unlabelled pool each auto-encoder is fitted on, in (0, 1] (default: 1)")
+    p.add_argument("--mirror-pool", action="store_true",
+                   help="add the mirror image of every pool image to the pool (twice the images, the same faces)")
     p.add_argument("--dae-noise", type=float, default=0.25, help="share of the inputs the DAE drops (default 0.25)")
     p.add_argument("--emotion-target", choices=["test", "train"], default="test",
                    help="FER2013 split that is the emotion target, as in bench_fusion.py (default test)")
@@ -96,6 +99,8 @@ def run(args):
         args.cache.mkdir(parents=True, exist_ok=True)
     pool, target_sets = bench_fusion.load_sets(args)
     nets = bench_fusion.networks(args.data_root)
+    if args.mirror_pool:
+        pool.update({f"{name}-mirrored": np.ascontiguousarray(images[:, :, ::-1]) for name, images in pool.items()})
     pool_h = {name: bench_fusion.embeddings(nets, f"pool-{name}", images, args.cache) for name, images in pool.items()}
     pool_h = {source: np.vstack([h[source] for h in pool_h.values()]) for source in bench_fusion.SOURCES}
     target_h = {name: bench_fusion.embeddings(nets, f"target-{name}", images, args.cache)
@@ -149,7 +154,7 @@ def run(args):
     intro = (
         f"Table 6's AE and DAE rows of bench_fusion.py, refitted with fusion seeds {seeds} and source weightings "
         f"{', '.join(args.source_weights)}, on {' / '.join(str(n) for n in fits['pool_images'].unique())} of the "
-        f"{len(H_pool)} pool images (pool_images); linear satellites, {args.cv}-fold CV, the same folds for every row. "
+        f"{len(H_pool)} pool images{' (half of them mirror images)' if args.mirror_pool else ''} (pool_images); linear satellites, {args.cv}-fold CV, the same folds for every row. "
         "See the script's docstring for the protocol."
     )
     blocks = [

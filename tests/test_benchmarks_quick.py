@@ -380,6 +380,12 @@ def test_fusion_seeds_compare_each_autoencoder_seed_and_weighting_with_bt(shared
     np.testing.assert_array_equal(again["score_again"], again["score"])
     assert f"| AE | none | {small} |" in text and f"| AE | none | {whole} |" in text
     assert "## Fusion: auto-encoders against BT over seeds, source weightings and pool sizes" in text
+    # Mirror images double the pool: half of it is as many images as the pool without them.
+    options = ("--mirror-pool", "--pool-fractions", "0.5", "--source-weights", "none", "--seeds", "0")
+    results, text = _run_on_real_data("fusion_seeds", shared_data, tmp_path, *options)
+    mirrored = pd.read_csv(results.with_suffix(".csv"))
+    assert (mirrored["pool_images"] == whole).all() and len(mirrored) == 2 * len(targets)
+    assert f"on {whole} of the {2 * whole} pool images (half of them mirror images)" in text
     # A share of the pool outside (0, 1] is refused before anything is loaded.
     completed = _launch("fusion_seeds", tmp_path, "--pool-fractions", "0", "1")
     assert completed.returncode == 2 and "--pool-fractions must be in (0, 1], got [0.0, 1.0]" in completed.stderr
