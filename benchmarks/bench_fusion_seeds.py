@@ -115,6 +115,7 @@ def run(args):
     fits, embeddings = [], {}
     for fraction in args.pool_fractions:
         pool_images = max(1, round(fraction * len(H_pool)))
+        H_fit = H_pool[np.sort(permutation[:pool_images])]
         for weight in args.source_weights:
             for seed in args.seeds:
                 for label in bench_fusion.AUTOENCODERS:
@@ -122,7 +123,7 @@ def run(args):
                     fusion = EmbeddingFusion(columns, epochs=args.ae_epochs, random_state=seed,
                                              source_weight=None if weight == "none" else weight,
                                              noise=args.dae_noise if label == "DAE" else 0.0)
-                    fusion.fit(H_pool[np.sort(permutation[:pool_images])])
+                    fusion.fit(H_fit)
                     name = f"{label} {weight} {seed} {pool_images}"
                     embeddings[name] = {dataset: fusion.transform(H) for dataset, H in targets.items()}
                     fits.append({"embedding": name, "method": label, "source_weight": weight, "seed": seed,
