@@ -17,16 +17,25 @@ several references, a layer whose knee differs between them is reported as not d
 those tolerances (a knee that close to its threshold moves with any solver's rounding), and the
 runs are compared with the references on the other layers.
 
+--before-commit REV fits the "before" with the library of git revision REV (checked out in a temporary
+worktree, fitted in a child process of this script, just before this run's fit), and --reference-tol
+T [T ...] fits references at those tolerances the same way, so that one command reproduces the whole
+comparison: ``--before-commit e4cb6be --reference-tol 1e-8 1e-10`` (e4cb6be: the last version
+before the multi-task Newton steps, the "before" of the issue's 5x).
+
 --quick: a synthetic case (120 samples, 6 groups of 16 features, 7 classes), one fit: a smoke run
 of the whole script, not a measurement.
 Run: python benchmarks/bench_multiclass.py --case /tmp/mc_case.npz [--save after.npz] [--before before.npz]
      [--reference exact.npz [exact2.npz ...]] [--multitask-tol 1e-8]
+     [--before-commit REV] [--reference-tol 1e-8 [1e-10 ...]]
 Writes benchmarks/results/multiclass.md (or --results PATH).
 """
 
 import itertools
 import os
 import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -122,6 +131,36 @@ def tolerance(record):
     return f"{float(record['multitask_tol']):g}" if "multitask_tol" in record else "1e-4 (versions before MULTITASK_TOL)"
 
 
+def child_record(args, repeats, case_path, *, commit=None, multitask_tol=None):
+    """The record of a fit of the case in a child process of this script: with the library of git
+    revision ``commit`` (checked out in a temporary worktree) or at ``multitask_tol``."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        command = [sys.executable, __file__, "--repeats", str(repeats), "--threads", str(args.threads),
+                   "--save", str(folder / "run.npz"), "--results", str(folder / "run.md")]
+        command += ["--quick"] if args.quick else ["--case", str(case_path)]
+        if multitask_tol is not None:
+            command += ["--multitask-tol", repr(multitask_tol)]
+        env = dict(os.environ)
+        if commit is not None:
+            tree = folder / "tree"
+            subprocess.run(["git", "-C", str(_bench.REPO), "worktree", "add", "--quiet", "--detach", str(tree), commit],
+                           check=True)
+            # The child imports this script's _bench and the library of the worktree.
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+        try:
+            subprocess.run(command, check=True, env=env)
+        finally:
+            if commit is not None:
+                subprocess.run(["git", "-C", str(_bench.REPO), "worktree", "remove", "--force", str(tree)], check=True)
+        record = load_record(folder / "run.npz")
+    part = f"--before-commit {commit}" if commit is not None else f"--reference-tol {multitask_tol:g}"
+    record["command"] = f"{_bench.command()} (its {part} fit, in a child process)"
+    if commit is not None:
+        record["version"] = f"git {str(record['version']).split('(')[-1].rstrip(')')}"
+    return record
+
+
 def differing_knees(groups, first, second, among=None):
     """The layers (of ``among``, default all) where two run records' knees select different numbers of filters."""
     return [
@@ -206,25 +245,35 @@ def main(argv=None):
     parser.add_argument("--after", type=Path, default=None, help="a --save file to report instead of fitting")
     parser.add_argument("--reference", type=Path, nargs="+", default=[],
                         help="--save files (runs at tight tolerances) whose knees both runs are compared with")
+    parser.add_argument("--before-commit", default=None, metavar="REV",
+                        help="fit the before with the library of git revision REV (instead of --before)")
+    parser.add_argument("--reference-tol", type=float, nargs="+", default=[], metavar="TOL",
+                        help="fit references at these multi-task tolerances (besides any --reference)")
     parser.add_argument("--multitask-tol", type=float, default=None,
                         help="multi-task duality-gap tolerance of this run (default: the library's, 1e-6)")
     args = parser.parse_args(argv)
+    if args.before is not None and args.before_commit is not None:
+        parser.error("--before and --before-commit name the same run: give one")
     config = _bench.settings(args, FULL, QUICK)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", ConvergenceWarning)
     if args.multitask_tol is not None:
         sklearn_craft._lasso_path.MULTITASK_TOL = args.multitask_tol
+    case_path = None
     if args.quick:
         (X, y), case = synthetic_case(), "a synthetic case"
     else:
         case_path = args.case or Path("/tmp/sklearn_craft_p2c_case.npz")
         (X, y), case = real_case(case_path, args.data_root), "MobileFaceNet's pooled responses over 450 FER2013 images"
+    references = [load_record(path) for path in args.reference]
+    references += [child_record(args, config["repeats"], case_path, multitask_tol=tol) for tol in args.reference_tol]
+    before = load_record(args.before) if args.before is not None else None
+    if args.before_commit is not None:
+        before = child_record(args, config["repeats"], case_path, commit=args.before_commit)
     command = _bench.command()
     after = load_record(args.after) if args.after else run_record(*timed_fits(X, y, config["repeats"]), command)
     if args.save is not None:
         np.savez(args.save, **after)
-    before = None if args.before is None else load_record(args.before)
-    references = [load_record(path) for path in args.reference]
     results = args.results or _bench.RESULTS / "multiclass.md"
     intro = "P2c: the multi-class path of LassoFilterSelector on real data, before and after a change."
     _bench.write_section(results, "LassoFilterSelector, multi-class path (P2c)", intro,

@@ -21,14 +21,21 @@ convolutions, 10,944 filters: its pooled features of 200,000 images are 8.8 GB i
 at 32x32, where a forward pass costs 40x less than MobileFaceNet's at 112x96: the fit of 200,000
 images took 40 minutes on one thread, where MobileFaceNet would take about 11 hours.
 
+``--multiclass`` runs the multi-class path before and after instead (P2c, ``bench_multiclass.py``
+on its real case, written to ``results/multiclass.md``): the library of e4cb6be (before the
+multi-task Newton steps) against this one, and both against references at the tolerances 1e-8 and
+1e-10, each fit in its own process.
+
 ``--quick`` runs tiny sizes (a smoke test of the script, not the benchmark).
 """
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import _bench
 import numpy as np
@@ -41,6 +48,8 @@ FULL = {"sizes": [1000, 10000, 50000], "pruner_sizes": [1000, 10000], "modes": [
 QUICK = {"sizes": [24, 48], "pruner_sizes": [24, 48], "modes": ["select", "pruner"], "batch_size": 16, "grid_n": 60}
 #: Network and image shape of S1 and of the ``--large`` run (S3).
 NETWORKS = {"mobilefacenet": (3, 112, 96), "mobilenet_v1": (3, 32, 32)}
+#: The library before the multi-task path's Newton steps: the "before" of P2c.
+MULTICLASS_BEFORE = "e4cb6be"
 
 
 def network(name):
@@ -111,9 +120,14 @@ def measure(mode, n, batch_size, threads, name="mobilefacenet"):
     return row
 
 
-def s1(sizes, pruner_sizes, modes, batch_size, threads):
-    return pd.DataFrame([measure(mode, n, batch_size, threads) for mode in modes
-                         for n in (pruner_sizes if mode == "pruner" else sizes)])
+def s1(sizes, pruner_sizes, modes, batch_size, threads, jobs=1):
+    """The rows of S1, their child processes run ``jobs`` at a time (each on ``threads`` threads)."""
+    runs = [(mode, n) for mode in modes for n in (pruner_sizes if mode == "pruner" else sizes)]
+    # The largest first, so that the others share the machine with it rather than wait for it.
+    order = sorted(runs, key=lambda run: -run[1])
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = dict(zip(order, pool.map(lambda run: measure(*run, batch_size, threads), order)))
+    return pd.DataFrame([rows[run] for run in runs])
 
 
 def s2(n, threads):
@@ -144,7 +158,10 @@ def s2(n, threads):
     one_s = time.perf_counter() - start
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                        dashboard_address=None)
-    with cluster, distributed.Client(cluster):
+    with cluster, distributed.Client(cluster) as client:
+        # Each worker imports torch and the library when its first task arrives; a deployed cluster
+        # has done so long before a search, so the import is left out of the time, as start-up is.
+        client.run(__import__, "sklearn_craft.pruner")
         start = time.perf_counter()
         with joblib.parallel_config(backend="dask"):
             on_cluster = search.fit(X, y).cv_results_["mean_test_score"]
@@ -158,9 +175,13 @@ def main(argv=None):
     parser.add_argument("--pruner-sizes", type=int, nargs="+", default=None, help="numbers of images of S1 (pruner)")
     parser.add_argument("--modes", nargs="+", choices=["select", "pruner"], default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="S1's child processes run at once (peak RSS is each child's own; wall times share the cpus)")
     parser.add_argument("--grid-n", type=int, default=None, help="images of the S2 grid search")
     parser.add_argument("--large", type=int, default=None, metavar="N",
                         help="run S3 only: one pruner fit on N images (MobileNet V1 at 32x32)")
+    parser.add_argument("--multiclass", action="store_true",
+                        help="run P2c only: the multi-class path before (e4cb6be) and after (bench_multiclass.py)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = _bench.settings(args, FULL, QUICK)
@@ -171,8 +192,16 @@ def main(argv=None):
     if args.large is not None:
         s3(args, config)
         return
+    if args.multiclass:
+        import bench_multiclass
+
+        bench_multiclass.main(
+            ["--before-commit", MULTICLASS_BEFORE, "--reference-tol", "1e-8", "1e-10", "--threads", str(args.threads)]
+            + ["--quick"] * args.quick + ["--results", str(args.results)] * (args.results is not None)
+        )
+        return
     results = args.results or _bench.RESULTS / "scale.md"
-    frame = s1(config["sizes"], config["pruner_sizes"], config["modes"], config["batch_size"], args.threads)
+    frame = s1(config["sizes"], config["pruner_sizes"], config["modes"], config["batch_size"], args.threads, args.jobs)
     one_s, cluster_s, same = s2(config["grid_n"], args.threads)
     lines = [
         "### S1: peak memory and wall time against n (streaming)",
@@ -180,7 +209,9 @@ def main(argv=None):
         "MobileFaceNet (random weights, 50 convolutions, 9,792 filters), synthetic 3x112x96 "
         f"images generated per index, batches of {config['batch_size']}, {args.threads} torch thread(s), "
         "LASSO paths of 20 alphas per layer. Peak RSS is the child process's ``ru_maxrss`` (model, "
-        "Python, torch and the libraries included).",
+        "Python, torch and the libraries included)"
+        + (f"; {args.jobs} child processes ran at once, the largest first, so wall times include their sharing "
+           f"of the {os.cpu_count()} cpus." if args.jobs > 1 else "."),
         "",
         _bench.table(frame.set_index(["mode", "n"]), floatfmt=".3g"),
         "",
@@ -188,7 +219,7 @@ def main(argv=None):
         "",
         f"{config['grid_n']} images, a 2-convolution network, 4 gammas x 3 folds: one process "
         f"{one_s:.1f} s, LocalCluster(n_workers=2, threads_per_worker=1) {cluster_s:.1f} s "
-        f"(cluster start-up excluded); identical scores: {same}.",
+        f"(cluster start-up and the workers' first import of torch and sklearn_craft excluded); identical scores: {same}.",
     ]
     _bench.write_section(results, "Scaling: streaming memory and a dask cluster", __doc__.split("\n\n")[0], lines, args.quick)
 

@@ -342,6 +342,14 @@ def test_multiclass_quick_run_reports_a_run_and_compares_it_with_a_saved_one(tmp
     assert f"- Knees that differ between the references: {first_layer}: not determined" in text
     assert "- Knees of after against reference 1 (tol 1e-09): n_selected equal in 5 of 5 layers." in text
     assert "- Knees of after against reference 2 (tol 1e-09): n_selected equal in 5 of 5 layers." in text
+    # One command fits the before (the library of a git revision, here this one, in a worktree) and
+    # a reference in child processes: the same library gives the same knees, support and curves.
+    _, text = _run("multiclass", tmp_path, "--before-commit", "HEAD", "--reference-tol", "1e-9")
+    assert "| reference: " in text and " | 1e-09 | " in text and "| before: git " in text
+    assert "(its --before-commit HEAD fit, in a child process)" in text and "Speed-up" in text
+    assert "n_selected equal in 6 of 6 layers; support_ (the filters kept at every knee) identical" in text
+    refused = _launch("multiclass", tmp_path, "--before", str(record), "--before-commit", "HEAD")
+    assert refused.returncode == 2 and "--before and --before-commit name the same run" in refused.stderr
 
 
 @pytest.mark.realdata
@@ -474,12 +482,21 @@ def test_attributes_trains_scratch_and_distilled_rows_and_writes_the_cost_table(
 
 def test_scale_quick_run_measures_every_mode_and_size_and_the_cluster(tmp_path):
     committed = _committed("scale")
-    _, text = _run("scale", tmp_path, "--sizes", "16", "32", "--pruner-sizes", "16", "--grid-n", "45")
+    # Two children at once, the largest first: the rows keep the order of the runs.
+    _, text = _run("scale", tmp_path, "--sizes", "16", "32", "--pruner-sizes", "16", "--grid-n", "45", "--jobs", "2")
     rows = _table(text, "| mode | n |")
     assert [(row[0], int(row[1])) for row in rows] == [("select", 16), ("select", 32), ("pruner", 16)]
+    assert "2 child processes ran at once" in text
     assert all(0 < float(row[2]) < 4 for row in rows)  # peak RSS in GB, the 4 GB budget
     assert "identical scores: True" in text
     assert _committed("scale") == committed
+
+
+def test_scale_multiclass_runs_the_multiclass_path_before_and_after(tmp_path):
+    # On the synthetic case: e4cb6be's library in a worktree, references at 1e-8 and 1e-10, this one.
+    _, text = _run("scale", tmp_path, "--multiclass")
+    assert "## LassoFilterSelector, multi-class path (P2c)" in text and "| before: git e4cb6be" in text
+    assert " | 1e-08 | " in text and " | 1e-10 | " in text and "Speed-up" in text
 
 
 def test_scale_large_run_fits_one_streaming_pruner_on_mobilenet(tmp_path):
