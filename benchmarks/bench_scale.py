@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import _bench
 import numpy as np
@@ -182,6 +183,8 @@ def main(argv=None):
                         help="run S3 only: one pruner fit on N images (MobileNet V1 at 32x32)")
     parser.add_argument("--multiclass", action="store_true",
                         help="run P2c only: the multi-class path before (e4cb6be) and after (bench_multiclass.py)")
+    parser.add_argument("--data-root", type=Path, default=_bench.REPO.parent / "shared" / "data",
+                        help="folder of ../shared/data (the real case of --multiclass)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = _bench.settings(args, FULL, QUICK)
@@ -196,7 +199,8 @@ def main(argv=None):
         import bench_multiclass
 
         bench_multiclass.main(
-            ["--before-commit", MULTICLASS_BEFORE, "--reference-tol", "1e-8", "1e-10", "--threads", str(args.threads)]
+            ["--before-commit", MULTICLASS_BEFORE, "--reference-tol", "1e-8", "1e-10", "--threads", str(args.threads),
+             "--data-root", str(args.data_root)]
             + ["--quick"] * args.quick + ["--results", str(args.results)] * (args.results is not None)
         )
         return

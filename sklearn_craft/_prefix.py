@@ -17,7 +17,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from .images import iter_batches
+from .images import as_image_dataset, iter_batches
 from .inspection import _input_dtype
 
 #: Most bytes of values a :class:`GraphPrefix` keeps (a pass whose values take more keeps none).
@@ -90,6 +90,7 @@ class GraphPrefix:
             start, envs = runner.first, runner.from_images(self.pass_args, progress, desc)
         kept = [] if keep_at is not None else None
         size = 0
+        n_images = len(as_image_dataset(self.pass_args[0])) if kept is not None else None
 
         def run(env):
             nonlocal kept, size
@@ -98,8 +99,14 @@ class GraphPrefix:
                 return
             runner.run(env, start, keep_at)
             values = {node.name: _clone(value) for node, value in env.items() if node.op != "get_attr"}
-            size += sum(value.element_size() * value.nelement() for value in values.values() if torch.is_tensor(value))
-            kept = kept + [values] if size <= _PREFIX_BYTES else None
+            batch_bytes = sum(value.element_size() * value.nelement() for value in values.values() if torch.is_tensor(value))
+            size += batch_bytes
+            # Values that will not all fit are not kept from the first batch on (filling the budget
+            # only to free it fragments the heap).
+            if size <= _PREFIX_BYTES and (kept or batch_bytes * n_images <= _PREFIX_BYTES * runner.batch_size(env)):
+                kept.append(values)
+            else:
+                kept = None
             runner.run(env, keep_at, len(nodes))
 
         for env in envs:

@@ -344,7 +344,8 @@ def test_recalibrate_batchnorm_resumed_passes_equal_passes_from_the_images(name,
     shape = ARCHITECTURES[architecture].input_shape if architecture in ARCHITECTURES else (3, 6, 6)
     X = 1.0 + torch.randn(20, *shape, generator=torch.Generator().manual_seed(1))
     resumed = recalibrate_batchnorm(randomize(_resume_case(name)), X, batch_size=8)
-    # Room for the inputs of two batches of 8 images: storing gives up midway, and passes from the images take over.
+    # Room for the inputs of two batches of 8 of the 20 images: nothing is kept (the first batch
+    # shows that all would not fit), and passes from the images take over.
     monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 2 * 8 * 4 * int(np.prod(shape)))
     over_budget = recalibrate_batchnorm(randomize(_resume_case(name)), X, batch_size=8)
     # No room for stored activations: every layer is estimated on a pass from the images.
@@ -353,6 +354,25 @@ def test_recalibrate_batchnorm_resumed_passes_equal_passes_from_the_images(name,
     expected = from_images.state_dict()
     for network in (resumed, over_budget):
         assert all(torch.equal(value, expected[key]) for key, value in network.state_dict().items())
+
+
+def test_store_keeps_all_batches_or_none_from_the_first(monkeypatch):
+    monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 100)
+    batches = [("a", 8, 40), ("b", 8, 40), ("c", 4, 20)]  # 5 bytes per image, 20 images: 100 bytes
+    store = sklearn_craft.finetune._Store(20)
+    for batch in batches:
+        store.add(*batch)
+    assert store.batches == [("a", 40), ("b", 40), ("c", 20)]
+    # One byte more per image: the first batch, 8 of 20 images in 48 of 100 bytes, fits, but all would
+    # not, so not even it is kept (filling the budget and freeing it again fragments the heap).
+    store = sklearn_craft.finetune._Store(20)
+    store.add("a", 8, 48)
+    assert store.batches is None
+    # Resuming from kept batches of 4 bytes per image: the old and the new ones count together.
+    store = sklearn_craft.finetune._Store(20, old_sizes=[32, 32, 16])
+    for batch in batches:
+        store.add(*batch)
+    assert [batch for batch, _ in store.batches] == ["a", "b", "c"] and store.total == 100
 
 
 @pytest.mark.parametrize("graph", [False, True])
