@@ -172,6 +172,8 @@ def run(args):
     title = "Fusion: auto-encoders against BT over seeds and source weightings"
     if fits["pool_images"].nunique() > 1:
         title = "Fusion: auto-encoders against BT over seeds, source weightings and pool sizes"
+    if args.mirror_pool:
+        title += ", on the pool and its mirror images"
     _bench.write_section(results, title, intro, blocks, args.quick)
     return summary
 

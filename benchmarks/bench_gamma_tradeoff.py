@@ -135,7 +135,8 @@ def main(argv=None):
         "of the fit (pooling and LASSO paths cached by the task's first fit)."
         + (" Every method with compensate=True (least-squares refit of the readers)." if args.compensate else "")
     )
-    _bench.write_section(results, "Gamma trade-off (ETL Figure 6)", intro, blocks, args.quick)
+    title = "Gamma trade-off (ETL Figure 6)" + (", readers compensated" if args.compensate else "")
+    _bench.write_section(results, title, intro, blocks, args.quick)
     return result
 
 

@@ -85,7 +85,7 @@ def test_gamma_tradeoff_gives_a_row_per_gamma_and_a_figure(shared_data, tmp_path
     assert frame.loc[0, "flops_pct"] == 100 and (frame.loc[1:, "flops"] < frame.loc[0, "flops"]).all()
     # L1-norm filters at the sequential network's FLOPs (the tolerance is a share of the unpruned FLOPs).
     assert abs(frame.loc[3, "flops_pct"] - frame.loc[2, "flops_pct"]) <= 1.0
-    assert "Every method with compensate=True" in text
+    assert "Every method with compensate=True" in text and "## Gamma trade-off (ETL Figure 6), readers compensated" in text
     assert (tmp_path / "gamma_tradeoff_yaw.png").stat().st_size > 0
 
 
@@ -394,6 +394,7 @@ def test_fusion_seeds_compare_each_autoencoder_seed_and_weighting_with_bt(shared
     mirrored = pd.read_csv(results.with_suffix(".csv"))
     assert (mirrored["pool_images"] == whole).all() and len(mirrored) == 2 * len(targets)
     assert f"on {whole} of the {2 * whole} pool images (half of them mirror images)" in text
+    assert "## Fusion: auto-encoders against BT over seeds and source weightings, on the pool and its mirror images" in text
     # A share of the pool outside (0, 1] is refused before anything is loaded.
     completed = _launch("fusion_seeds", tmp_path, "--pool-fractions", "0", "1")
     assert completed.returncode == 2 and "--pool-fractions must be in (0, 1], got [0.0, 1.0]" in completed.stderr

@@ -356,12 +356,15 @@ def test_satellite_head_temperature_must_be_positive(data):
         satellite_head(satellite, 0)
 
 
-def test_a_dataloader_or_dataset_workers_give_the_fit_of_an_array(data):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_dataloader_or_dataset_workers_give_the_fit_of_an_array(data, streaming):
     X, scores = data
     y = _targets("binary", scores)
     model = conv_chain()
     model[5] = nn.BatchNorm2d(16).eval()  # re-estimated after the cut: a pass over a DataLoader too
-    params = dict(gamma=0.1, random_state=0, finetune_params={"epochs": 1, "validation_fraction": 0.2})
+    params = dict(
+        gamma=0.1, random_state=0, finetune_params={"epochs": 1, "validation_fraction": 0.2}, streaming=streaming
+    )
     expected = CraftPruner(model, **params).fit(X, y)
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(X), torch.arange(len(X)))
     inputs = {
