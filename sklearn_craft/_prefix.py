@@ -89,24 +89,21 @@ class GraphPrefix:
         else:
             start, envs = runner.first, runner.from_images(self.pass_args, progress, desc)
         kept = [] if keep_at is not None else None
-        size = 0
-        n_images = len(as_image_dataset(self.pass_args[0])) if kept is not None else None
+        blocks = _Blocks(len(as_image_dataset(self.pass_args[0]))) if kept is not None else None
 
         def run(env):
-            nonlocal kept, size
+            nonlocal kept, blocks
             if kept is None:
                 runner.run(env, start, len(nodes))
                 return
             runner.run(env, start, keep_at)
-            values = {node.name: _clone(value) for node, value in env.items() if node.op != "get_attr"}
-            batch_bytes = sum(value.element_size() * value.nelement() for value in values.values() if torch.is_tensor(value))
-            size += batch_bytes
-            # Values that will not all fit are not kept from the first batch on (filling the budget
-            # only to free it fragments the heap).
-            if size <= _PREFIX_BYTES and (kept or batch_bytes * n_images <= _PREFIX_BYTES * runner.batch_size(env)):
-                kept.append(values)
-            else:
-                kept = None
+            values = {node.name: value for node, value in env.items() if node.op != "get_attr"}
+            n_batch = runner.batch_size(env)
+            # Values that will not all fit are not kept from the first batch on.
+            if kept or _batch_bytes(values) * blocks.n_images <= _PREFIX_BYTES * n_batch:
+                kept.append(blocks.keep(values, n_batch))
+            if not kept or blocks.nbytes > _PREFIX_BYTES:
+                kept, blocks = None, None
             runner.run(env, keep_at, len(nodes))
 
         for env in envs:
@@ -130,6 +127,53 @@ class GraphPrefix:
         if not _same_state(self.state, _state_before(model, nodes, position, copy=False)):
             return None
         return position
+
+
+class _Blocks:
+    """The values a pass keeps of every batch, copied into one block per value for all the images.
+
+    A tensor with the batch's images along its first dimension is copied into a block allocated
+    on the first batch for ``n_images`` images, and kept as a view of it; other values are kept as
+    copies. One allocation per value and pass, instead of one per batch, goes back to the system
+    whole when it is freed: copies made batch by batch, between the temporaries of the forward
+    passes, fragmented the heap (a streaming ``CraftPruner`` fit on 200,000 images reached 3.8 GB
+    of resident memory with 1 GiB kept).
+    """
+
+    def __init__(self, n_images):
+        self.n_images, self.blocks, self.filled, self.nbytes = n_images, None, 0, 0
+
+    def keep(self, values, n_batch):
+        """``values`` (a dict), its tensors copied into the blocks (or cloned)."""
+        if self.blocks is None:
+            self.blocks = {
+                key: value.new_empty((self.n_images, *value.shape[1:]))
+                for key, value in values.items()
+                if torch.is_tensor(value) and value.ndim > 0 and len(value) == n_batch
+            }
+            self.nbytes = sum(_nbytes(block) for block in self.blocks.values())
+        kept, stop = {}, self.filled + n_batch
+        for key, value in values.items():
+            block = self.blocks.get(key)
+            if (
+                block is not None and stop <= self.n_images and value.ndim > 0 and len(value) == n_batch
+                and value.shape[1:] == block.shape[1:] and value.dtype == block.dtype
+            ):
+                kept[key] = block[self.filled : stop].copy_(value)
+            else:
+                kept[key] = _clone(value)
+                self.nbytes += _nbytes(kept[key]) if torch.is_tensor(value) else 0
+        self.filled = stop
+        return kept
+
+
+def _nbytes(tensor):
+    return tensor.element_size() * tensor.nelement()
+
+
+def _batch_bytes(values):
+    """Bytes of the tensors among the values of the dict ``values``."""
+    return sum(_nbytes(value) for value in values.values() if torch.is_tensor(value))
 
 
 class _Runner:

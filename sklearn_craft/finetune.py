@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, iter_batches
-from ._prefix import GraphPrefix, _Runner
+from ._prefix import GraphPrefix, _batch_bytes, _Blocks, _Runner
 from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _seeded_rng
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
@@ -600,40 +600,37 @@ def _under(name, ancestor):
     return not ancestor or name == ancestor or name.startswith(ancestor + ".")
 
 
-def _stored_bytes(values):
-    """Bytes of the tensors among ``values``."""
-    return sum(value.element_size() * value.nelement() for value in values if isinstance(value, torch.Tensor))
-
-
 class _Store:
     """What one pass keeps of every batch, as long as all of it takes at most :data:`_RESUME_BYTES`.
 
-    ``add`` is called once per batch, in order, with the batch's number of images. When the pass
-    resumes from kept batches (``old_sizes``, released one by one as they are moved on), those not
-    yet moved count too, so that old and new values together never take more than the budget.
-    Beyond it nothing is kept (``batches`` is None) and the pass goes on without storing. A pass
-    whose first batch, scaled to all ``n_images``, exceeds the budget keeps nothing from the
-    start: filling the budget only to free it again fragments the heap, and a streaming fit on
-    200,000 images reached 3.7 GB of resident memory that way.
+    ``add`` is called once per batch, in order, with a dict of the values to keep and the batch's
+    number of images; they are copied into one block per value for all ``n_images`` (see
+    :class:`~sklearn_craft._prefix._Blocks`). The values the pass resumes from (``old_bytes``)
+    are held until it ends, and count too. A pass whose first batch, scaled to all the images,
+    would exceed the budget keeps nothing from the start (``batches`` is None), nor does one that
+    exceeds it later; the pass goes on without storing.
     """
 
-    def __init__(self, n_images, old_sizes=()):
-        self.n_images, self.batches, self.old, self.total = n_images, [], list(old_sizes), sum(old_sizes)
+    def __init__(self, n_images, old_bytes=0):
+        self.old_bytes, self.batches, self.blocks = old_bytes, [], _Blocks(n_images)
 
-    def add(self, batch, n_batch, size):
-        self.total += size - (self.old.pop(0) if self.old else 0)
-        if self.batches == [] and size * self.n_images > _RESUME_BYTES * n_batch:
-            self.batches = None
-        if self.batches is not None and self.total <= _RESUME_BYTES:
-            self.batches.append((batch, size))
-        else:
-            self.batches = None
+    def add(self, values, n_batch, shared=None):
+        """Keep copies of ``values`` (a dict), and ``shared`` (a dict of the model's own tensors) as they are."""
+        if self.batches is None:
+            return
+        n_images = self.blocks.n_images
+        if not self.batches and (self.old_bytes * n_batch + _batch_bytes(values) * n_images > _RESUME_BYTES * n_batch):
+            self.batches, self.blocks = None, None
+            return
+        self.batches.append({**(shared or {}), **self.blocks.keep(values, n_batch)})
+        if self.old_bytes + self.blocks.nbytes > _RESUME_BYTES:
+            self.batches, self.blocks = None, None
 
 
 def _released(stored):
-    """The items of a store's ``batches``, each dropped from it as it is handed out."""
+    """The items of the list ``stored``, each dropped from it as it is handed out."""
     while stored:
-        yield stored.pop(0)[0]
+        yield stored.pop(0)
 
 
 class _ResumedInputs:
@@ -655,8 +652,9 @@ class _ResumedInputs:
         children = list(self.model.get_submodule(sequential))
         moments = _ChannelMoments()
         resume = self.stored is not None and self.point[0] == sequential and self.point[1] <= index
-        start, stored, self.point, self.stored = self.point, self.stored, None, None
-        store = _Store(len(self.pass_args[0]), [size for _, size in stored] if resume else ())
+        start, stored = self.point, (self.stored if resume else None)
+        self.point, self.stored = None, None
+        store = _Store(len(self.pass_args[0]), stored.blocks.nbytes if resume else 0)
         if resume:
 
             def record(module, inputs):
@@ -666,7 +664,8 @@ class _ResumedInputs:
             handle = norm.register_forward_pre_hook(record)
             try:
                 with torch.no_grad():
-                    for x in _released(stored):
+                    for values in _released(stored.batches):
+                        x = values["input"]
                         for child in children[start[1] : index]:
                             x = child(x)
                         try:
@@ -674,7 +673,7 @@ class _ResumedInputs:
                             children[index](x.clone())
                         except _InputRecorded:
                             pass
-                        store.add(x, len(x), _stored_bytes([x]))
+                        store.add({"input": x}, len(x))
             finally:
                 handle.remove()
         else:
@@ -682,13 +681,13 @@ class _ResumedInputs:
             def record(which, x):
                 if which == 1:
                     moments.add(x)
-                elif store.batches is not None:
-                    # A copy: the child goes on running on ``x``, in place maybe.
-                    store.add(x.clone(), len(x), _stored_bytes([x]))
+                else:
+                    # Copied (into the store's blocks): the child goes on running on ``x``, in place maybe.
+                    store.add({"input": x}, len(x))
 
             _record_inputs(self.model, [children[index], norm], *self.pass_args, record)
         if store.batches is not None:
-            self.point, self.stored = point, store.batches
+            self.point, self.stored = point, store
         return moments
 
 
@@ -714,21 +713,22 @@ class _GraphValues:
         moments = _ChannelMoments()
         kept_at, stored, self.position, self.stored = self.position, self.stored, None, None
         if stored is not None and kept_at <= position:
-            start, envs, old_sizes = kept_at, _released(stored), [size for _, size in stored]
+            start, envs, old_bytes = kept_at, _released(stored.batches), stored.blocks.nbytes
         elif self.prefix is not None and (served := self.prefix.values(self.model, [norm])) is not None:
-            (start, envs), old_sizes = served, ()
+            (start, envs), old_bytes, stored = served, 0, None
         else:
-            start, envs, old_sizes = self.runner.first, self.runner.from_images(self.pass_args), ()
-        store = _Store(len(self.pass_args[0]), old_sizes)
+            start, envs, old_bytes, stored = self.runner.first, self.runner.from_images(self.pass_args), 0, None
+        store = _Store(len(self.pass_args[0]), old_bytes)
         with torch.no_grad():
             for env in envs:
                 self.runner.run(env, start, position)
                 moments.add(env[node.args[0]])
-                # Parameters and buffers read by get_attr nodes are the model's own, not stored values.
-                size = _stored_bytes(value for key, value in env.items() if key.op != "get_attr")
-                store.add(env, self.runner.batch_size(env), size)
+                # Parameters and buffers read by get_attr nodes are the model's own: kept, not copied.
+                values = {key: value for key, value in env.items() if key.op != "get_attr"}
+                shared = {key: value for key, value in env.items() if key.op == "get_attr"}
+                store.add(values, self.runner.batch_size(env), shared)
         if store.batches is not None:
-            self.position, self.stored = position, store.batches
+            self.position, self.stored = position, store
         return moments
 
 

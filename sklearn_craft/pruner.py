@@ -308,8 +308,9 @@ class CraftPruner(_NetworksPickleOnCpu, TransformerMixin, BaseEstimator):
         network's responses, again batch by batch), so memory does not grow with the number of
         images beyond the images themselves (pass a Dataset that reads them on access), the
         targets, and the activations the BatchNorm re-estimation keeps to resume its passes (at
-        most 1 GiB, see :func:`~sklearn_craft.finetune.recalibrate_batchnorm`). The validation split is then drawn per image (see ``partial_fit``; ``cv`` must
-        be None or an int), ``memory`` caches the LASSO paths but not the pooled responses, and
+        most 1 GiB, see :func:`~sklearn_craft.finetune.recalibrate_batchnorm`). The validation
+        split is then drawn per image (see ``partial_fit``; ``cv`` must be None or an int),
+        ``memory`` caches the LASSO paths but not the pooled responses, and
         the satellites choose their ridge penalty on that split instead of by leave-one-out: a
         binary or multi-label satellite thresholds its 0/1 regression at 0.5 and
         ``satellite_scores_`` are the held-out R² of every satellite's decision against the

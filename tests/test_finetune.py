@@ -356,23 +356,27 @@ def test_recalibrate_batchnorm_resumed_passes_equal_passes_from_the_images(name,
         assert all(torch.equal(value, expected[key]) for key, value in network.state_dict().items())
 
 
-def test_store_keeps_all_batches_or_none_from_the_first(monkeypatch):
-    monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 100)
-    batches = [("a", 8, 40), ("b", 8, 40), ("c", 4, 20)]  # 5 bytes per image, 20 images: 100 bytes
+def test_store_keeps_all_batches_in_one_block_per_value_or_none(monkeypatch):
+    monkeypatch.setattr(sklearn_craft.finetune, "_RESUME_BYTES", 400)
+    x = torch.arange(100.0).reshape(20, 5)  # 20 bytes per image, 400 bytes for all 20
+    weight = torch.ones(3)
     store = sklearn_craft.finetune._Store(20)
-    for batch in batches:
-        store.add(*batch)
-    assert store.batches == [("a", 40), ("b", 40), ("c", 20)]
-    # One byte more per image: the first batch, 8 of 20 images in 48 of 100 bytes, fits, but all would
-    # not, so not even it is kept (filling the budget and freeing it again fragments the heap).
+    for start, stop in [(0, 8), (8, 16), (16, 20)]:
+        store.add({"x": x[start:stop] * 1}, stop - start, shared={"weight": weight})
+    # Every batch a view of one block holding all the images (one allocation), the shared tensor as it is.
+    block = store.blocks.blocks["x"]
+    assert block.shape == (20, 5) and torch.equal(block, x) and store.blocks.nbytes == 400
+    assert all(batch["x"].untyped_storage().data_ptr() == block.untyped_storage().data_ptr() for batch in store.batches)
+    assert all(batch["weight"] is weight for batch in store.batches)
+    # Resuming from 400 bytes held until the pass ends: the new values would exceed the budget, so
+    # none is kept, from the first batch on.
+    store = sklearn_craft.finetune._Store(20, old_bytes=400)
+    store.add({"x": x[:8]}, 8)
+    assert store.batches is None and store.blocks is None
+    # One byte too many per image: not even the first batch, which fits, is kept.
     store = sklearn_craft.finetune._Store(20)
-    store.add("a", 8, 48)
+    store.add({"x": torch.zeros(8, 5, dtype=torch.float64)[:, :3]}, 8)  # 24 bytes per image
     assert store.batches is None
-    # Resuming from kept batches of 4 bytes per image: the old and the new ones count together.
-    store = sklearn_craft.finetune._Store(20, old_sizes=[32, 32, 16])
-    for batch in batches:
-        store.add(*batch)
-    assert [batch for batch, _ in store.batches] == ["a", "b", "c"] and store.total == 100
 
 
 @pytest.mark.parametrize("graph", [False, True])

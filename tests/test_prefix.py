@@ -60,6 +60,10 @@ def test_a_pass_from_kept_values_equals_one_from_the_images(images):
     expected = _pooled(model, images)
     np.testing.assert_array_equal(_pooled(model, images, prefix, keep="mul_"), expected)
     assert prefix.cut == "mul_" and len(prefix.stored) == 3
+    # Each kept value of the 3 batches is a view of one block for all the images (one allocation).
+    for name, first in prefix.stored[0].items():
+        assert first.untyped_storage().nbytes() == len(images) * first[0].nelement() * first.element_size()
+        assert {batch[name].untyped_storage().data_ptr() for batch in prefix.stored} == {first.untyped_storage().data_ptr()}
 
     calls = _counting(model)
     np.testing.assert_array_equal(_pooled(model, images, prefix), expected)
