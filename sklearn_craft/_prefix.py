@@ -156,8 +156,8 @@ class _Blocks:
         for key, value in values.items():
             block = self.blocks.get(key)
             if (
-                block is not None and stop <= self.n_images and value.ndim > 0 and len(value) == n_batch
-                and value.shape[1:] == block.shape[1:] and value.dtype == block.dtype
+                block is not None and stop <= self.n_images and torch.is_tensor(value) and value.ndim > 0
+                and len(value) == n_batch and value.shape[1:] == block.shape[1:] and value.dtype == block.dtype
             ):
                 kept[key] = block[self.filled : stop].copy_(value)
             else:

@@ -481,17 +481,23 @@ def test_attributes_trains_scratch_and_distilled_rows_and_writes_the_cost_table(
     assert pd.read_csv(results.with_suffix(".csv"))["model"].tolist() == merged["model"].tolist()
 
 
-def test_scale_quick_run_measures_every_mode_and_size_and_the_cluster(tmp_path):
+def test_scale_quick_run_measures_every_mode_and_size(tmp_path):
     committed = _committed("scale")
     # Two children at once, the largest first: the rows keep the order of the runs.
-    _, text = _run("scale", tmp_path, "--sizes", "16", "32", "--pruner-sizes", "16", "--grid-n", "45", "--jobs", "2")
+    _, text = _run("scale", tmp_path, "--sizes", "16", "32", "--pruner-sizes", "16", "--jobs", "2")
     rows = _table(text, "| mode | n |")
     assert [(row[0], int(row[1])) for row in rows] == [("select", 16), ("select", 32), ("pruner", 16)]
     assert "2 child processes ran at once" in text
     assert all(0 < float(row[2]) < 4 for row in rows)  # peak RSS in GB, the 4 GB budget
-    [search] = _table(text, "| n | one_process_s |")
-    assert search[0] == "45" and search[3] == "True"
     assert _committed("scale") == committed
+
+
+def test_scale_grid_runs_the_search_in_one_process_and_on_two_clusters(tmp_path):
+    committed = _committed("scale_grid")
+    _, text = _run("scale", tmp_path, "--grid", "--grid-n", "45")
+    [row] = _table(text, "| n | one_process_s |")
+    assert row[0] == "45" and row[4] == "True" and all(float(cell) > 0 for cell in row[1:4])
+    assert "## Scaling: a grid search on a dask cluster" in text and _committed("scale_grid") == committed
 
 
 def test_scale_multiclass_runs_the_multiclass_path_before_and_after(tmp_path):
