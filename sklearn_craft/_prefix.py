@@ -89,7 +89,7 @@ class GraphPrefix:
         else:
             start, envs = runner.first, runner.from_images(self.pass_args, progress, desc)
         kept = [] if keep_at is not None else None
-        blocks = _Blocks(len(as_image_dataset(self.pass_args[0]))) if kept is not None else None
+        blocks = _Blocks(len(as_image_dataset(self.pass_args[0])), _PREFIX_BYTES) if kept is not None else None
 
         def run(env):
             nonlocal kept, blocks
@@ -98,12 +98,11 @@ class GraphPrefix:
                 return
             runner.run(env, start, keep_at)
             values = {node.name: value for node, value in env.items() if node.op != "get_attr"}
-            n_batch = runner.batch_size(env)
-            # Values that will not all fit are not kept from the first batch on.
-            if kept or _batch_bytes(values) * blocks.n_images <= _PREFIX_BYTES * n_batch:
-                kept.append(blocks.keep(values, n_batch))
-            if not kept or blocks.nbytes > _PREFIX_BYTES:
+            values = blocks.keep(values, runner.batch_size(env))
+            if values is None:
                 kept, blocks = None, None
+            else:
+                kept.append(values)
             runner.run(env, keep_at, len(nodes))
 
         for env in envs:
@@ -137,15 +136,20 @@ class _Blocks:
     copies. One allocation per value and pass, instead of one per batch, goes back to the system
     whole when it is freed: copies made batch by batch, between the temporaries of the forward
     passes, fragmented the heap (a streaming ``CraftPruner`` fit on 200,000 images reached 3.8 GB
-    of resident memory with 1 GiB kept).
+    of resident memory with 1 GiB kept). They may take ``budget`` bytes with the ``held`` bytes
+    held beside them; values whose first batch, scaled to all the images, would exceed it are not
+    kept at all.
     """
 
-    def __init__(self, n_images):
-        self.n_images, self.blocks, self.filled, self.nbytes = n_images, None, 0, 0
+    def __init__(self, n_images, budget, held=0):
+        self.n_images, self.budget, self.held = n_images, budget, held
+        self.blocks, self.filled, self.nbytes = None, 0, 0
 
     def keep(self, values, n_batch):
-        """``values`` (a dict), its tensors copied into the blocks (or cloned)."""
+        """``values`` (a dict), its tensors copied into the blocks (or cloned); None over the budget."""
         if self.blocks is None:
+            if self.held * n_batch + _batch_bytes(values) * self.n_images > self.budget * n_batch:
+                return None
             self.blocks = {
                 key: value.new_empty((self.n_images, *value.shape[1:]))
                 for key, value in values.items()
@@ -164,7 +168,7 @@ class _Blocks:
                 kept[key] = _clone(value)
                 self.nbytes += _nbytes(kept[key]) if torch.is_tensor(value) else 0
         self.filled = stop
-        return kept
+        return kept if self.held + self.nbytes <= self.budget else None
 
 
 def _nbytes(tensor):

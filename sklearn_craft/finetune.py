@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .images import as_image_dataset, iter_batches
-from ._prefix import GraphPrefix, _batch_bytes, _Blocks, _Runner
+from ._prefix import GraphPrefix, _Blocks, _Runner
 from .inspection import _call_sequence, _check_device, _evaluating, _input_dtype, _seeded_rng
 
 #: Default value of every key accepted in the ``finetune`` dict of :class:`~sklearn_craft.CraftPruner`.
@@ -612,19 +612,17 @@ class _Store:
     """
 
     def __init__(self, n_images, old_bytes=0):
-        self.old_bytes, self.batches, self.blocks = old_bytes, [], _Blocks(n_images)
+        self.batches, self.blocks = [], _Blocks(n_images, _RESUME_BYTES, held=old_bytes)
 
     def add(self, values, n_batch, shared=None):
         """Keep copies of ``values`` (a dict), and ``shared`` (a dict of the model's own tensors) as they are."""
         if self.batches is None:
             return
-        n_images = self.blocks.n_images
-        if not self.batches and (self.old_bytes * n_batch + _batch_bytes(values) * n_images > _RESUME_BYTES * n_batch):
+        kept = self.blocks.keep(values, n_batch)
+        if kept is None:
             self.batches, self.blocks = None, None
-            return
-        self.batches.append({**(shared or {}), **self.blocks.keep(values, n_batch)})
-        if self.old_bytes + self.blocks.nbytes > _RESUME_BYTES:
-            self.batches, self.blocks = None, None
+        else:
+            self.batches.append({**(shared or {}), **kept})
 
 
 def _released(stored):
